@@ -1,0 +1,123 @@
+"""The hive's HTTP face: job link (relayed to a worker), worker heartbeats, status, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from quart import Quart, Response, jsonify
+
+from rbee import __version__
+from rbee.config import HiveConfig
+from rbee.errors import LinkError, PeerError
+from rbee.hive.devices import probe
+from rbee.hive.models import ModelCatalog
+from rbee.hive.supervisor import Supervisor, WorkerRecord
+from rbee.link.client import LinkClient
+from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.relay import relay
+from rbee.link.schemas import parse_job_request
+from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
+
+BACKEND = "llama-cpp"
+
+
+class Hive:
+    """The hive's state, shared by its routes and its background tasks."""
+
+    def __init__(self, config: HiveConfig, supervisor: Supervisor, catalog: ModelCatalog) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.catalog = catalog
+        self.registry = JobRegistry(config.actor)
+        self.clients: dict[str, LinkClient] = {}
+        self.stop = asyncio.Event()
+
+    def client_for(self, worker: WorkerRecord) -> LinkClient:
+        client = self.clients.get(worker.worker_id)
+        if client is None:
+            client = self.clients[worker.worker_id] = LinkClient(worker.url, worker.actor)
+        return client
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "version": __version__,
+            "workers": self.supervisor.describe(),
+            "devices": probe(),
+        }
+
+    async def run_job(self, job: Job, body: dict[str, Any], model: str | None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def narrate_from_thread(action: str, message: str) -> None:
+            loop.call_soon_threadsafe(job.narrate, action, message)
+
+        path = await asyncio.to_thread(self.catalog.resolve, model, narrate_from_thread)
+        worker = await self.supervisor.worker_for(path, BACKEND, job.narrate)
+        try:
+            await relay(job, self.client_for(worker), body)
+        except LinkError as exc:
+            raise await self._explain_worker_failure(worker, exc) from exc
+
+    async def _explain_worker_failure(self, worker: WorkerRecord, exc: LinkError) -> LinkError:
+        """A broken worker stream usually means the worker died: say so, with its exit."""
+        try:
+            await asyncio.wait_for(worker.child.process.wait(), 1.0)
+        except asyncio.TimeoutError:
+            return exc
+        worker.mark("dead", f"process {worker.child.exit_reason()}")
+        return PeerError(
+            f"{worker.actor} on {self.config.actor} died during the job ({worker.reason})",
+            code="worker_died",
+            actor=worker.actor,
+        )
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.supervisor.stop_all()
+        for client in self.clients.values():
+            await client.aclose()
+
+
+def create_app(hive: Hive) -> Quart:
+    app = Quart(__name__)
+    config = hive.config
+    install_error_handlers(app, config.actor)
+
+    def make_producer(body: dict[str, Any]) -> Producer:
+        request = parse_job_request(body)
+        downstream = request.downstream(model=None, node=None)
+
+        async def produce(job: Job) -> None:
+            await hive.run_job(job, downstream, request.model)
+
+        return produce
+
+    add_job_routes(app, hive.registry, make_producer)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return jsonify({"name": config.name, "version": __version__, "workers": len(hive.supervisor.workers)})
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        return jsonify(hive.status())
+
+    @app.get("/v1/workers")
+    async def workers() -> Response:
+        return jsonify({"workers": hive.supervisor.describe()})
+
+    @app.post("/v1/workers/<worker_id>/heartbeat")
+    async def worker_heartbeat(worker_id: str) -> tuple[Response, int]:
+        known = hive.supervisor.heartbeat(worker_id, await read_json_body())
+        if not known:
+            return jsonify({"error": {"code": "unknown_worker", "message": f"no worker {worker_id} here"}}), 404
+        return jsonify({"ok": True}), 200
+
+    @app.post("/v1/admin/shutdown")
+    async def shutdown() -> tuple[Response, int]:
+        hive.stop.set()
+        return jsonify({"stopping": config.actor}), 202
+
+    return app

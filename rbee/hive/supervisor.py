@@ -1,0 +1,184 @@
+"""Spawn, watch and stop this hive's workers; keep their registry.
+
+A worker is one child process holding one model. It is reused by every job
+for the same model; it is marked ``dead`` the moment its process exits and
+``down`` once it misses its heartbeats, each time with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rbee.config import HiveConfig, ServeOptions, WorkerConfig, to_args
+from rbee.errors import StartupError
+from rbee.link.heartbeat import is_overdue
+from rbee.link.spawn import Child, bind_loopback, spawn
+
+Narrate = Callable[[str, str], None]
+
+LIVE_STATES = frozenset({"starting", "ready", "busy"})
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    model_path: Path
+    backend: str
+    child: Child
+    state: str = "starting"
+    reason: str = "spawned"
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.child.url
+
+    @property
+    def actor(self) -> str:
+        return f"worker:{self.worker_id}"
+
+    def mark(self, state: str, reason: str) -> None:
+        self.state, self.reason = state, reason
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "state": self.state,
+            "reason": self.reason,
+            "model_path": str(self.model_path),
+            "backend": self.backend,
+            "pid": self.child.pid,
+            "url": self.url,
+            "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
+            "tokens_generated": self.report.get("tokens_generated", 0),
+        }
+
+
+class Supervisor:
+    def __init__(self, config: HiveConfig, hive_url: str) -> None:
+        self.config = config
+        self.hive_url = hive_url
+        self.workers: dict[str, WorkerRecord] = {}
+        self._spawning: dict[tuple[Path, str], asyncio.Lock] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def find(self, model_path: Path, backend: str) -> WorkerRecord | None:
+        for record in self.workers.values():
+            if record.model_path == model_path and record.backend == backend and record.state in ("ready", "busy"):
+                return record
+        return None
+
+    async def worker_for(self, model_path: Path, backend: str, narrate: Narrate) -> WorkerRecord:
+        """A ready worker for the model: a warm one if there is one, else a new one."""
+        key = (model_path, backend)
+        async with self._spawning.setdefault(key, asyncio.Lock()):
+            record = self.find(model_path, backend)
+            if record is not None:
+                narrate("reuse", f"reusing warm {record.actor} for {model_path.name}")
+                return record
+            return await self._spawn(model_path, backend, narrate)
+
+    async def _spawn(self, model_path: Path, backend: str, narrate: Narrate) -> WorkerRecord:
+        worker_id = "w-" + secrets.token_hex(3)
+        config = WorkerConfig(
+            worker_id=worker_id,
+            model_path=model_path,
+            hive_url=self.hive_url,
+            backend=backend,
+            heartbeat_interval=self.config.heartbeat_interval,
+            n_ctx=self.config.worker_n_ctx,
+            serve=ServeOptions(),
+        )
+        log_path = self.config.home / "logs" / f"worker-{worker_id}.log"
+        narrate("spawn", f"starting worker:{worker_id} ({backend}) for {model_path.name}")
+        child = await spawn(
+            f"worker:{worker_id}", "rbee.worker", to_args(config), sock=bind_loopback(), log_path=log_path,
+            env=dict(os.environ),
+        )
+        record = WorkerRecord(worker_id, model_path, backend, child)
+        self.workers[worker_id] = record
+        self._watch(record)
+        started = time.monotonic()
+        try:
+            await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout)
+        except StartupError as exc:
+            record.mark("dead", "failed to start")
+            await child.stop(grace=1.0)
+            self.workers.pop(worker_id, None)
+            raise StartupError(f"worker:{worker_id} could not load {model_path}: {exc.message}") from exc
+        except BaseException:
+            await child.stop(grace=1.0)
+            self.workers.pop(worker_id, None)
+            raise
+        record.mark("ready", "model loaded")
+        record.last_heartbeat = time.monotonic()
+        narrate("ready", f"worker:{worker_id} loaded {model_path.name} in {time.monotonic() - started:.1f} s")
+        return record
+
+    def _watch(self, record: WorkerRecord) -> None:
+        async def wait_exit() -> None:
+            await record.child.process.wait()
+            if record.state in LIVE_STATES:
+                record.mark("dead", f"process {record.child.exit_reason()}")
+
+        task = asyncio.get_running_loop().create_task(wait_exit())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    def heartbeat(self, worker_id: str, report: dict[str, Any]) -> bool:
+        record = self.workers.get(worker_id)
+        if record is None:
+            return False
+        record.last_heartbeat = time.monotonic()
+        record.report = report
+        if record.state == "down":
+            record.mark("ready", "heartbeats resumed")
+        elif record.state in ("ready", "busy") and report.get("state") in ("ready", "busy"):
+            record.state = report["state"]
+        return True
+
+    def check_overdue(self, now: float | None = None) -> list[WorkerRecord]:
+        """Mark workers that missed their heartbeats as down; return those newly marked."""
+        now = time.monotonic() if now is None else now
+        newly = []
+        for record in self.workers.values():
+            if record.state in ("ready", "busy") and is_overdue(
+                record.last_heartbeat, now, self.config.heartbeat_interval
+            ):
+                record.mark("down", f"missed heartbeats for {now - record.last_heartbeat:.1f} s")
+                newly.append(record)
+        return newly
+
+    async def watch_heartbeats(self) -> None:
+        while True:
+            self.check_overdue()
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+
+    def forget_dead(self) -> None:
+        for worker_id in [w for w, r in self.workers.items() if r.state in ("dead", "stopped")]:
+            del self.workers[worker_id]
+
+    async def stop(self, worker_id: str, reason: str) -> None:
+        record = self.workers[worker_id]
+        await record.child.stop(grace=5.0)
+        record.mark("stopped", reason)
+
+    async def stop_all(self, reason: str = "hive shutting down") -> None:
+        await asyncio.gather(*(self.stop(w, reason) for w in list(self.workers)))
+        for task in list(self._watchers):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [record.describe() for record in self.workers.values()]
+

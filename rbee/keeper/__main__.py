@@ -1,0 +1,3 @@
+from rbee.keeper.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""How the keeper shows a job: tokens on stdout as they come, everything else on stderr."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.markup import escape
+
+from rbee.link import events
+from rbee.link.events import Event
+
+
+class JobPrinter:
+    """Prints one job's events; remembers how it ended for the exit code."""
+
+    def __init__(self, out: TextIO | None = None, err: Console | None = None, quiet: bool = False) -> None:
+        self.out = out or sys.stdout
+        self.err = err or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.quiet = quiet
+        self.text_written = False
+        self.ended: Event | None = None
+
+    def show(self, event: Event) -> None:
+        kind = event.type
+        if kind == events.TOKEN:
+            self.out.write(event["text"])
+            self.out.flush()
+            self.text_written = True
+        elif kind == events.NARRATION:
+            if not self.quiet:
+                self.err.print(f"[dim]{escape(event['actor'])}[/dim] {escape(event['message'])}")
+        elif kind in events.TERMINAL:
+            self.ended = event
+            self._newline_after_text()
+            if kind == events.END:
+                self._summary(event)
+            else:
+                self.err.print(
+                    f"[bold red]error[/] from [bold]{escape(event['actor'])}[/] ({escape(event['code'])}): "
+                    f"{escape(event['message'])}"
+                )
+
+    def _summary(self, event: Event) -> None:
+        if event["tokens"] == 0:
+            self.err.print(
+                f"[bold red]error[/] the model produced no text (finish_reason={escape(event['finish_reason'])}); "
+                "try another prompt or a higher temperature"
+            )
+            return
+        self.err.print(
+            f"[green]done[/]: {event['tokens']} tokens in {event['duration_ms'] / 1000:.2f} s "
+            f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={escape(event['finish_reason'])})"
+        )
+
+    def _newline_after_text(self) -> None:
+        if self.text_written:
+            self.out.write("\n")
+            self.out.flush()
+            self.text_written = False
+
+    @property
+    def succeeded(self) -> bool:
+        return self.ended is not None and self.ended.type == events.END and self.ended["tokens"] > 0

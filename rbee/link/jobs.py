@@ -1,0 +1,206 @@
+"""Server side of the dual-call link: the job registry.
+
+A job starts working as soon as it is created (so a worker spawn or a model
+load overlaps the client opening its stream) and keeps every event it
+emitted, numbered from 1, so a stream can resume after ``Last-Event-ID``.
+
+Lifetimes, all measured on the event loop's clock:
+- a job nobody streams within ``claim_timeout`` is cancelled and dropped;
+- a job whose last stream closes before the end is cancelled after
+  ``resume_grace`` unless a stream re-attaches;
+- a finished job lingers ``linger`` seconds for late resumes, then goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from rbee.errors import JobNotFoundError, RbeeError
+from rbee.link import events
+from rbee.link.events import Event
+
+log = logging.getLogger(__name__)
+
+Producer = Callable[["Job"], Awaitable[None]]
+
+_CLOSED = object()
+
+
+def new_job_id() -> str:
+    """160 random bits, URL-safe: unguessable, so an id is the capability to read a job."""
+    return "job-" + secrets.token_urlsafe(20)
+
+
+class Job:
+    """One unit of work and the ordered events it produced."""
+
+    def __init__(self, job_id: str, actor: str) -> None:
+        self.id = job_id
+        self.actor = actor
+        self.created = time.monotonic()
+        self.history: list[Event] = []
+        self.finished = False
+        self.cancelled = False
+        self.task: asyncio.Task[None] | None = None
+        self._subscribers: list[asyncio.Queue[object]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.claimed = False
+        self.cancel_reason = ""
+
+    def emit(self, event: Event) -> None:
+        """Record an event and hand it to every open stream. Events after the terminal one are dropped."""
+        if self.finished:
+            return
+        self.history.append(event)
+        if event.terminal:
+            self.finished = True
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+            if self.finished:
+                queue.put_nowait(_CLOSED)
+
+    def narrate(self, action: str, message: str, **extra: object) -> None:
+        self.emit(events.narration(self.actor, action, message, **extra))
+
+    async def subscribe(self, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+        """Yield ``(event_id, event)`` from ``after + 1`` until the terminal event."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        backlog = list(enumerate(self.history[after:], start=after + 1))
+        next_id = after + len(backlog) + 1
+        if not self.finished:
+            self._subscribers.append(queue)
+        try:
+            for item in backlog:
+                yield item
+            while not (self.finished and queue.empty()) and queue in self._subscribers:
+                item = await queue.get()
+                if item is _CLOSED:
+                    break
+                assert isinstance(item, Event)
+                yield next_id, item
+                next_id += 1
+        finally:
+            if queue in self._subscribers:
+                self._subscribers.remove(queue)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+
+class JobRegistry:
+    """All live jobs of one server. ``actor`` names this server in error events."""
+
+    def __init__(
+        self,
+        actor: str,
+        *,
+        claim_timeout: float = 60.0,
+        resume_grace: float = 0.5,
+        linger: float = 30.0,
+    ) -> None:
+        self.actor = actor
+        self.claim_timeout = claim_timeout
+        self.resume_grace = resume_grace
+        self.linger = linger
+        self._jobs: dict[str, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def create(self, producer: Producer) -> Job:
+        job = Job(new_job_id(), self.actor)
+        self._jobs[job.id] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(job, producer), name=job.id)
+        self._schedule(job, self.claim_timeout, self._expire_unclaimed)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFoundError(
+                f"no job {job_id!r} here: it never existed, expired unclaimed, or ended long ago"
+            ) from None
+
+    async def stream(self, job_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+        """Stream a job; a stream that closes before the end may cancel the job (see module doc)."""
+        job = self.get(job_id)
+        job.claimed = True
+        self._unschedule(job)
+        try:
+            async for item in job.subscribe(after):
+                yield item
+        finally:
+            if not job.finished and job.subscriber_count == 0:
+                self._schedule(job, self.resume_grace, self._cancel_abandoned)
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> Job:
+        job = self.get(job_id)
+        await self._cancel(job, reason)
+        return job
+
+    async def close(self) -> None:
+        """Cancel every running job (server shutdown)."""
+        await asyncio.gather(
+            *(self._cancel(job, f"{self.actor} is shutting down") for job in list(self._jobs.values()))
+        )
+
+    async def _run(self, job: Job, producer: Producer) -> None:
+        try:
+            await producer(job)
+            if not job.finished:
+                job.emit(events.error("internal", "the job ended without a result", self.actor))
+        except asyncio.CancelledError:
+            job.emit(events.error("cancelled", job.cancel_reason or "cancelled", self.actor))
+        except RbeeError as exc:
+            actor = getattr(exc, "actor", "") or self.actor
+            job.emit(events.error(exc.code, exc.message, actor))
+        except Exception as exc:  # a bug: tell the client instead of hanging it
+            log.exception("job %s failed", job.id)
+            job.emit(events.error("internal", f"{type(exc).__name__}: {exc}", self.actor))
+        finally:
+            self._schedule(job, self.linger, self._forget)
+
+    async def _cancel(self, job: Job, reason: str) -> None:
+        if job.finished or job.task is None:
+            return
+        job.cancelled = True
+        job.cancel_reason = reason
+        job.task.cancel()
+        try:
+            await job.task
+        except asyncio.CancelledError:
+            if not job.task.cancelled():
+                raise
+
+    def _expire_unclaimed(self, job: Job) -> None:
+        if not job.claimed:
+            log.info("job %s expired: nobody streamed it", job.id)
+            asyncio.get_running_loop().create_task(self._cancel(job, "nobody streamed the job"))
+            self._jobs.pop(job.id, None)
+
+    def _cancel_abandoned(self, job: Job) -> None:
+        if job.subscriber_count == 0 and not job.finished:
+            asyncio.get_running_loop().create_task(self._cancel(job, "the client closed the stream"))
+
+    def _forget(self, job: Job) -> None:
+        if job.subscriber_count == 0:
+            self._jobs.pop(job.id, None)
+        else:
+            self._schedule(job, self.linger, self._forget)
+
+    def _schedule(self, job: Job, delay: float, callback: Callable[[Job], None]) -> None:
+        self._unschedule(job)
+        job._timer = asyncio.get_running_loop().call_later(delay, callback, job)
+
+    @staticmethod
+    def _unschedule(job: Job) -> None:
+        if job._timer is not None:
+            job._timer.cancel()
+            job._timer = None
+

@@ -1,0 +1,55 @@
+"""The job request every tier accepts, validated the same way at each of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rbee.errors import RequestError
+
+MAX_PROMPT_CHARS = 200_000
+MAX_TOKENS_LIMIT = 32_768
+
+
+class JobRequest(BaseModel):
+    """``POST /v1/jobs`` at queen, hive and worker. Omitted sampling fields take engine defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, min_length=1, max_length=500)
+    node: str | None = Field(default=None, min_length=1, max_length=100)
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not item for item in value):
+            raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    def downstream(self, **changes: Any) -> dict[str, Any]:
+        """The body to send one tier down (routing fields the next tier doesn't need removed)."""
+        body = self.model_dump(exclude_none=True)
+        body.update(changes)
+        return {key: value for key, value in body.items() if value is not None}
+
+
+def parse_job_request(body: dict[str, Any]) -> JobRequest:
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise RequestError(f"invalid job request: {problems}") from exc

@@ -1,0 +1,80 @@
+"""Run a role's Quart app on Hypercorn until told to stop.
+
+A role stops on SIGTERM/SIGINT, on ``POST /v1/admin/shutdown`` (which sets the
+same event), or — when it was started as a helper of another process — when
+that parent is gone, so a killed parent never leaves an orphan behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where a server listens: an inherited, already-bound socket (``fd``) or host:port."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    fd: int | None = None
+
+    def bind(self) -> str:
+        return f"fd://{self.fd}" if self.fd is not None else f"{self.host}:{self.port}"
+
+
+async def watch_parent(parent_pid: int, stop: asyncio.Event, interval: float = 0.25) -> None:
+    """Set ``stop`` once our parent has died (we were re-parented)."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("parent process %d is gone: shutting down", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(interval)
+
+
+async def run_server(
+    app: Quart,
+    listen: Listen,
+    stop: asyncio.Event,
+    *,
+    parent_pid: int | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    graceful_timeout: float = 3.0,
+) -> None:
+    """Serve ``app`` until ``stop`` is set, then run ``on_stop`` (stop children, free models)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    config = HypercornConfig()
+    config.bind = [listen.bind()]
+    config.graceful_timeout = graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    watcher = loop.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        # End open streams first so the graceful close does not wait on them.
+        if on_stop is not None:
+            await on_stop()
+
+    try:
+        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher

@@ -1,0 +1,46 @@
+"""``python -m rbee.queen``: the orchestrator. Started by `rbee queen start`, or by a
+keeper for one command (ephemeral)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from rbee import __version__
+from rbee.config import QueenConfig, from_args
+from rbee.errors import RbeeError
+from rbee.link.serving import Listen, run_server
+from rbee.link.spawn import listening_url
+from rbee.queen.app import Queen, create_app
+
+log = logging.getLogger("rbee.queen")
+
+
+async def main(config: QueenConfig) -> int:
+    serve = config.serve
+    url = listening_url(serve.fd, serve.host, serve.port)
+    queen = Queen(config, url)
+    app = create_app(queen)
+    watcher = asyncio.create_task(queen.watch_heartbeats())
+    log.info("queen %s serving at %s (%s)", __version__, url, "ephemeral" if config.ephemeral else "persistent")
+    try:
+        await run_server(
+            app, Listen(serve.host, serve.port, serve.fd), queen.stop, parent_pid=serve.parent_pid, on_stop=queen.close
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await queen.close()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        sys.exit(asyncio.run(main(from_args(QueenConfig, sys.argv[1:]))))
+    except RbeeError as exc:
+        print(f"rbee queen: {exc.message}", file=sys.stderr)
+        sys.exit(2)

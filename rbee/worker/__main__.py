@@ -1,0 +1,83 @@
+"""``python -m rbee.worker``: one process, one model. Started by a hive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from rbee.config import WorkerConfig, from_args
+from rbee.errors import RbeeError
+from rbee.link.client import LinkClient
+from rbee.link.heartbeat import send_heartbeats
+from rbee.link.jobs import JobRegistry
+from rbee.link.serving import Listen, run_server
+from rbee.worker.app import create_app, info
+from rbee.worker.backends.base import create_backend
+from rbee.worker.runner import ModelRunner
+
+log = logging.getLogger("rbee.worker")
+
+
+async def main(config: WorkerConfig) -> int:
+    stop = asyncio.Event()
+    backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads)
+    runner = ModelRunner(backend, config.model_path)
+    registry = JobRegistry(config.actor)
+    app = create_app(config, runner, registry, stop)
+    hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0)
+    failure: list[str] = []
+
+    async def load() -> None:
+        try:
+            await runner.load()
+            log.info("%s loaded %s", config.actor, config.model_path)
+        except RbeeError as exc:
+            failure.append(exc.message)
+            stop.set()
+
+    def hive_lost(reason: str) -> None:
+        log.error("%s: the hive is gone (%s); exiting", config.actor, reason)
+        stop.set()
+
+    loader = asyncio.create_task(load())
+    beats = asyncio.create_task(
+        send_heartbeats(
+            hive,
+            f"/v1/workers/{config.worker_id}/heartbeat",
+            lambda: info(config, runner),
+            config.heartbeat_interval,
+            on_lost=hive_lost,
+        )
+    )
+
+    async def on_stop() -> None:
+        await registry.close()
+
+    serve = config.serve
+    try:
+        await run_server(
+            app, Listen(serve.host, serve.port, serve.fd), stop, parent_pid=serve.parent_pid, on_stop=on_stop
+        )
+    finally:
+        beats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beats
+        await hive.aclose()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loader
+        runner.close()
+    if failure:
+        print(f"{config.actor}: {failure[0]}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        sys.exit(asyncio.run(main(from_args(WorkerConfig, sys.argv[1:]))))
+    except RbeeError as exc:
+        print(f"rbee worker: {exc.message}", file=sys.stderr)
+        sys.exit(2)

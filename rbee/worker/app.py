@@ -1,0 +1,72 @@
+"""The worker's HTTP face: health, readiness, the inference link, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from quart import Quart, Response, jsonify
+
+from rbee.config import WorkerConfig
+from rbee.link import events
+from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.schemas import parse_job_request
+from rbee.link.server import add_job_routes, install_error_handlers
+from rbee.worker.runner import ModelRunner
+
+
+def create_app(config: WorkerConfig, runner: ModelRunner, registry: JobRegistry, stop: asyncio.Event) -> Quart:
+    app = Quart(__name__)
+    install_error_handlers(app, config.actor)
+
+    def make_producer(body: dict[str, Any]) -> Producer:
+        request = parse_job_request(body)
+
+        async def produce(job: Job) -> None:
+            if runner.busy:
+                job.narrate("queue", f"waiting for the model ({runner.waiting + 1} in line)")
+            started = time.perf_counter()
+            index = 0
+            finish = "stop"
+            async with contextlib.aclosing(runner.generate(request)) as pieces:
+                async for piece in pieces:
+                    if piece.text:
+                        job.emit(events.token(index, piece.text))
+                        index += 1
+                    if piece.finish_reason is not None:
+                        finish = piece.finish_reason
+            job.emit(events.end(index, time.perf_counter() - started, finish))
+
+        return produce
+
+    add_job_routes(app, registry, make_producer)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return jsonify(info(config, runner))
+
+    @app.get("/ready")
+    async def ready() -> tuple[Response, int]:
+        return jsonify(info(config, runner)), 200 if runner.state in ("ready", "busy") else 503
+
+    @app.post("/v1/admin/shutdown")
+    async def shutdown() -> tuple[Response, int]:
+        stop.set()
+        return jsonify({"stopping": config.actor}), 202
+
+    return app
+
+
+def info(config: WorkerConfig, runner: ModelRunner) -> dict[str, Any]:
+    """What the worker tells about itself, in /health and in every heartbeat."""
+    return {
+        "worker_id": config.worker_id,
+        "state": "busy" if runner.busy else runner.state,
+        "model_path": str(config.model_path),
+        "backend": config.backend,
+        "tokens_generated": runner.tokens_generated,
+        "jobs_done": runner.jobs_done,
+        "waiting": runner.waiting,
+    }

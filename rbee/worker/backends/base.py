@@ -1,0 +1,53 @@
+"""The engine interface a worker drives. Engines are imported lazily by name,
+so a host without llama.cpp (or MLX) can still run the other one."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from rbee.errors import ConfigError
+from rbee.link.schemas import JobRequest
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the engine produced for one step: text (may be empty) and, on the last
+    step, why it stopped and the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, path: Path) -> None:
+        """Load the model; raise ModelLoadError naming the file when it cannot."""
+
+    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
+        """Yield pieces as the engine makes them; stop soon after ``should_stop()`` is true."""
+
+    def close(self) -> None:
+        """Free the model."""
+
+
+BACKENDS = {
+    "llama-cpp": "rbee.worker.backends.llama_cpp:LlamaCppBackend",
+}
+
+
+def create_backend(name: str, *, n_ctx: int, threads: int) -> Backend:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
+    module_name, class_name = target.split(":")
+    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    backend: Backend = backend_cls(n_ctx=n_ctx, threads=threads)
+    return backend
