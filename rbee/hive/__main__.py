@@ -16,7 +16,7 @@ from rbee.hive.models import ModelCatalog
 from rbee.hive.supervisor import Supervisor
 from rbee.link.client import LinkClient
 from rbee.link.heartbeat import send_heartbeats
-from rbee.link.serving import Listen, run_server
+from rbee.link.serving import Listen, run_server, setup_logging
 from rbee.link.spawn import listening_url
 
 log = logging.getLogger("rbee.hive")
@@ -57,7 +57,7 @@ async def main(config: HiveConfig) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     try:
         sys.exit(asyncio.run(main(from_args(HiveConfig, sys.argv[1:]))))
     except RbeeError as exc:

@@ -34,6 +34,13 @@ class Listen:
         return f"fd://{self.fd}" if self.fd is not None else f"{self.host}:{self.port}"
 
 
+def setup_logging() -> None:
+    """One line per event on stderr (the spawner sends it to the role's log file).
+    httpx's per-request lines are dropped: heartbeats would flood the log."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 async def watch_parent(parent_pid: int, stop: asyncio.Event, interval: float = 0.25) -> None:
     """Set ``stop`` once our parent has died (we were re-parented)."""
     while not stop.is_set():
@@ -52,11 +59,13 @@ async def run_server(
     parent_pid: int | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 3.0,
+    handle_signals: bool = True,
 ) -> None:
     """Serve ``app`` until ``stop`` is set, then run ``on_stop`` (stop children, free models)."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
     config = HypercornConfig()
     config.bind = [listen.bind()]
     config.graceful_timeout = graceful_timeout

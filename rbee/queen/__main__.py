@@ -11,7 +11,7 @@ import sys
 from rbee import __version__
 from rbee.config import QueenConfig, from_args
 from rbee.errors import RbeeError
-from rbee.link.serving import Listen, run_server
+from rbee.link.serving import Listen, run_server, setup_logging
 from rbee.link.spawn import listening_url
 from rbee.queen.app import Queen, create_app
 
@@ -38,7 +38,7 @@ async def main(config: QueenConfig) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     try:
         sys.exit(asyncio.run(main(from_args(QueenConfig, sys.argv[1:]))))
     except RbeeError as exc:

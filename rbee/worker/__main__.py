@@ -12,7 +12,7 @@ from rbee.errors import RbeeError
 from rbee.link.client import LinkClient
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.jobs import JobRegistry
-from rbee.link.serving import Listen, run_server
+from rbee.link.serving import Listen, run_server, setup_logging
 from rbee.worker.app import create_app, info
 from rbee.worker.backends.base import create_backend
 from rbee.worker.runner import ModelRunner
@@ -75,7 +75,7 @@ async def main(config: WorkerConfig) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     try:
         sys.exit(asyncio.run(main(from_args(WorkerConfig, sys.argv[1:]))))
     except RbeeError as exc:

@@ -1,0 +1,164 @@
+"""The whole chain on one machine: keeper → queen → hive → worker, real model, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.link.client import LinkClient
+from tests.helpers import eventually
+
+RBEE = [sys.executable, "-m", "rbee.keeper"]
+GREEDY = {"temperature": 0.0, "seed": 7}
+
+
+async def run_rbee(args: list[str], env: dict[str, str], timeout: float = 90) -> tuple[int, list[tuple[float, bytes]], str]:
+    """Run the CLI; return its exit code, stdout chunks with arrival times, and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *RBEE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    chunks: list[tuple[float, bytes]] = []
+
+    async def read_stdout() -> None:
+        while chunk := await process.stdout.read(64):  # type: ignore[union-attr]
+            chunks.append((time.monotonic(), chunk))
+
+    stderr_task = asyncio.ensure_future(process.stderr.read())
+    await asyncio.wait_for(asyncio.gather(read_stdout(), process.wait()), timeout)
+    return process.returncode or 0, chunks, (await stderr_task).decode()
+
+
+async def test_infer_streams_real_tokens_and_leaves_nothing(rbee_env: dict[str, str]) -> None:
+    code, chunks, stderr = await run_rbee(
+        ["infer", "--max-tokens", "48", "--temperature", "0", "--seed", "1", "The capital of France is"], rbee_env
+    )
+    assert code == 0, stderr
+    text = b"".join(chunk for _, chunk in chunks).decode()
+    assert text.strip(), "the model produced no text"
+    # Real streaming: stdout arrives in many pieces spread over the generation,
+    # the first well before the last (a replay would arrive at once at the end).
+    assert len(chunks) >= 10, chunks
+    first, last = chunks[0][0], chunks[-1][0]
+    assert last - first > 0.1, f"all output arrived within {last - first:.3f} s"
+    for actor in ("queen", "hive:localhost", "worker:"):
+        assert actor in stderr
+    assert "done: 48 tokens" in stderr and "tokens/s" in stderr
+
+
+async def test_dual_call_shape_at_every_tier(queen_url: str) -> None:
+    async with httpx.AsyncClient(base_url=queen_url, timeout=60) as http:
+        hive = worker = None
+        for _ in range(2):  # the first job brings the hive and the worker up
+            await assert_link_shape(http, queen_url)
+        hives = (await http.get("/v1/hives")).json()["hives"]
+        hive = hives[0]["url"]
+        worker = hives[0]["workers"][0]["url"]
+    for url in (hive, worker):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            await assert_link_shape(http, url)
+
+
+async def assert_link_shape(http: httpx.AsyncClient, url: str) -> None:
+    created = await http.post("/v1/jobs", json={"prompt": "Hello", "max_tokens": 4, **GREEDY})
+    assert created.status_code == 201, (url, created.text)
+    body = created.json()
+    assert set(body) == {"job_id", "sse_url"} and body["job_id"].startswith("job-")
+    stream = await http.get(body["sse_url"])
+    assert stream.text.rstrip().endswith("data: [DONE]"), (url, stream.text[-300:])
+    assert '"type":"token"' in stream.text.replace(" ", "")
+    missing = await http.get("/v1/jobs/job-unknown/stream")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found"
+
+
+async def worker_of(queen_url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        hives = (await http.get("/v1/hives")).json()["hives"]
+    return hives[0]["workers"][0]
+
+
+async def worker_health(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        return (await http.get("/health")).json()
+
+
+@pytest.mark.parametrize("how", ["delete", "close"])
+async def test_cancel_stops_generation_at_the_worker(queen_url: str, how: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        handle = await client.create({"prompt": "Count: one, two, three,", "max_tokens": 1500, **GREEDY})
+        seen = 0
+        async for event in client.stream(handle):
+            seen += event.type == "token"
+            if seen == 5:
+                if how == "delete":
+                    await client.cancel(handle)
+                else:
+                    break
+    worker = await worker_of(queen_url)
+    idle = await eventually(
+        lambda: _idle(worker["url"]), timeout=5, interval=0.05
+    )
+    settled = idle["tokens_generated"]
+    await asyncio.sleep(0.3)
+    after = await worker_health(worker["url"])
+    assert after["tokens_generated"] == settled < 200, "the worker kept generating after the cancel"
+
+
+async def _idle(url: str) -> dict[str, Any] | None:
+    health = await worker_health(url)
+    return health if health["state"] == "ready" else None
+
+
+async def test_missing_model_file_fails_fast(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    started = time.monotonic()
+    code, _, stderr = await run_rbee(["infer", "-m", f"file:{missing}", "hello"], rbee_env, timeout=30)
+    assert code != 0
+    assert str(missing) in stderr and "not found" in stderr
+    assert time.monotonic() - started < 20
+
+
+async def test_corrupt_model_file_fails_fast_with_the_workers_error(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    started = time.monotonic()
+    code, _, stderr = await run_rbee(["infer", "-m", f"file:{corrupt}", "hello"], rbee_env, timeout=30)
+    assert code != 0
+    assert str(corrupt) in stderr and "could not load" in stderr
+    assert time.monotonic() - started < 20
+
+
+async def test_killed_worker_is_marked_dead_by_its_hive(queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+    worker = await worker_of(queen_url)
+    os.kill(worker["pid"], signal.SIGKILL)
+    # 3 heartbeat intervals of 0.5 s; the hive's view reaches the queen with the next hive beat.
+    async def marked() -> bool:
+        return (await worker_of(queen_url))["state"] in ("dead", "down")
+
+    await eventually(marked, timeout=1.5 + 0.5 + 0.5)
+    state = await worker_of(queen_url)
+    assert "signal 9" in state["reason"] or "heartbeat" in state["reason"]
+
+
+async def test_ctrl_c_cancels_and_exits_cleanly(rbee_env: dict[str, str]) -> None:
+    process = subprocess.Popen(
+        [*RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", "Count: one, two,"],
+        env=rbee_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    first = await asyncio.wait_for(asyncio.to_thread(process.stdout.read, 8), 60)
+    assert first
+    process.send_signal(signal.SIGINT)
+    code = await asyncio.wait_for(asyncio.to_thread(process.wait), 30)
+    assert code == 130, process.stderr.read().decode() if process.stderr else ""

@@ -1,0 +1,49 @@
+"""Test helpers: serve a Quart app for real on loopback, and poll with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from quart import Quart
+
+from rbee.link.serving import Listen, run_server
+from rbee.link.spawn import bind_loopback
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def served(app: Quart, on_stop: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+    """Run ``app`` on Hypercorn on a free loopback port in this loop; yield its URL."""
+    sock = bind_loopback()
+    host, port = sock.getsockname()[:2]
+    fd = os.dup(sock.fileno())  # Hypercorn owns and closes this copy
+    sock.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_server(app, Listen(fd=fd), stop, on_stop=on_stop, handle_signals=False, graceful_timeout=1.0)
+    )
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def eventually(check: Callable[[], Awaitable[T] | T], timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
+        await asyncio.sleep(interval)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rbee.config import HiveConfig, QueenConfig, ServeOptions, WorkerConfig, from_args, heartbeat_interval, to_args
+from rbee.errors import ConfigError, RequestError
+from rbee.link.schemas import parse_job_request
+
+
+def test_defaults_and_downstream_body() -> None:
+    request = parse_job_request({"prompt": "hi", "node": "localhost", "stop": "\n"})
+    assert request.max_tokens == 256 and request.stop == ["\n"]
+    assert request.downstream(node=None) == {
+        "prompt": "hi", "max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "stop": ["\n"]
+    }
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "job_id": "mine"}, "job_id"),
+    ],
+)
+def test_invalid_requests_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(RequestError, match=field):
+        parse_job_request(body)
+
+
+def test_role_configs_round_trip_through_flags(tmp_path: Path) -> None:
+    worker = WorkerConfig("w-1", tmp_path / "m.gguf", "http://127.0.0.1:1", n_ctx=512, serve=ServeOptions())
+    assert from_args(WorkerConfig, to_args(worker)) == worker
+    hive = HiveConfig(name="a", queen_url="http://q", home=tmp_path, models_dir=tmp_path / "m")
+    assert from_args(HiveConfig, to_args(hive)) == hive
+    queen = QueenConfig(home=tmp_path, ephemeral=True)
+    parsed = from_args(QueenConfig, [*to_args(queen), "--fd", "5", "--parent-pid", "9"])
+    assert parsed.ephemeral and parsed.serve.fd == 5 and parsed.serve.parent_pid == 9
+
+
+def test_heartbeat_interval_from_env() -> None:
+    assert heartbeat_interval({}) == 2.0
+    assert heartbeat_interval({"RBEE_HEARTBEAT_INTERVAL": "0.5"}) == 0.5
+    with pytest.raises(ConfigError, match="RBEE_HEARTBEAT_INTERVAL"):
+        heartbeat_interval({"RBEE_HEARTBEAT_INTERVAL": "soon"})
