@@ -64,7 +64,7 @@ class Hive:
         """A broken worker stream usually means the worker died: say so, with its exit."""
         try:
             await asyncio.wait_for(worker.child.process.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return exc
         worker.mark("dead", f"process {worker.child.exit_reason()}")
         return PeerError(

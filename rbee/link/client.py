@@ -120,7 +120,7 @@ def _describe(exc: httpx.HTTPError) -> str:
 
 
 def _status_error(peer: str, status: int, content: bytes) -> Exception:
-    code, message = "http_%d" % status, content[:300].decode(errors="replace")
+    code, message = f"http_{status}", content[:300].decode(errors="replace")
     with contextlib.suppress(ValueError, TypeError, KeyError):
         error = json.loads(content)["error"]
         code, message = error.get("code", code), error["message"]

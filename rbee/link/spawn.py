@@ -109,7 +109,7 @@ class Child:
             self.process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.process.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
@@ -136,7 +136,7 @@ async def spawn(
     argv = [sys.executable, "-m", module, *args, "--fd", str(fd)]
     if tied:
         argv += ["--parent-pid", str(os.getpid())]
-    with open(log_path, "ab") as log_file:
+    with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - opening a log is instant
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,

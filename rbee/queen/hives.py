@@ -33,6 +33,7 @@ class HiveState:
             "reason": self.reason,
             "heartbeat_age_s": round(now - self.last_heartbeat, 2) if self.last_heartbeat else None,
             "version": self.report.get("version"),
+            "pid": self.report.get("pid"),
             "workers": self.report.get("workers", []),
             "devices": self.report.get("devices", {}),
         }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,9 @@ RBEE = [sys.executable, "-m", "rbee.keeper"]
 GREEDY = {"temperature": 0.0, "seed": 7}
 
 
-async def run_rbee(args: list[str], env: dict[str, str], timeout: float = 90) -> tuple[int, list[tuple[float, bytes]], str]:
+async def run_rbee(
+    args: list[str], env: dict[str, str], timeout: float = 90
+) -> tuple[int, list[tuple[float, bytes]], str]:
     """Run the CLI; return its exit code, stdout chunks with arrival times, and stderr."""
     process = await asyncio.create_subprocess_exec(
         *RBEE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -152,13 +153,13 @@ async def test_killed_worker_is_marked_dead_by_its_hive(queen_url: str) -> None:
 
 
 async def test_ctrl_c_cancels_and_exits_cleanly(rbee_env: dict[str, str]) -> None:
-    process = subprocess.Popen(
-        [*RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", "Count: one, two,"],
-        env=rbee_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = await asyncio.create_subprocess_exec(
+        *RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", "Count: one, two,",
+        env=rbee_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    assert process.stdout is not None
-    first = await asyncio.wait_for(asyncio.to_thread(process.stdout.read, 8), 60)
-    assert first
+    assert process.stdout is not None and process.stderr is not None
+    assert await asyncio.wait_for(process.stdout.read(8), 60), "no token before the interrupt"
     process.send_signal(signal.SIGINT)
-    code = await asyncio.wait_for(asyncio.to_thread(process.wait), 30)
-    assert code == 130, process.stderr.read().decode() if process.stderr else ""
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 130, stderr.decode()
+    assert "interrupted" in stderr.decode()

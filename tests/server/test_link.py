@@ -119,7 +119,7 @@ async def test_bad_bodies_are_400_json(link: Any) -> None:
 
 
 async def test_delete_cancels_the_producer(link: Any) -> None:
-    url, registry, counter = link
+    url, _, counter = link
     counter.tokens, counter.tick = 1000, 0.01
     async with LinkClient(url, "worker:test") as client:
         handle = await client.create({"prompt": "x"})
@@ -148,7 +148,7 @@ async def test_closing_the_stream_cancels_the_producer(link: Any) -> None:
 
 
 async def test_unclaimed_job_expires(link: Any) -> None:
-    url, registry, counter = link
+    url, _, counter = link
     counter.tokens, counter.tick = 1000, 0.01
     async with LinkClient(url, "worker:test") as client:
         handle = await client.create({"prompt": "x"})

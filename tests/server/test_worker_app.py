@@ -114,7 +114,8 @@ async def test_two_jobs_do_not_interleave(worker: Any) -> None:
     async with LinkClient(url, "worker:w-test") as client:
 
         async def one() -> list[str]:
-            return [e["text"] for e in [x async for x in client.run({"prompt": "x", "max_tokens": 20})] if e.type == "token"]
+            received = [x async for x in client.run({"prompt": "x", "max_tokens": 20})]
+            return [e["text"] for e in received if e.type == "token"]
 
         first, second = await asyncio.gather(one(), one())
     assert first == second == [f"w{i} " for i in range(20)]
