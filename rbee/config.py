@@ -100,6 +100,7 @@ class QueenConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     ephemeral: bool = False
     hive_ready_timeout: float = 60.0
+    inventory: str = ""
     serve: ServeOptions = field(default_factory=lambda: ServeOptions(port=DEFAULT_QUEEN_PORT))
 
     actor = "queen"
@@ -149,7 +150,7 @@ def from_args(cls: type[C], argv: Sequence[str]) -> C:
     ns = vars(parser.parse_args(list(argv)))
     serve = ServeOptions(ns.pop("host"), ns.pop("port"), ns.pop("fd"), ns.pop("parent_pid"))
     values = {key: value for key, value in ns.items() if value is not None}
-    return cls(**values, serve=serve)
+    return cls(**values, serve=serve)  # type: ignore[call-arg]
 
 
 def _converter(kind: Any) -> Any:

@@ -9,7 +9,7 @@ from quart import Quart, Response, jsonify
 
 from rbee import __version__
 from rbee.config import HiveConfig
-from rbee.errors import LinkError, PeerError
+from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import probe
 from rbee.hive.models import ModelCatalog
 from rbee.hive.supervisor import Supervisor, WorkerRecord
@@ -32,6 +32,14 @@ class Hive:
         self.registry = JobRegistry(config.actor)
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
+        self.queen: LinkClient | None = None
+        if config.queen_url:
+            self.set_queen(config.queen_url)
+
+    def set_queen(self, url: str) -> None:
+        """Where heartbeats go; the queen re-sends it after it re-opened an SSH forward."""
+        if self.queen is None or self.queen.base_url != url.rstrip("/"):
+            self.queen = LinkClient(url, "queen", stall_timeout=10.0)
 
     def client_for(self, worker: WorkerRecord) -> LinkClient:
         client = self.clients.get(worker.worker_id)
@@ -78,6 +86,8 @@ class Hive:
         await self.supervisor.stop_all()
         for client in self.clients.values():
             await client.aclose()
+        if self.queen is not None:
+            await self.queen.aclose()
 
 
 def create_app(hive: Hive) -> Quart:
@@ -114,6 +124,15 @@ def create_app(hive: Hive) -> Quart:
         if not known:
             return jsonify({"error": {"code": "unknown_worker", "message": f"no worker {worker_id} here"}}), 404
         return jsonify({"ok": True}), 200
+
+    @app.post("/v1/admin/queen")
+    async def set_queen() -> Response:
+        body = await read_json_body()
+        url = body.get("url")
+        if not isinstance(url, str) or not url.startswith("http://127.0.0.1:"):
+            raise RequestError("body must be {\"url\": \"http://127.0.0.1:PORT\"}: a queen reached over loopback")
+        hive.set_queen(url)
+        return jsonify({"queen_url": url})
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> tuple[Response, int]:

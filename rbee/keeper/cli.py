@@ -1,22 +1,18 @@
 """The `rbee` command. Parses flags into typed settings and hands them on; nothing
-from typer goes further than this module."""
+from typer goes further than the keeper."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from rbee import __version__
-from rbee.config import heartbeat_interval, queen_url, rbee_home
-from rbee.errors import RbeeError
+from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
+from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.render import JobPrinter
 from rbee.keeper.session import queen_answers, queen_session, start_persistent, stop_persistent
 from rbee.link.client import LinkClient
@@ -27,41 +23,7 @@ app = typer.Typer(
 )
 queen_app = typer.Typer(help="Run the queen (the orchestrator) by hand.", no_args_is_help=True)
 app.add_typer(queen_app, name="queen")
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-QueenUrl = Annotated[
-    str | None, typer.Option("--queen-url", help="Queen to use [default: $RBEE_QUEEN_URL or http://127.0.0.1:7833]")
-]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What every command needs, read once from flags and the environment."""
-
-    queen_url: str
-    home: Path
-    heartbeat_interval: float
-
-    @classmethod
-    def load(cls, url: str | None) -> Settings:
-        return cls(url or queen_url(), rbee_home(), heartbeat_interval())
-
-
-def run(coro: Any) -> Any:
-    """Run a command's coroutine; operator errors become a message and exit code 2."""
-    return run_sync(asyncio.run, coro)
-
-
-def run_sync(function: Any, *args: Any) -> Any:
-    try:
-        return function(*args)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: the job was cancelled")
-        raise typer.Exit(130) from None
-    except RbeeError as exc:
-        err.print(f"[bold red]error[/] ({exc.code}): {escape(exc.message)}")
-        raise typer.Exit(2) from None
+app.add_typer(fleet_app, name="fleet")
 
 
 @app.command()
@@ -76,6 +38,7 @@ def infer(
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only tokens and errors.")] = False,
     url: QueenUrl = None,
+    inventory_path: InventoryPath = None,
 ) -> None:
     """Stream a completion: tokens on stdout, narration on stderr."""
     request = run_sync(
@@ -85,7 +48,9 @@ def infer(
             "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or [],
         },
     )
-    settings = run_sync(Settings.load, url)
+    settings = run_sync(Settings.load, url, inventory_path)
+    if settings.inventory_path is not None:
+        run_sync(settings.inventory)  # a broken inventory stops here, before anything starts
     printer = JobPrinter(quiet=quiet)
     run(_infer(settings, request.downstream(), printer))
     if not printer.succeeded:
@@ -93,7 +58,9 @@ def infer(
 
 
 async def _infer(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> None:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval) as queen:
+    async with queen_session(
+        settings.queen_url, settings.home, settings.heartbeat_interval, settings.inventory_path
+    ) as queen:
         if queen.child is not None and not printer.quiet:
             err.print(f"[dim]keeper[/dim] started an ephemeral queen at {queen.url}")
         async with LinkClient(queen.url, "queen", stall_timeout=None) as client:
@@ -102,10 +69,12 @@ async def _infer(settings: Settings, body: dict[str, Any], printer: JobPrinter) 
 
 
 @queen_app.command("start")
-def queen_start(url: QueenUrl = None) -> None:
+def queen_start(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
     """Start a persistent queen that stays after this command."""
-    settings = run_sync(Settings.load, url)
-    child = run(start_persistent(settings.queen_url, settings.home, settings.heartbeat_interval))
+    settings = run_sync(Settings.load, url, inventory_path)
+    run_sync(settings.inventory)
+    child = run(start_persistent(settings.queen_url, settings.home, settings.heartbeat_interval,
+                                 settings.inventory_path))
     if child is None:
         err.print(f"a queen already answers at {settings.queen_url}")
     else:
@@ -126,22 +95,19 @@ def queen_stop(url: QueenUrl = None) -> None:
 def queen_status(url: QueenUrl = None) -> None:
     """Show whether the queen runs and the hives it knows."""
     settings = run_sync(Settings.load, url)
-    run(_status(settings))
+    run(_queen_status(settings))
 
 
-async def _status(settings: Settings) -> None:
+async def _queen_status(settings: Settings) -> None:
     if not await queen_answers(settings.queen_url):
         err.print(f"no queen answers at {settings.queen_url}; start one with `rbee queen start`")
-        raise typer.Exit(1)
+        raise SystemExit(1)
     async with LinkClient(settings.queen_url, "queen") as client:
         hives = (await client.request_json("GET", "/v1/hives"))["hives"]
-    table = Table("hive", "state", "reason", "heartbeat age", "workers", title=f"queen at {settings.queen_url}")
+    table = Table("hive", "state", "reason", "workers", title=f"queen at {settings.queen_url}")
     for hive in hives:
-        age = hive["heartbeat_age_s"]
-        table.add_row(
-            hive["name"], hive["state"], hive["reason"], "-" if age is None else f"{age:.1f} s",
-            ", ".join(f"{w['worker_id']} ({w['state']})" for w in hive["workers"]) or "-",
-        )
+        workers = ", ".join(f"{w['worker_id']} ({w['state']})" for w in hive["workers"]) or "-"
+        table.add_row(hive["name"], hive["state"], hive["reason"], workers)
     Console().print(table)
 
 

@@ -15,10 +15,13 @@ from rbee.link.events import Event
 class JobPrinter:
     """Prints one job's events; remembers how it ended for the exit code."""
 
-    def __init__(self, out: TextIO | None = None, err: Console | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, out: TextIO | None = None, err: Console | None = None, quiet: bool = False, expect_tokens: bool = True
+    ) -> None:
         self.out = out or sys.stdout
         self.err = err or Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet = quiet
+        self.expect_tokens = expect_tokens
         self.text_written = False
         self.ended: Event | None = None
 
@@ -43,6 +46,9 @@ class JobPrinter:
                 )
 
     def _summary(self, event: Event) -> None:
+        if not self.expect_tokens:
+            self.err.print(f"[green]done[/] in {event['duration_ms'] / 1000:.1f} s")
+            return
         if event["tokens"] == 0:
             self.err.print(
                 f"[bold red]error[/] the model produced no text (finish_reason={escape(event['finish_reason'])}); "
@@ -62,4 +68,5 @@ class JobPrinter:
 
     @property
     def succeeded(self) -> bool:
-        return self.ended is not None and self.ended.type == events.END and self.ended["tokens"] > 0
+        ended = self.ended
+        return ended is not None and ended.type == events.END and (ended["tokens"] > 0 or not self.expect_tokens)

@@ -51,14 +51,17 @@ async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0) ->
 
 
 @contextlib.asynccontextmanager
-async def queen_session(url: str, home: Path, heartbeat_interval: float) -> AsyncIterator[QueenHandle]:
+async def queen_session(
+    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None
+) -> AsyncIterator[QueenHandle]:
     """The queen at ``url`` if one answers; otherwise an ephemeral queen for this block,
     stopped (with everything it started) when the block ends."""
     if await queen_answers(url):
         yield QueenHandle(url, None)
         return
     config = QueenConfig(
-        home=home, heartbeat_interval=heartbeat_interval, ephemeral=True, serve=ServeOptions(host="127.0.0.1")
+        home=home, heartbeat_interval=heartbeat_interval, ephemeral=True, serve=ServeOptions(host="127.0.0.1"),
+        inventory=str(inventory or ""),
     )
     child = await start_queen(config, ephemeral=True)
     try:
@@ -67,14 +70,19 @@ async def queen_session(url: str, home: Path, heartbeat_interval: float) -> Asyn
         await child.stop(grace=20.0)
 
 
-async def start_persistent(url: str, home: Path, heartbeat_interval: float) -> Child | None:
+async def start_persistent(
+    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None
+) -> Child | None:
     """`rbee queen start`: a queen that outlives this command. None if one already answers."""
     if await queen_answers(url):
         return None
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost"):
         raise StartupError(f"rbee starts queens on this machine only; {url} is not local")
-    config = QueenConfig(home=home, heartbeat_interval=heartbeat_interval, serve=ServeOptions(host="127.0.0.1"))
+    config = QueenConfig(
+        home=home, heartbeat_interval=heartbeat_interval, serve=ServeOptions(host="127.0.0.1"),
+        inventory=str(inventory or ""),
+    )
     child = await start_queen(config, ephemeral=False, port=parts.port or 80)
     (home / "run").mkdir(parents=True, exist_ok=True)
     (home / "run" / "queen.pid").write_text(str(child.pid))

@@ -25,7 +25,7 @@ def is_overdue(last_beat: float, now: float, interval: float, misses: int = MISS
 
 
 async def send_heartbeats(
-    client: LinkClient,
+    peer: LinkClient | Callable[[], LinkClient | None],
     path: str,
     payload: Callable[[], dict[str, Any]],
     interval: float,
@@ -34,11 +34,17 @@ async def send_heartbeats(
 ) -> None:
     """POST ``payload()`` every ``interval`` s until cancelled.
 
-    After ``MISSES_ALLOWED`` failures in a row ``on_lost`` is told why (once per outage);
-    beats go on, so a peer that comes back is found again.
+    ``peer`` may be a callable, for a peer whose address changes (a queen reached
+    through an SSH forward that was re-opened). After ``MISSES_ALLOWED`` failures in
+    a row ``on_lost`` is told why (once per outage); beats go on, so a peer that
+    comes back is found again.
     """
     failures = 0
     while True:
+        client = peer() if callable(peer) else peer
+        if client is None:
+            await asyncio.sleep(interval)
+            continue
         try:
             await client.request_json("POST", path, payload())
             if failures >= MISSES_ALLOWED:

@@ -74,8 +74,8 @@ class Job:
         if not self.finished:
             self._subscribers.append(queue)
         try:
-            for item in backlog:
-                yield item
+            for numbered in backlog:
+                yield numbered
             while not (self.finished and queue.empty()) and queue in self._subscribers:
                 item = await queue.get()
                 if item is _CLOSED:

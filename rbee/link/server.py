@@ -102,9 +102,10 @@ def add_job_routes(
         job = await registry.cancel(job_id)
         return jsonify({"job_id": job.id, "cancelled": job.cancelled}), 202
 
-    app.add_url_rule(prefix, "create_job", create_job, methods=["POST"])
-    app.add_url_rule(f"{prefix}/<job_id>/stream", "stream_job", stream_job, methods=["GET"])
-    app.add_url_rule(f"{prefix}/<job_id>", "cancel_job", cancel_job, methods=["DELETE"])
+    name = prefix.strip("/").replace("/", "_")
+    app.add_url_rule(prefix, f"{name}_create", create_job, methods=["POST"])
+    app.add_url_rule(f"{prefix}/<job_id>/stream", f"{name}_stream", stream_job, methods=["GET"])
+    app.add_url_rule(f"{prefix}/<job_id>", f"{name}_cancel", cancel_job, methods=["DELETE"])
 
 
 def _last_event_id(value: str | None) -> int:

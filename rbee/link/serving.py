@@ -81,7 +81,7 @@ async def run_server(
             await on_stop()
 
     try:
-        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=shutdown_trigger)
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -1,26 +1,36 @@
-"""The queen's HTTP face: the job entry point for keepers, hive heartbeats, status, shutdown."""
+"""The queen's HTTP face: the job entry point for keepers, the fleet, hive heartbeats,
+status and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from pathlib import Path
 from typing import Any
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 
-from rbee import __version__
+from rbee import __version__, inventory
 from rbee.config import LOCAL_NODE, QueenConfig
-from rbee.errors import ModelNotFoundError, StartupError
+from rbee.errors import ModelNotFoundError, RequestError, StartupError
+from rbee.link import events
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.relay import relay
 from rbee.link.schemas import JobRequest, parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
+from rbee.queen.catalog import HiveCatalog
+from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HiveRegistry, HiveState, LocalHiveLauncher
 
 
 class UnknownNodeError(ModelNotFoundError):
     code = "unknown_node"
+
+
+class NodeDownError(StartupError):
+    code = "node_down"
 
 
 class Queen:
@@ -32,30 +42,82 @@ class Queen:
         self.registry = JobRegistry(config.actor)
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
+        self.catalog = HiveCatalog(config.home / "queen.db")
+        self.fleet = Fleet(
+            self.load_inventory(config.inventory),
+            self.hives,
+            self.catalog,
+            default_wheelhouse(),
+            queen_port=int(url.rsplit(":", 1)[1]),
+            heartbeat_interval=config.heartbeat_interval,
+            hive_ready_timeout=config.hive_ready_timeout,
+        )
+
+    @staticmethod
+    def load_inventory(path: str) -> inventory.Inventory:
+        return inventory.load(Path(path)) if path else inventory.Inventory.local_only()
+
+    def use_inventory(self, path: str | None) -> None:
+        if path:
+            self.fleet.inventory = self.load_inventory(path)
 
     def client_for(self, hive: HiveState) -> LinkClient:
         client = self.clients.get(hive.name)
-        if client is None or client.base_url != hive.url:
+        if client is None or client.base_url != hive.url.rstrip("/"):
             client = self.clients[hive.name] = LinkClient(hive.url, f"hive:{hive.name}")
         return client
 
+    def known_nodes(self) -> list[str]:
+        return sorted({LOCAL_NODE, *self.fleet.inventory.names})
+
     async def hive_for(self, request: JobRequest, job: Job) -> HiveState:
         node = request.node or LOCAL_NODE
-        if node == LOCAL_NODE:
+        entry = self.fleet.inventory.get(node)
+        if node == LOCAL_NODE and (entry is None or not entry.remote):
             return await self.local.ensure(job.narrate)
-        hive = self.hives.get_up(node)
-        if hive is not None:
-            return hive
-        known = sorted({LOCAL_NODE, *self.hives.hives})
-        if node in self.hives.hives:
-            state = self.hives.hives[node]
-            raise StartupError(f"node {node!r} is {state.state} ({state.reason}); start it with `rbee fleet up`")
-        raise UnknownNodeError(f"unknown node {node!r}; known nodes: {', '.join(known)}")
+        if entry is None:
+            raise UnknownNodeError(
+                f"unknown node {node!r}; known nodes: {', '.join(self.known_nodes())} "
+                f"(from {self.fleet.inventory.path or 'no inventory'})"
+            )
+        if not entry.remote:
+            raise UnknownNodeError(f"node {node!r} has no ssh target in the inventory; only localhost runs here")
+        state = self.hives.hives.get(node)
+        if state is not None and state.state == "down":
+            raise NodeDownError(
+                f"node {node!r} is down ({state.reason}); see `rbee fleet logs {node}` and bring it back "
+                "with `rbee fleet up`"
+            )
+        return await self.fleet.ensure(entry, job.narrate)
 
     async def run_job(self, job: Job, request: JobRequest) -> None:
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
         await relay(job, self.client_for(hive), request.downstream(node=None))
+
+    async def run_fleet_job(self, job: Job, action: str) -> None:
+        started = time.monotonic()
+        if action == "up":
+            report = await self.fleet.up(job.narrate)
+        else:
+            report = await self.fleet.down(job.narrate)
+        job.narrate("report", f"fleet {action} done", report=report)
+        job.emit(events.end(0, time.monotonic() - started, "done"))
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every hive of the inventory (plus any live one), with live state; no ghosts."""
+        now = time.monotonic()
+        listed = set(self.fleet.inventory.names)
+        rows = []
+        for name in sorted(listed | {h.name for h in self.hives.hives.values() if h.state == "up"}):
+            hive = self.hives.hives.get(name) or HiveState(name, state="not running", reason="never started")
+            row = hive.describe(now)
+            record = self.catalog.get(name)
+            row["installed"] = record.install_state if record else None
+            entry = self.fleet.inventory.get(name)
+            row["ssh"] = entry.ssh if entry else None
+            rows.append(row)
+        return rows
 
     async def watch_heartbeats(self) -> None:
         while True:
@@ -65,9 +127,13 @@ class Queen:
     async def close(self) -> None:
         await self.registry.close()
         await self.local.stop()
+        await self.fleet.close(stop_launched=self.config.ephemeral)
         for client in self.clients.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
+        self.clients.clear()
+        with contextlib.suppress(Exception):
+            self.catalog.close()
 
 
 def create_app(queen: Queen) -> Quart:
@@ -82,7 +148,19 @@ def create_app(queen: Queen) -> Quart:
 
         return produce
 
+    def make_fleet_producer(body: dict[str, Any]) -> Producer:
+        action = body.get("action")
+        if action not in ("up", "down"):
+            raise RequestError("fleet jobs need {\"action\": \"up\" | \"down\", \"inventory\"?: path}")
+        queen.use_inventory(body.get("inventory"))
+
+        async def produce(job: Job) -> None:
+            await queen.run_fleet_job(job, action)
+
+        return produce
+
     add_job_routes(app, queen.registry, make_producer)
+    add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
 
     @app.get("/health")
     async def health() -> Response:
@@ -90,12 +168,24 @@ def create_app(queen: Queen) -> Quart:
 
     @app.get("/v1/hives")
     async def hives() -> Response:
-        return jsonify({"hives": queen.hives.describe()})
+        return jsonify({"hives": queen.status()})
 
     @app.post("/v1/hives/<name>/heartbeat")
     async def hive_heartbeat(name: str) -> Response:
         queen.hives.heartbeat(name, await read_json_body())
         return jsonify({"ok": True})
+
+    @app.post("/v1/fleet/plan")
+    async def fleet_plan() -> Response:
+        body = await read_json_body()
+        queen.use_inventory(body.get("inventory"))
+        steps = await queen.fleet.plan(lambda action, message: None)
+        return jsonify({"plan": [step.as_dict() for step in steps]})
+
+    @app.get("/v1/fleet/logs/<name>")
+    async def fleet_logs(name: str) -> Response:
+        lines = min(int(request.args.get("lines", "50")), 5000)
+        return jsonify({"name": name, "lines": await queen.fleet.logs(name, lines)})
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> tuple[Response, int]:

@@ -52,11 +52,19 @@ class HiveRegistry:
         was = hive.state
         hive.last_heartbeat = time.monotonic() if now is None else now
         hive.report = report
-        hive.url = str(report.get("url") or hive.url)
+        if not hive.url:  # a hive started by hand; launched hives get their URL (maybe a tunnel) from the launcher
+            hive.url = str(report.get("url") or "")
         hive.state = "up"
         hive.reason = "heartbeating" if was != "down" else "heartbeats resumed"
         self.beaten(name).set()
         return hive
+
+    def set_url(self, name: str, url: str) -> None:
+        self.hives.setdefault(name, HiveState(name)).url = url
+
+    def forget(self, name: str) -> None:
+        self.hives.pop(name, None)
+        self._first_beat.pop(name, None)
 
     def beaten(self, name: str) -> asyncio.Event:
         return self._first_beat.setdefault(name, asyncio.Event())
@@ -120,6 +128,7 @@ class LocalHiveLauncher:
             log_path=self.config.home / "logs" / "hive-localhost.log",
             env=dict(os.environ),
         )
+        self.registry.set_url(LOCAL_NODE, self.child.url)
         await self._wait_first_heartbeat(self.child)
         narrate("launch", f"hive:{LOCAL_NODE} is up after {time.monotonic() - started:.1f} s")
         hive = self.registry.get_up(LOCAL_NODE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,7 +47,7 @@ class ModelRunner:
     def busy(self) -> bool:
         return self._turn.locked()
 
-    async def generate(self, request: JobRequest) -> AsyncIterator[Piece]:
+    async def generate(self, request: JobRequest) -> AsyncGenerator[Piece, None]:
         """Pieces of one generation, each as soon as the engine made it.
 
         Closing this generator early (or cancelling its consumer) stops the engine

@@ -1,0 +1,222 @@
+"""inventory.toml: the hosts of the fleet, read with tomllib into pydantic models.
+
+Shared by the keeper (which validates the file before anything starts) and the
+queen (which acts on it). Every error names the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE
+from rbee.errors import ConfigError
+
+HIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SSH_TARGET = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9._-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>\d{1,5}))?$")
+MODEL_REF = re.compile(r"^(?:hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(?::[A-Za-z0-9._/-]+)?|file:/.+|[A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+class InventoryError(ConfigError):
+    code = "bad_inventory"
+
+
+def check_model_ref(ref: str) -> str:
+    if not MODEL_REF.match(ref) or ".." in ref.split(":", 1)[-1].split("/"):
+        raise ValueError(
+            f"{ref!r} is not a model reference: use a catalog name (gemma3-270m), hf:org/repo[:file.gguf] "
+            "or file:/absolute/path"
+        )
+    return ref
+
+
+class QueenSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(default=DEFAULT_QUEEN_PORT, ge=1, le=65535)
+    heartbeat_interval: float = Field(default=2.0, ge=0.05, le=3600)
+
+
+class SshSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    known_hosts: str | None = None
+    connect_timeout: float = Field(default=15.0, gt=0, le=600)
+
+
+class SshTarget(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    user: str | None
+    host: str
+    port: int | None
+
+    def __str__(self) -> str:
+        return (f"{self.user}@" if self.user else "") + self.host + (f":{self.port}" if self.port else "")
+
+
+class HiveEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    ssh: str | None = None
+    identity_file: str | None = None
+    python: str = "python3"
+    home: str = "~/.rbee"
+    models: tuple[str, ...] = ()
+    backend: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HIVE_NAME.match(value):
+            raise ValueError(f"{value!r} is not a hive name: letters, digits, '.', '_' and '-', at most 63")
+        return value
+
+    @field_validator("ssh")
+    @classmethod
+    def _ssh(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = SSH_TARGET.match(value)
+        if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
+            raise ValueError(f"{value!r} is not an ssh target: write user@host or user@host:port")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_model_ref(ref) for ref in value)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value not in ("auto", "llama-cpp", "mlx"):
+            raise ValueError(f"backend must be auto, llama-cpp or mlx, not {value!r}")
+        return value
+
+    @field_validator("python", "home")
+    @classmethod
+    def _no_control_chars(cls, value: str) -> str:
+        if not value or any(ord(ch) < 32 for ch in value):
+            raise ValueError("must be a non-empty path without control characters")
+        return value
+
+    @property
+    def remote(self) -> bool:
+        return self.ssh is not None
+
+    @property
+    def target(self) -> SshTarget:
+        match = SSH_TARGET.match(self.ssh or "")
+        assert match is not None
+        return SshTarget(user=match["user"], host=match["host"].strip("[]"), port=int(match["port"]) if match["port"] else None)
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queen: QueenSection = QueenSection()
+    ssh: SshSection = SshSection()
+    hive: tuple[HiveEntry, ...] = ()
+    path: str = ""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Inventory:
+        seen: set[str] = set()
+        for index, entry in enumerate(self.hive):
+            if entry.name in seen:
+                raise ValueError(f"hive.{index}.name: duplicate hive name {entry.name!r}")
+            seen.add(entry.name)
+        return self
+
+    def get(self, name: str) -> HiveEntry | None:
+        return next((entry for entry in self.hive if entry.name == name), None)
+
+    @property
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.hive]
+
+    @classmethod
+    def local_only(cls) -> Inventory:
+        return cls(hive=(HiveEntry(name=LOCAL_NODE),))
+
+
+def default_path(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path | None:
+    """``$RBEE_INVENTORY``, else ``./inventory.toml``, else ``~/.config/rbee/inventory.toml``."""
+    if env.get("RBEE_INVENTORY"):
+        return Path(env["RBEE_INVENTORY"]).expanduser()
+    here = (cwd or Path.cwd()) / "inventory.toml"
+    if here.is_file():
+        return here
+    config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    candidate = config_home / "rbee" / "inventory.toml"
+    return candidate if candidate.is_file() else None
+
+
+def load(path: Path) -> Inventory:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InventoryError(f"{path}: cannot read the inventory: {exc.strerror}") from exc
+    return parse(text, str(path))
+
+
+def parse(text: str, filename: str = "inventory.toml") -> Inventory:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InventoryError(f"{filename}: not valid TOML: {exc}") from exc
+    try:
+        return Inventory.model_validate({**data, "path": filename})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown key {loc[-1]!r}"
+            if not loc and message.startswith("hive."):  # from the model validator
+                loc_text, message = message.split(": ", 1)
+                loc = loc_text.split(".")
+            line = locate(text, loc)
+            problems.append(f"{filename}:{line}: {'.'.join(loc) or 'file'}: {message}")
+        raise InventoryError("\n".join(problems)) from exc
+
+
+def locate(text: str, loc: list[str]) -> int:
+    """The line of the key at ``loc`` (e.g. ["hive", "1", "ssh"]), best effort: tomllib keeps no positions."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    if loc and loc[0] in ("hive", "queen", "ssh"):
+        section = loc[0]
+        if section == "hive" and len(loc) > 1 and loc[1].isdigit():
+            headers = [i for i, line in enumerate(lines) if re.match(r"^\s*\[\[\s*hive\s*\]\]", line)]
+            index = int(loc[1])
+            if index < len(headers):
+                start = headers[index]
+                end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
+            key = loc[2] if len(loc) > 2 else None
+        else:
+            header = next((i for i, line in enumerate(lines) if re.match(rf"^\s*\[\s*{section}\s*\]", line)), None)
+            if header is not None:
+                start = header
+                end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
+            key = loc[1] if len(loc) > 1 else None
+    else:
+        key = loc[0] if loc else None
+    if key is not None:
+        for i in range(start, end):
+            if re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", lines[i]):
+                return i + 1
+    return start + 1
+
+
+def render_hive(entry: HiveEntry) -> dict[str, Any]:
+    return entry.model_dump(exclude_defaults=True)

@@ -1,0 +1,64 @@
+"""What every keeper command shares: settings read once, and errors turned into exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from rbee import inventory
+from rbee.config import heartbeat_interval, queen_url, rbee_home
+from rbee.errors import RbeeError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+QueenUrl = Annotated[
+    str | None, typer.Option("--queen-url", help="Queen to use [default: $RBEE_QUEEN_URL or http://127.0.0.1:7833]")
+]
+InventoryPath = Annotated[
+    Path | None,
+    typer.Option("--inventory", "-i", help="Inventory file [default: $RBEE_INVENTORY, ./inventory.toml, "
+                 "~/.config/rbee/inventory.toml]"),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a command needs, read once from flags and the environment."""
+
+    queen_url: str
+    home: Path
+    heartbeat_interval: float
+    inventory_path: Path | None
+
+    @classmethod
+    def load(cls, url: str | None, inventory_path: Path | None = None) -> Settings:
+        path = inventory_path or inventory.default_path()
+        return cls(url or queen_url(), rbee_home(), heartbeat_interval(), path.resolve() if path else None)
+
+    def inventory(self) -> inventory.Inventory:
+        """The validated inventory (errors name file:line:key), or the local-only default."""
+        if self.inventory_path is None:
+            return inventory.Inventory.local_only()
+        return inventory.load(self.inventory_path)
+
+
+def run(coro: Any) -> Any:
+    """Run a command's coroutine; operator errors become a message and exit code 2."""
+    return run_sync(asyncio.run, coro)
+
+
+def run_sync(function: Any, *args: Any) -> Any:
+    try:
+        return function(*args)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: the job was cancelled")
+        raise typer.Exit(130) from None
+    except RbeeError as exc:
+        err.print(f"[bold red]error[/] ({exc.code}): {escape(exc.message)}")
+        raise typer.Exit(2) from None

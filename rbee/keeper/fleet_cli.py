@@ -1,0 +1,169 @@
+"""`rbee fleet …`: the hosts of inventory.toml as one fleet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
+from rbee.keeper.render import JobPrinter
+from rbee.keeper.session import queen_answers, queen_session, start_persistent
+from rbee.link.client import LinkClient
+
+fleet_app = typer.Typer(help="Manage the hosts listed in inventory.toml.", no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _settings(url: str | None, inventory_path: Path | None) -> Settings:
+    settings: Settings = run_sync(Settings.load, url, inventory_path)
+    if settings.inventory_path is None:
+        err.print("[bold red]error[/]: no inventory: pass --inventory PATH, set RBEE_INVENTORY, or create "
+                  "./inventory.toml")
+        raise typer.Exit(2)
+    run_sync(settings.inventory)  # file:line errors, and nothing started
+    return settings
+
+
+@fleet_app.command("up")
+def fleet_up(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Install and start every hive of the inventory; stop hives no longer listed.
+
+    Starts a persistent queen when none runs (the fleet's tunnels live in it)."""
+    settings = _settings(url, inventory_path)
+    if not run(_fleet_job(settings, "up", start_queen=True)):
+        raise typer.Exit(1)
+
+
+@fleet_app.command("down")
+def fleet_down(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Stop every hive the fleet started (their workers stop with them)."""
+    settings = _settings(url, inventory_path)
+    if not run(_fleet_job(settings, "down", start_queen=False)):
+        raise typer.Exit(1)
+
+
+async def _fleet_job(settings: Settings, action: str, start_queen: bool) -> bool:
+    if not await queen_answers(settings.queen_url):
+        if not start_queen:
+            err.print(f"no queen answers at {settings.queen_url}: nothing to stop through it")
+            return await _fleet_job_ephemeral(settings, action)
+        child = await start_persistent(
+            settings.queen_url, settings.home, settings.heartbeat_interval, settings.inventory_path
+        )
+        if child is not None:
+            err.print(f"[dim]keeper[/dim] started a persistent queen at {child.url} (stop: `rbee queen stop`)")
+    return await _stream_fleet_job(settings.queen_url, settings, action)
+
+
+async def _fleet_job_ephemeral(settings: Settings, action: str) -> bool:
+    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
+                             settings.inventory_path) as queen:
+        return await _stream_fleet_job(queen.url, settings, action)
+
+
+async def _stream_fleet_job(url: str, settings: Settings, action: str) -> bool:
+    printer = JobPrinter(expect_tokens=False)
+    report: list[dict[str, Any]] = []
+    async with LinkClient(url, "queen", stall_timeout=None) as client:
+        body = {"action": action, "inventory": str(settings.inventory_path)}
+        async for event in client.run(body, path="/v1/fleet/jobs"):
+            if event.type == "narration" and event["action"] == "report":
+                report = event["report"]
+                continue
+            printer.show(event)
+    if report:
+        table = Table("hive", "action", "reason", title=f"fleet {action}")
+        for row in report:
+            table.add_row(row["name"], row["action"], row.get("reason", ""))
+        out.print(table)
+    return printer.succeeded and not any(row["action"] == "failed" for row in report)
+
+
+@fleet_app.command("plan")
+def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Show what `fleet up` would do on each host (install, upgrade, start, nothing, stop), doing nothing."""
+    settings = _settings(url, inventory_path)
+    steps = run(_plan(settings))
+    table = Table("hive", "would", "because", title="fleet plan")
+    for step in steps:
+        table.add_row(step["name"], step["action"], step["reason"])
+    out.print(table)
+
+
+async def _plan(settings: Settings) -> list[dict[str, str]]:
+    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
+                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+        result = await client.request_json("POST", "/v1/fleet/plan", {"inventory": str(settings.inventory_path)})
+    return list(result["plan"])
+
+
+@fleet_app.command("status")
+def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Every hive: up/down (and why), last heartbeat, devices, workers, version."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    hives = run(_status(settings))
+    table = Table("hive", "state", "reason", "heartbeat", "version", "devices", "workers", title="fleet status")
+    for hive in hives:
+        age = hive.get("heartbeat_age_s")
+        table.add_row(
+            hive["name"], hive["state"], hive["reason"], "-" if age is None else f"{age:.1f} s ago",
+            hive.get("version") or "-", describe_devices(hive.get("devices") or {}),
+            ", ".join(f"{w['worker_id']} {w['state']} ({Path(w['model_path']).name})" for w in hive["workers"]) or "-",
+        )
+    out.print(table)
+
+
+async def _status(settings: Settings) -> list[dict[str, Any]]:
+    if not await queen_answers(settings.queen_url):
+        err.print(f"no queen answers at {settings.queen_url}; the fleet is not running (`rbee fleet up`)")
+        raise typer.Exit(1)
+    async with LinkClient(settings.queen_url, "queen") as client:
+        return list((await client.request_json("GET", "/v1/hives"))["hives"])
+
+
+def describe_devices(devices: dict[str, Any]) -> str:
+    if not devices:
+        return "-"
+    cpu = devices.get("cpu", {})
+    parts = [f"{cpu.get('cores', '?')} cores, {cpu.get('ram_total', 0) / 2**30:.0f} GiB RAM"]
+    for gpu in devices.get("gpus", []):
+        parts.append(f"{gpu.get('name', 'gpu')} {gpu.get('memory_free', 0) / 2**30:.1f}/"
+                     f"{gpu.get('memory_total', 0) / 2**30:.1f} GiB free")
+    return "; ".join(parts)
+
+
+@fleet_app.command("logs")
+def fleet_logs(
+    name: Annotated[str, typer.Argument(help="Hive name")],
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines")] = 50,
+    url: QueenUrl = None, inventory_path: InventoryPath = None,
+) -> None:
+    """Print the end of a hive's log (RBEE_HOME/logs/hive.log on its host)."""
+    settings = _settings(url, inventory_path)
+    for line in run(_logs(settings, name, lines)):
+        out.print(line, markup=False)
+
+
+async def _logs(settings: Settings, name: str, lines: int) -> list[str]:
+    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
+                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+        result = await client.request_json("GET", f"/v1/fleet/logs/{name}?lines={lines}")
+    return list(result["lines"])
+
+
+@fleet_app.command("trust")
+def fleet_trust(
+    name: Annotated[str, typer.Argument(help="Hive name")], inventory_path: InventoryPath = None
+) -> None:
+    """Record a host's SSH key in known_hosts after showing its fingerprint. Refuses a changed key."""
+    from rbee.keeper.trust import trust
+
+    settings = _settings(None, inventory_path)
+    fingerprint, path = run(trust(settings.inventory(), name))
+    err.print(f"trusted hive {name!r}: {fingerprint} recorded in {path}")
+
+

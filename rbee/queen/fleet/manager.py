@@ -1,0 +1,202 @@
+"""The fleet as the queen runs it: converge the hosts to the inventory (`up`),
+show what that would do (`plan`), stop what the fleet launched (`down`), and
+bring one named hive up on demand (`infer --node NAME`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rbee import __version__
+from rbee.errors import RbeeError, StartupError
+from rbee.inventory import HiveEntry, Inventory
+from rbee.queen.catalog import HiveCatalog
+from rbee.queen.fleet import plan as plans
+from rbee.queen.fleet.remote import RemoteHost
+from rbee.queen.fleet.wheelhouse import Wheelhouse, host_platform_of
+from rbee.queen.hives import HiveRegistry, HiveState
+
+Narrate = Callable[[str, str], None]
+
+
+class Fleet:
+    def __init__(
+        self,
+        inventory: Inventory,
+        registry: HiveRegistry,
+        catalog: HiveCatalog,
+        wheelhouse: Wheelhouse,
+        queen_port: int,
+        heartbeat_interval: float,
+        hive_ready_timeout: float,
+    ) -> None:
+        self.inventory = inventory
+        self.registry = registry
+        self.catalog = catalog
+        self.wheelhouse = wheelhouse
+        self.queen_port = queen_port
+        self.heartbeat_interval = heartbeat_interval
+        self.hive_ready_timeout = hive_ready_timeout
+        self.hosts: dict[str, RemoteHost] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def host(self, entry: HiveEntry) -> RemoteHost:
+        host = self.hosts.get(entry.name)
+        if host is None or host.entry != entry:
+            host = self.hosts[entry.name] = RemoteHost(
+                entry, self.inventory.ssh, self.queen_port, self.heartbeat_interval, on_reconnect=self._reconnected
+            )
+        return host
+
+    def _reconnected(self, host: RemoteHost) -> None:
+        self.registry.set_url(host.name, host.hive_url)
+
+    # plan / up / down ---------------------------------------------------------------------
+
+    async def plan(self, narrate: Narrate) -> list[plans.Step]:
+        remote = [entry for entry in self.inventory.hive if entry.remote]
+        steps = await asyncio.gather(*(self._plan_one(entry, narrate) for entry in remote))
+        launched = {record.name for record in self.catalog.all() if record.launched}
+        return [*(s for s, _ in steps), *plans.plan_removed(set(self.inventory.names), launched)]
+
+    async def _plan_one(self, entry: HiveEntry, narrate: Narrate) -> tuple[plans.Step, dict[str, Any] | None]:
+        host = self.host(entry)
+        try:
+            probe = await host.probe()
+        except RbeeError as exc:
+            return plans.plan_host(entry.name, None, "", exc.message), None
+        wheels = await self.wheelhouse.build(host_platform_of(probe), narrate)
+        return plans.plan_host(entry.name, probe, wheels.digest), probe
+
+    async def up(self, narrate: Narrate) -> list[dict[str, Any]]:
+        """Converge every host to the inventory, concurrently; report per host what was done."""
+        started = time.monotonic()
+        remote = [entry for entry in self.inventory.hive if entry.remote]
+        results = await asyncio.gather(*(self._up_one(entry, narrate) for entry in remote), return_exceptions=True)
+        report = []
+        for entry, result in zip(remote, results, strict=True):
+            if isinstance(result, BaseException):
+                message = result.message if isinstance(result, RbeeError) else f"{type(result).__name__}: {result}"
+                narrate("failed", f"hive:{entry.name}: {message}")
+                report.append({"name": entry.name, "action": "failed", "reason": message})
+            else:
+                report.append(result.as_dict())
+        launched = {record.name for record in self.catalog.all() if record.launched}
+        for step in plans.plan_removed(set(self.inventory.names), launched):
+            await self._remove(step.name, narrate)
+            report.append(step.as_dict())
+        changed = [r for r in report if r["action"] not in (plans.NOTHING,)]
+        if not changed:
+            narrate("up", f"nothing to do: {len(report)} hive(s) already up to date and running")
+        narrate("up", f"fleet up took {time.monotonic() - started:.1f} s")
+        return report
+
+    async def _up_one(self, entry: HiveEntry, narrate: Narrate) -> plans.Step:
+        async with self._locks.setdefault(entry.name, asyncio.Lock()):
+            host = self.host(entry)
+            probe = await host.probe()
+            wheels = await self.wheelhouse.build(host_platform_of(probe), narrate)
+            step = plans.plan_host(entry.name, probe, wheels.digest)
+            say = lambda action, message: narrate(action, f"hive:{entry.name}: {message}")  # noqa: E731
+            say("plan", f"{step.action} ({step.reason})")
+            self.catalog.upsert(entry.name, entry.model_dump(), launched=1)
+            hive = probe.get("hive") or {}
+            if step.action in (plans.INSTALL, plans.UPGRADE):
+                if hive.get("alive"):
+                    await host.stop_hive()
+                self.catalog.update(entry.name, install_state="installing")
+                await host.install(wheels, probe, say)
+                self.catalog.update(entry.name, install_state="installed", version=__version__,
+                                    digest=wheels.digest)
+                hive = {}
+            if hive.get("alive"):
+                if host.hive_port is None or not self.registry.get_up(entry.name):
+                    await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
+                    self.registry.set_url(entry.name, host.hive_url)
+            else:
+                await host.launch(say)
+                self.registry.set_url(entry.name, host.hive_url)
+            await self.wait_heartbeat(entry.name)
+            return step
+
+    async def wait_heartbeat(self, name: str) -> HiveState:
+        beaten = self.registry.beaten(name)
+        try:
+            await asyncio.wait_for(beaten.wait(), self.hive_ready_timeout)
+        except TimeoutError:
+            raise StartupError(
+                f"hive:{name} sent no heartbeat within {self.hive_ready_timeout:.0f} s; "
+                f"see `rbee fleet logs {name}`"
+            ) from None
+        hive = self.registry.get_up(name)
+        assert hive is not None
+        return hive
+
+    async def _remove(self, name: str, narrate: Narrate) -> None:
+        record = self.catalog.get(name)
+        if record is None:
+            return
+        entry = HiveEntry.model_validate(record.entry)
+        try:
+            was = await self.host(entry).stop_hive()
+            narrate("stop", f"hive:{name}: removed from the inventory; " + ("stopped" if was else "was not running"))
+        except RbeeError as exc:
+            narrate("stop", f"hive:{name}: could not stop it: {exc.message}")
+        await self.hosts.pop(name).close()
+        self.catalog.remove(name)
+        self.registry.forget(name)
+
+    async def down(self, narrate: Narrate) -> list[dict[str, Any]]:
+        """Stop every hive the fleet launched (and their workers)."""
+        names = {record.name for record in self.catalog.all() if record.launched}
+        names |= {entry.name for entry in self.inventory.hive if entry.remote}
+        report = await asyncio.gather(*(self._down_one(name, narrate) for name in sorted(names)))
+        return list(report)
+
+    async def _down_one(self, name: str, narrate: Narrate) -> dict[str, Any]:
+        record = self.catalog.get(name)
+        entry = self.inventory.get(name) or (HiveEntry.model_validate(record.entry) if record else None)
+        if entry is None or not entry.remote:
+            return {"name": name, "action": "skipped", "reason": "not a remote hive"}
+        host = self.host(entry)
+        try:
+            was = await host.stop_hive()
+        except RbeeError as exc:
+            narrate("down", f"hive:{name}: {exc.message}")
+            return {"name": name, "action": "failed", "reason": exc.message}
+        self.catalog.update(name, launched=0)
+        self.registry.mark(name, "stopped", "stopped by `fleet down`")
+        narrate("down", f"hive:{name}: " + ("stopped" if was else "was not running"))
+        return {"name": name, "action": "stopped" if was else "nothing", "reason": ""}
+
+    # on demand ----------------------------------------------------------------------------
+
+    async def ensure(self, entry: HiveEntry, narrate: Narrate) -> HiveState:
+        """A live hive for ``entry``: installed and launched if needed (SPEC: happy flow, step 3)."""
+        hive = self.registry.get_up(entry.name)
+        host = self.hosts.get(entry.name)
+        if hive is not None and host is not None and host.hive_url:
+            return hive
+        await self._up_one(entry, narrate)
+        return await self.wait_heartbeat(entry.name)
+
+    async def logs(self, name: str, lines: int) -> list[str]:
+        entry = self.inventory.get(name)
+        if entry is None or not entry.remote:
+            raise StartupError(f"no remote hive {name!r} in {self.inventory.path or 'the inventory'}")
+        return await self.host(entry).tail(lines)
+
+    async def close(self, stop_launched: bool) -> None:
+        """Close every connection; an ephemeral queen first stops the hives it launched."""
+        if stop_launched:
+            await asyncio.gather(
+                *(host.stop_hive() for host in self.hosts.values() if host.launched_here), return_exceptions=True
+            )
+        await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
+
+
+def default_wheelhouse() -> Wheelhouse:
+    return Wheelhouse(Path.home() / ".cache" / "rbee" / "wheelhouse")

@@ -1,0 +1,228 @@
+"""One SSH host of the fleet: probe, install, launch, tunnel, stop — over one
+asyncssh connection that is re-opened with backoff when it drops.
+
+The hive binds 127.0.0.1 on its host. The queen reaches it through a local
+port forward, and the hive's heartbeats reach the queen through a remote
+forward on the same connection: the fleet opens no network port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+import httpx
+
+from rbee import __version__
+from rbee.inventory import HiveEntry, SshSection
+from rbee.queen.fleet.remote_script import SCRIPT
+from rbee.queen.fleet.ssh import Command, RemoteCommandError, SshError, connect, run
+from rbee.queen.fleet.wheelhouse import WheelSet
+
+log = logging.getLogger(__name__)
+
+Narrate = Callable[[str, str], None]
+
+
+class RemoteHost:
+    def __init__(
+        self,
+        entry: HiveEntry,
+        ssh: SshSection,
+        queen_port: int,
+        heartbeat_interval: float,
+        on_reconnect: Callable[[RemoteHost], None] | None = None,
+    ) -> None:
+        self.entry = entry
+        self.ssh = ssh
+        self.queen_port = queen_port
+        self.heartbeat_interval = heartbeat_interval
+        self.on_reconnect = on_reconnect
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.home = ""
+        self.hive_port: int | None = None
+        self.hive_url = ""  # through the local forward
+        self.queen_url_there = ""  # through the remote forward, as the hive sees it
+        self.launched_here = False
+        self.reconnects = 0
+        self._forwards: list[asyncssh.SSHListener] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def actor(self) -> str:
+        return f"hive:{self.name}"
+
+    # connection ---------------------------------------------------------------------------
+
+    async def connected(self) -> asyncssh.SSHClientConnection:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await connect(self.entry, self.ssh)
+            if self._watch is None or self._watch.done():
+                self._watch = asyncio.get_running_loop().create_task(self._keep_connected())
+        return self.conn
+
+    async def _keep_connected(self) -> None:
+        """Re-open the connection and the forwards after a drop, backing off up to 30 s."""
+        while not self._closing:
+            conn = self.conn
+            if conn is None:
+                return
+            await conn.wait_closed()
+            if self._closing:
+                return
+            log.warning("%s: SSH connection lost; reconnecting", self.actor)
+            delay = 0.25
+            while not self._closing:
+                try:
+                    self.conn = await connect(self.entry, self.ssh)
+                    if self.hive_port is not None:
+                        await self._open_forwards(self.hive_port)
+                        await self._tell_hive_queen_url()
+                    self.reconnects += 1
+                    log.info("%s: reconnected (%d)", self.actor, self.reconnects)
+                    if self.on_reconnect is not None:
+                        self.on_reconnect(self)
+                    break
+                except (SshError, OSError, asyncssh.Error, httpx.HTTPError) as exc:
+                    log.info("%s: reconnect failed (%s); next try in %.1f s", self.actor, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+    async def script(self, *args: str, what: str, timeout: float = 60) -> Any:
+        """Run the stdlib-only helper with the host's own Python; return its JSON."""
+        conn = await self.connected()
+        output = await run(conn, Command.of(self.entry.python, "-", *args), what=f"{self.actor}: {what}",
+                           stdin=SCRIPT, timeout=timeout)
+        try:
+            return json.loads(output.strip().splitlines()[-1])
+        except (ValueError, IndexError) as exc:
+            raise RemoteCommandError(f"{self.actor}: {what} printed no JSON: {output[-300:]!r}") from exc
+
+    async def probe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = await self.script("probe", self.entry.home, what="probing the host")
+        self.home = facts["home"]
+        return facts
+
+    # install ------------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.home, *parts)
+
+    async def install(self, wheels: WheelSet, probe: dict[str, Any], narrate: Narrate) -> None:
+        """Push missing wheels over SFTP, make the venv, pip install with no index at all."""
+        conn = await self.connected()
+        wheel_dir = self._path("wheelhouse")
+        remote_sizes: dict[str, int] = await self.script("sizes", wheel_dir, what="listing the wheelhouse")
+        to_send = [p for p in wheels.wheels if remote_sizes.get(p.name) != p.stat().st_size]
+        if to_send:
+            size = sum(p.stat().st_size for p in to_send)
+            narrate("install", f"sending {len(to_send)} wheels ({size / 1e6:.0f} MB) over SFTP")
+            async with conn.start_sftp_client() as sftp:
+                await sftp.makedirs(wheel_dir, exist_ok=True)
+                for path in to_send:
+                    partial = posixpath.join(wheel_dir, f".{path.name}.partial")
+                    await sftp.put(str(path), partial)
+                    await sftp.posix_rename(partial, posixpath.join(wheel_dir, path.name))
+        python = self._path("venv", "bin", "python")
+        if not probe.get("venv"):
+            narrate("install", f"creating the venv {self._path('venv')}")
+            await run(conn, Command.of(self.entry.python, "-m", "venv", self._path("venv")),
+                      what=f"{self.actor}: creating the venv", timeout=300)
+        narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
+        rbee_wheel = next(p.name for p in wheels.wheels if p.name.startswith("rbee-"))
+        offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        base = [python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir, "--quiet"]
+        await run(conn, Command.of(*base, posixpath.join(wheel_dir, rbee_wheel), env=offline),
+                  what=f"{self.actor}: installing rbee", timeout=900)
+        # Same version, new code (the digest moved): replace rbee itself.
+        await run(conn, Command.of(*base, "--force-reinstall", "--no-deps",
+                                   posixpath.join(wheel_dir, rbee_wheel), env=offline),
+                  what=f"{self.actor}: installing rbee", timeout=300)
+        record = json.dumps({"version": __version__, "digest": wheels.digest})
+        async with conn.start_sftp_client() as sftp:
+            async with sftp.open(self._path("install.json"), "w") as handle:
+                await handle.write(record)
+
+    # launch, tunnel, stop -----------------------------------------------------------------
+
+    async def launch(self, narrate: Narrate) -> None:
+        """Open the forwards, start the hive detached, point the local forward at it."""
+        conn = await self.connected()
+        remote = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.queen_port)
+        self._forwards.append(remote)
+        self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
+        command = Command.of(
+            self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach",
+            "--name", self.name, "--queen-url", self.queen_url_there, "--home", self.home,
+            "--models-dir", self._path("models"), "--heartbeat-interval", str(self.heartbeat_interval),
+            "--host", "127.0.0.1", "--port", "0",
+        )
+        narrate("launch", f"starting {self.actor} (detached)")
+        output = await run(conn, command, what=f"{self.actor}: starting the hive", timeout=90)
+        state = json.loads(output.strip().splitlines()[-1])
+        self.launched_here = True
+        await self.attach(int(state["url"].rsplit(":", 1)[1]))
+
+    async def attach(self, hive_port: int) -> None:
+        """Tunnel to a hive already running on the host (after a queen restart or a re-run)."""
+        self.hive_port = hive_port
+        await self._open_forwards(hive_port)
+        await self._tell_hive_queen_url()
+
+    async def _open_forwards(self, hive_port: int) -> None:
+        conn = await self.connected()
+        for listener in self._forwards:
+            listener.close()
+        self._forwards = []
+        local = await conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", hive_port)
+        remote = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.queen_port)
+        self._forwards = [local, remote]
+        self.hive_url = f"http://127.0.0.1:{local.get_port()}"
+        self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
+
+    async def _tell_hive_queen_url(self) -> None:
+        async with httpx.AsyncClient(base_url=self.hive_url, timeout=10, trust_env=False) as http:
+            response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
+            response.raise_for_status()
+
+    async def stop_hive(self, grace: float = 20.0) -> bool:
+        """Stop the hive (it stops its workers first). True if one was running."""
+        if not self.home:
+            await self.probe()
+        result = await self.script("stop", self.home, str(grace), what="stopping the hive", timeout=grace + 30)
+        self.hive_port = None
+        self.hive_url = ""
+        self.launched_here = False
+        return bool(result.get("was_running"))
+
+    async def tail(self, lines: int) -> list[str]:
+        if not self.home:
+            await self.probe()
+        result = await self.script("tail", self.home, str(lines), what="reading the hive log")
+        return list(result.get("lines", []))
+
+    async def close(self) -> None:
+        self._closing = True
+        for listener in self._forwards:
+            listener.close()
+        self._forwards = []
+        if self.conn is not None:
+            self.conn.close()
+            with contextlib.suppress(Exception):
+                await self.conn.wait_closed()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch

@@ -1,0 +1,87 @@
+"""The small program the queen runs on a host with the host's own Python (``python3 - CMD ARGS``,
+the program on stdin), before rbee is installed there. Standard library only; prints JSON."""
+
+SCRIPT = r'''
+import json, os, platform, signal, sys, time
+
+def read_json(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def hive_state(home):
+    hive = read_json(os.path.join(home, "run", "hive.json"))
+    if hive and isinstance(hive.get("pid"), int):
+        hive["alive"] = alive(hive["pid"])
+    return hive
+
+def probe(home):
+    home = os.path.abspath(os.path.expanduser(home))
+    return {
+        "system": platform.system().lower(),
+        "machine": platform.machine().lower(),
+        "python": "%d.%d" % sys.version_info[:2],
+        "python_full": platform.python_version(),
+        "home": home,
+        "installed": read_json(os.path.join(home, "install.json")),
+        "venv": os.path.isfile(os.path.join(home, "venv", "bin", "python")),
+        "hive": hive_state(home),
+    }
+
+def sizes(folder):
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    return {n: os.path.getsize(os.path.join(folder, n)) for n in names if n.endswith(".whl")}
+
+def stop(home, grace):
+    hive = hive_state(home)
+    result = {"was_running": False}
+    if hive and hive.get("alive"):
+        result["was_running"] = True
+        pid = hive["pid"]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            result["killed"] = True
+    try:
+        os.remove(os.path.join(home, "run", "hive.json"))
+    except OSError:
+        pass
+    return result
+
+def tail(home, lines):
+    try:
+        with open(os.path.join(home, "logs", "hive.log"), errors="replace") as handle:
+            return {"lines": handle.read().splitlines()[-lines:]}
+    except OSError as exc:
+        return {"lines": [], "error": str(exc)}
+
+command, args = sys.argv[1], sys.argv[2:]
+if command == "probe":
+    out = probe(args[0])
+elif command == "sizes":
+    out = sizes(args[0])
+elif command == "stop":
+    out = stop(args[0], float(args[1]))
+elif command == "tail":
+    out = tail(args[0], int(args[1]))
+else:
+    raise SystemExit("unknown command " + command)
+print(json.dumps(out))
+'''

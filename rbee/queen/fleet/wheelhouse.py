@@ -1,0 +1,217 @@
+"""The offline wheelhouse: rbee and every package it runs on, as wheels for a
+host's platform, built here and pushed over SFTP so hosts need no index.
+
+Versions are pinned to what this queen runs, so every hive runs the same code.
+Wheels are cached under ``~/.cache/rbee/wheelhouse/<tag>/``; rbee's own wheel
+is keyed by a hash of its source, so an unchanged tree is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import rbee
+from rbee.errors import RbeeError
+
+Narrate = Callable[[str, str], None]
+
+# Installed for the hive only where it can run; the rest of rbee's closure always.
+OPTIONAL_ENGINES = {"mlx-lm", "mlx"}
+
+
+class WheelhouseError(RbeeError):
+    code = "wheelhouse_failed"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a host's pip needs matched: OS, machine and Python minor version."""
+
+    system: str
+    machine: str
+    python: str  # "3.11"
+
+    @classmethod
+    def local(cls) -> Platform:
+        import platform
+
+        return cls(platform.system().lower(), platform.machine().lower(), f"{sys.version_info[0]}.{sys.version_info[1]}")
+
+    @property
+    def tag(self) -> str:
+        return f"cp{self.python.replace('.', '')}-{self.system}-{self.machine}"
+
+
+@dataclass(frozen=True)
+class WheelSet:
+    wheels: tuple[Path, ...]
+    digest: str  # over the names and contents: equal digest = nothing to install
+
+    @property
+    def size(self) -> int:
+        return sum(path.stat().st_size for path in self.wheels)
+
+
+def project_root() -> Path | None:
+    root = Path(rbee.__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def requirement_closure(root: str = "rbee") -> list[str]:
+    """``name==version`` for every installed distribution rbee needs at run time (no extras)."""
+    env = default_environment()
+    pinned: dict[str, str] = {}
+    pending = [root]
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name in pinned:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pinned[name] = dist.version
+        for spec in dist.requires or []:
+            requirement = Requirement(spec)
+            if requirement.marker is not None and not requirement.marker.evaluate({**env, "extra": ""}):
+                continue
+            pending.append(requirement.name)
+    pinned.pop(canonicalize_name(root), None)
+    return sorted(f"{name}=={version}" for name, version in pinned.items() if name not in OPTIONAL_ENGINES)
+
+
+def source_hash(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted([root / "pyproject.toml", *(root / "rbee").rglob("*.py")]):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def wheel_key(filename: str) -> tuple[str, str]:
+    name, version = filename.split("-")[:2]
+    return canonicalize_name(name), version.replace("_", "-")
+
+
+def file_sha256(path: Path, cache: dict[str, list[object]]) -> str:
+    stat = path.stat()
+    cached = cache.get(path.name)
+    if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+        return str(cached[2])
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    cache[path.name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+class Wheelhouse:
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._lock = asyncio.Lock()
+        self._built: dict[str, WheelSet] = {}
+
+    async def build(self, target: Platform, narrate: Narrate) -> WheelSet:
+        """Wheels for ``target``, from cache when present. Safe to call from many hosts at once."""
+        async with self._lock:
+            if target.tag not in self._built:
+                self._built[target.tag] = await self._build(target, narrate)
+            return self._built[target.tag]
+
+    def forget(self) -> None:
+        self._built.clear()
+
+    async def _build(self, target: Platform, narrate: Narrate) -> WheelSet:
+        local = Platform.local()
+        folder = self.cache_dir / target.tag
+        folder.mkdir(parents=True, exist_ok=True)
+        rbee_wheel = await self._rbee_wheel(narrate)
+        wanted = requirement_closure()
+        have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
+        missing = [req for req in wanted if (canonicalize_name(req.split("==")[0]), req.split("==")[1]) not in have]
+        if missing:
+            narrate("wheelhouse", f"collecting {len(missing)} wheels for {target.tag}")
+            if target == local:
+                args = ["wheel", "--no-deps", "--wheel-dir", str(folder), *missing]
+            else:
+                args = [
+                    "download", "--no-deps", "--only-binary=:all:", "--dest", str(folder),
+                    "--python-version", target.python, "--implementation", "cp",
+                    *platform_args(target), *missing,
+                ]
+            await _pip(args, f"collecting wheels for {target.tag}")
+            have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
+        wheels = [rbee_wheel]
+        for req in wanted:
+            name, version = req.split("==")
+            path = have.get((canonicalize_name(name), version))
+            if path is None:
+                raise WheelhouseError(f"no wheel of {req} for {target.tag} in {folder}")
+            wheels.append(path)
+        cache_file = folder / "sha256.json"
+        cache: dict[str, list[object]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        digest = hashlib.sha256()
+        for path in sorted(wheels, key=lambda p: p.name):
+            digest.update(path.name.encode() + file_sha256(path, cache).encode())
+        cache_file.write_text(json.dumps(cache))
+        return WheelSet(tuple(wheels), digest.hexdigest()[:24])
+
+    async def _rbee_wheel(self, narrate: Narrate) -> Path:
+        root = project_root()
+        if root is None:
+            raise WheelhouseError(
+                "cannot build rbee's wheel: this rbee is not installed from a source tree. Install it with "
+                "`pip install -e .` from a checkout, which the queen needs to install hives"
+            )
+        folder = self.cache_dir / "rbee" / source_hash(root)
+        found = sorted(folder.glob("rbee-*.whl"))
+        if found:
+            return found[0]
+        narrate("wheelhouse", f"building rbee {rbee.__version__} from {root}")
+        tmp = folder.with_name(folder.name + ".tmp")
+        await _pip(["wheel", "--no-deps", "--wheel-dir", str(tmp), str(root)], "building rbee's wheel")
+        tmp.rename(folder)
+        return sorted(folder.glob("rbee-*.whl"))[0]
+
+
+def platform_args(target: Platform) -> list[str]:
+    machine = {"arm64": "arm64", "aarch64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}.get(target.machine)
+    if target.system == "darwin":
+        return [arg for tag in (f"macosx_11_0_{machine}", f"macosx_14_0_{machine}", "macosx_11_0_universal2")
+                for arg in ("--platform", tag)]
+    if target.system == "linux":
+        return [arg for tag in (f"manylinux_2_28_{machine}", f"manylinux2014_{machine}", f"linux_{machine}")
+                for arg in ("--platform", tag)]
+    raise WheelhouseError(f"rbee cannot build a wheelhouse for {target.system}/{target.machine}")
+
+
+async def _pip(args: list[str], what: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        text = output.decode(errors="replace").strip()
+        hint = ""
+        if re.search(r"No matching distribution|Could not find a version", text):
+            hint = " (a package has no prebuilt wheel for that platform; install it on the host by hand)"
+        raise WheelhouseError(f"{what} failed{hint}:\n{text[-1500:]}")
+
+
+def host_platform_of(probe: dict[str, object]) -> Platform:
+    return Platform(str(probe["system"]).lower(), str(probe["machine"]).lower(), str(probe["python"]))
+
