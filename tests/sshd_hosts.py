@@ -52,7 +52,7 @@ class Host:
         found = []
         for process in self.processes():
             try:
-                if any("rbee" in part for part in process.cmdline()):
+                if any(part.startswith("rbee.") or "/.rbee/" in part for part in process.cmdline()):
                     found.append(process)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -87,7 +87,19 @@ def reset_home(host: Host) -> None:
     shutil.rmtree(host.home / ".rbee", ignore_errors=True)
 
 
-def write_sshd_config(workdir: Path, host: Host, authorized_keys: Path) -> Path:
+def authorize(host: Host, public_key: str) -> None:
+    """Our client key in the host user's own ~/.ssh/authorized_keys, owned by that user."""
+    entry = pwd.getpwnam(host.user)
+    ssh_dir = host.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    keys = ssh_dir / "authorized_keys"
+    keys.write_text(public_key)
+    for path in (ssh_dir, keys):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    keys.chmod(0o600)
+
+
+def write_sshd_config(workdir: Path, host: Host) -> Path:
     config = workdir / f"sshd_config_{host.name}"
     config.write_text(
         "\n".join(
@@ -100,13 +112,15 @@ def write_sshd_config(workdir: Path, host: Host, authorized_keys: Path) -> Path:
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
                 "PubkeyAuthentication yes",
-                f"AuthorizedKeysFile {authorized_keys}",
-                "StrictModes no",
+                "AuthorizedKeysFile .ssh/authorized_keys",
                 f"AllowUsers {host.user}",
                 "AllowTcpForwarding yes",
                 "PermitRootLogin no",
                 "Subsystem sftp internal-sftp",
                 "LogLevel VERBOSE",
+                # The "remote" side reaches no package index: any pip that tried would fail.
+                "SetEnv PIP_INDEX_URL=http://127.0.0.1:9/simple HTTPS_PROXY=http://127.0.0.1:9 "
+                "HTTP_PROXY=http://127.0.0.1:9",
                 "",
             ]
         )
@@ -122,9 +136,7 @@ def start_hosts(workdir: Path, count: int, first_octet: int = 2) -> tuple[list[H
     client_key = workdir / "client_key"
     if not client_key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(client_key)], check=True)
-    authorized = workdir / "authorized_keys"
-    authorized.write_text(Path(f"{client_key}.pub").read_text())
-    authorized.chmod(0o644)
+    public_key = Path(f"{client_key}.pub").read_text()
     hosts = []
     for index in range(count):
         name = f"h{index + 1}"
@@ -135,7 +147,8 @@ def start_hosts(workdir: Path, count: int, first_octet: int = 2) -> tuple[list[H
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
         host = Host(name, user, f"127.0.0.{first_octet + index}", 2222, home, host_key)
         reset_home(host)
-        config = write_sshd_config(workdir, host, authorized)
+        authorize(host, public_key)
+        config = write_sshd_config(workdir, host)
         log = open(workdir / f"sshd_{name}.log", "ab")  # noqa: SIM115 - kept open for the server's life
         host.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
         hosts.append(host)
@@ -151,7 +164,8 @@ def wait_listening(host: Host, timeout: float = 10.0) -> None:
     while time.monotonic() < deadline:
         assert host.process is not None
         if host.process.poll() is not None:
-            raise RuntimeError(f"sshd for {host.name} exited with {host.process.returncode}")
+            log = host.host_key.parent / f"sshd_{host.name}.log"
+            raise RuntimeError(f"sshd for {host.name} exited with {host.process.returncode}: {log.read_text()[-800:]}")
         try:
             with socket.create_connection((host.address, host.port), timeout=0.5):
                 return

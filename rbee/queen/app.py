@@ -178,8 +178,9 @@ def create_app(queen: Queen) -> Quart:
     @app.post("/v1/fleet/plan")
     async def fleet_plan() -> Response:
         body = await read_json_body()
-        queen.use_inventory(body.get("inventory"))
-        steps = await queen.fleet.plan(lambda action, message: None)
+        path = body.get("inventory")
+        plan_for = queen.load_inventory(path) if isinstance(path, str) and path else queen.fleet.inventory
+        steps = await queen.fleet.plan(plan_for, lambda action, message: None)
         return jsonify({"plan": [step.as_dict() for step in steps]})
 
     @app.get("/v1/fleet/logs/<name>")

@@ -74,6 +74,8 @@ class HiveRegistry:
         hive.state, hive.reason = state, reason
         if state != "up":
             self._first_beat.pop(name, None)
+        if state == "stopped":
+            hive.report = {**hive.report, "workers": []}
 
     def check_overdue(self, now: float | None = None) -> list[HiveState]:
         now = time.monotonic() if now is None else now

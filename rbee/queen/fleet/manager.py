@@ -12,7 +12,7 @@ from typing import Any
 
 from rbee import __version__
 from rbee.errors import RbeeError, StartupError
-from rbee.inventory import HiveEntry, Inventory
+from rbee.inventory import HiveEntry, Inventory, SshSection
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet import plan as plans
 from rbee.queen.fleet.remote import RemoteHost
@@ -45,7 +45,9 @@ class Fleet:
 
     def host(self, entry: HiveEntry) -> RemoteHost:
         host = self.hosts.get(entry.name)
-        if host is None or host.entry != entry:
+        if host is None or host.entry != entry or host.ssh != self.inventory.ssh:
+            if host is not None:
+                asyncio.get_running_loop().create_task(host.close())
             host = self.hosts[entry.name] = RemoteHost(
                 entry, self.inventory.ssh, self.queen_port, self.heartbeat_interval, on_reconnect=self._reconnected
             )
@@ -56,20 +58,24 @@ class Fleet:
 
     # plan / up / down ---------------------------------------------------------------------
 
-    async def plan(self, narrate: Narrate) -> list[plans.Step]:
-        remote = [entry for entry in self.inventory.hive if entry.remote]
-        steps = await asyncio.gather(*(self._plan_one(entry, narrate) for entry in remote))
+    async def plan(self, inventory: Inventory, narrate: Narrate) -> list[plans.Step]:
+        """What `up` would do for ``inventory``; touches nothing (own SSH connections, closed after)."""
+        remote = [entry for entry in inventory.hive if entry.remote]
+        hosts = [RemoteHost(entry, inventory.ssh, self.queen_port, self.heartbeat_interval) for entry in remote]
+        try:
+            steps = await asyncio.gather(*(self._plan_one(host, narrate) for host in hosts))
+        finally:
+            await asyncio.gather(*(host.close() for host in hosts))
         launched = {record.name for record in self.catalog.all() if record.launched}
-        return [*(s for s, _ in steps), *plans.plan_removed(set(self.inventory.names), launched)]
+        return [*steps, *plans.plan_removed(set(inventory.names), launched)]
 
-    async def _plan_one(self, entry: HiveEntry, narrate: Narrate) -> tuple[plans.Step, dict[str, Any] | None]:
-        host = self.host(entry)
+    async def _plan_one(self, host: RemoteHost, narrate: Narrate) -> plans.Step:
         try:
             probe = await host.probe()
         except RbeeError as exc:
-            return plans.plan_host(entry.name, None, "", exc.message), None
+            return plans.plan_host(host.name, None, "", exc.message)
         wheels = await self.wheelhouse.build(host_platform_of(probe), narrate)
-        return plans.plan_host(entry.name, probe, wheels.digest), probe
+        return plans.plan_host(host.name, probe, wheels.digest)
 
     async def up(self, narrate: Narrate) -> list[dict[str, Any]]:
         """Converge every host to the inventory, concurrently; report per host what was done."""
@@ -102,7 +108,8 @@ class Fleet:
             step = plans.plan_host(entry.name, probe, wheels.digest)
             say = lambda action, message: narrate(action, f"hive:{entry.name}: {message}")  # noqa: E731
             say("plan", f"{step.action} ({step.reason})")
-            self.catalog.upsert(entry.name, entry.model_dump(), launched=1)
+            self.catalog.upsert(entry.name, {"hive": entry.model_dump(), "ssh": self.inventory.ssh.model_dump()},
+                                launched=1)
             hive = probe.get("hive") or {}
             if step.action in (plans.INSTALL, plans.UPGRADE):
                 if hive.get("alive"):
@@ -135,17 +142,29 @@ class Fleet:
         assert hive is not None
         return hive
 
-    async def _remove(self, name: str, narrate: Narrate) -> None:
+    def _recorded_host(self, name: str) -> RemoteHost | None:
+        """A host as it was when the fleet launched it (it may have left the inventory since)."""
         record = self.catalog.get(name)
         if record is None:
+            return None
+        entry = HiveEntry.model_validate(record.entry["hive"])
+        current = self.hosts.get(name)
+        if current is not None and current.entry == entry:
+            return current
+        ssh = SshSection.model_validate(record.entry["ssh"])
+        return RemoteHost(entry, ssh, self.queen_port, self.heartbeat_interval)
+
+    async def _remove(self, name: str, narrate: Narrate) -> None:
+        host = self._recorded_host(name)
+        if host is None:
             return
-        entry = HiveEntry.model_validate(record.entry)
         try:
-            was = await self.host(entry).stop_hive()
+            was = await host.stop_hive()
             narrate("stop", f"hive:{name}: removed from the inventory; " + ("stopped" if was else "was not running"))
         except RbeeError as exc:
             narrate("stop", f"hive:{name}: could not stop it: {exc.message}")
-        await self.hosts.pop(name).close()
+        await host.close()
+        self.hosts.pop(name, None)
         self.catalog.remove(name)
         self.registry.forget(name)
 
@@ -157,11 +176,10 @@ class Fleet:
         return list(report)
 
     async def _down_one(self, name: str, narrate: Narrate) -> dict[str, Any]:
-        record = self.catalog.get(name)
-        entry = self.inventory.get(name) or (HiveEntry.model_validate(record.entry) if record else None)
-        if entry is None or not entry.remote:
+        entry = self.inventory.get(name)
+        host = self.host(entry) if entry is not None and entry.remote else self._recorded_host(name)
+        if host is None:
             return {"name": name, "action": "skipped", "reason": "not a remote hive"}
-        host = self.host(entry)
         try:
             was = await host.stop_hive()
         except RbeeError as exc:

@@ -1,0 +1,208 @@
+"""The fleet over real OpenSSH servers: each "host" its own unix user, no SSH mocks.
+
+One module-scoped fleet (two hosts), driven through the `rbee` CLI like an operator
+would, in the order an operator would: up, status, infer on each, idempotent up,
+kill a hive, remove a host, down.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import sshd_hosts
+from tests.conftest import assert_no_orphans
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(sshd_hosts.available() is not None, reason=str(sshd_hosts.available())),
+]
+
+RBEE = [sys.executable, "-m", "rbee.keeper"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Fleet:
+    hosts: list[sshd_hosts.Host]
+    client_key: Path
+    inventory: Path
+    known_hosts: Path
+    env: dict[str, str]
+    workdir: Path
+
+    def rbee(self, *args: str, timeout: float = 300, inventory: Path | None = None) -> subprocess.CompletedProcess[str]:
+        command = [*RBEE, *args]
+        if args[0] in ("fleet", "infer") and not any(a in ("-i", "--inventory") for a in args):
+            command += ["-i", str(inventory or self.inventory)]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> str:
+        return self.rbee("fleet", "status").stdout
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    hosts, client_key = sshd_hosts.start_hosts(workdir / "sshd", 2)
+    inventory = sshd_hosts.write_inventory(workdir / "inventory.toml", hosts, client_key, workdir / "known_hosts")
+    home = workdir / "queen-home"
+    env = dict(os.environ)
+    env.update(
+        RBEE_HOME=str(home),
+        RBEE_QUEEN_URL=f"http://127.0.0.1:{free_port()}",
+        RBEE_HEARTBEAT_INTERVAL="0.5",
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",
+    )
+    env.pop("RBEE_INVENTORY", None)
+    state = Fleet(hosts, client_key, inventory, workdir / "known_hosts", env, workdir)
+    try:
+        yield state
+    finally:
+        state.rbee("fleet", "down", timeout=120)
+        state.rbee("queen", "stop", timeout=60)
+        sshd_hosts.stop_hosts(hosts)
+        assert_no_orphans(home)
+        for host in hosts:
+            assert not host.rbee_processes(), f"rbee processes left on {host.name}"
+
+
+def test_fleet_up_installs_both_hosts_offline_and_starts_them(fleet: Fleet) -> None:
+    started = time.monotonic()
+    result = fleet.rbee("fleet", "up")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.count("install") >= 2, result.stdout
+    for host in fleet.hosts:
+        assert (host.home / ".rbee" / "venv" / "bin" / "python").exists()
+        assert (host.home / ".rbee" / "install.json").exists()
+        assert any("rbee.hive" in " ".join(p.cmdline()) for p in host.rbee_processes())
+    print(f"\nfleet up, 2 hosts from clean: {elapsed:.1f} s")
+    status = fleet.status()
+    for host in fleet.hosts:
+        line = next(line for line in status.splitlines() if f" {host.name} " in line)
+        assert " up " in line and "cores" in line, status
+
+
+@pytest.mark.parametrize("node", ["h1", "h2"])
+def test_infer_on_each_node_streams_through_the_tunnels(fleet: Fleet, node: str) -> None:
+    result = fleet.rbee("infer", "--node", node, "--max-tokens", "16", "--temperature", "0", "The capital of France is")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert f"hive:{node}" in result.stderr and "done: 16 tokens" in result.stderr
+    host = next(h for h in fleet.hosts if h.name == node)
+    assert any("rbee.worker" in " ".join(p.cmdline()) for p in host.rbee_processes()), "the worker runs as the host user"
+
+
+def test_second_fleet_up_installs_nothing_and_is_fast(fleet: Fleet) -> None:
+    started = time.monotonic()
+    result = fleet.rbee("fleet", "up")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stderr
+    assert "install" not in result.stdout.replace("installed", "")
+    print(f"\nidempotent fleet up: {elapsed:.2f} s")
+
+
+def test_unknown_node_lists_known_ones(fleet: Fleet) -> None:
+    result = fleet.rbee("infer", "--node", "nope", "hi")
+    assert result.returncode != 0
+    assert "unknown node 'nope'" in result.stderr and "h1" in result.stderr and "h2" in result.stderr
+
+
+def test_killed_hive_is_marked_down_and_infer_fails_fast(fleet: Fleet) -> None:
+    host = fleet.hosts[1]
+    hive = next(p for p in host.rbee_processes() if "rbee.hive" in " ".join(p.cmdline()))
+    os.kill(hive.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 3 * 0.5 + 1.5
+    while True:
+        line = next(line for line in fleet.status().splitlines() if f" {host.name} " in line)
+        if " down " in line:
+            break
+        assert time.monotonic() < deadline, line
+    assert "missed heartbeats" in line
+    started = time.monotonic()
+    result = fleet.rbee("infer", "--node", host.name, "hi")
+    assert result.returncode != 0
+    assert f"node '{host.name}' is down" in result.stderr and "rbee fleet up" in result.stderr
+    assert time.monotonic() - started < 10
+    # its orphaned worker notices the hive is gone and exits
+    deadline = time.monotonic() + 15
+    while any("rbee.worker" in " ".join(p.cmdline()) for p in host.rbee_processes()):
+        assert time.monotonic() < deadline, "the worker of a killed hive did not exit"
+        time.sleep(0.1)
+    # `fleet up` brings it back
+    assert fleet.rbee("fleet", "up").returncode == 0
+    assert " up " in next(line for line in fleet.status().splitlines() if f" {host.name} " in line)
+
+
+def test_removing_a_host_from_the_inventory_stops_it(fleet: Fleet) -> None:
+    smaller = fleet.workdir / "inventory-h1-only.toml"
+    sshd_hosts.write_inventory(smaller, fleet.hosts[:1], fleet.client_key, fleet.workdir / "known_hosts-h1")
+    result = fleet.rbee("fleet", "up", inventory=smaller)
+    assert result.returncode == 0, result.stderr
+    assert "stop" in result.stdout
+    gone = fleet.hosts[1]
+    deadline = time.monotonic() + 20
+    while gone.rbee_processes():
+        assert time.monotonic() < deadline, [p.cmdline() for p in gone.rbee_processes()]
+        time.sleep(0.1)
+    status = fleet.rbee("fleet", "status", inventory=smaller).stdout
+    assert f" {gone.name} " not in status, "a removed host must not linger in status"
+    assert fleet.rbee("fleet", "up").returncode == 0  # the full inventory again
+
+
+def test_changed_host_key_is_refused(fleet: Fleet) -> None:
+    other = fleet.workdir / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    host = fleet.hosts[0]
+    forged = fleet.workdir / "known_hosts-forged"
+    forged.write_text(f"[{host.address}]:{host.port} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
+    inventory = fleet.workdir / "inventory-forged.toml"
+    text = fleet.inventory.read_text().replace(str(fleet.known_hosts), str(forged))
+    inventory.write_text(text)
+    result = fleet.rbee("fleet", "plan", inventory=inventory)
+    assert "CHANGED" in result.stdout + result.stderr, result.stdout + result.stderr
+    unknown = fleet.workdir / "known_hosts-empty"
+    unknown.write_text("")
+    inventory.write_text(fleet.inventory.read_text().replace(str(fleet.known_hosts), str(unknown)))
+    result = fleet.rbee("fleet", "plan", inventory=inventory)
+    assert "rbee fleet trust" in result.stdout + result.stderr
+
+
+def test_bad_inventory_starts_nothing(fleet: Fleet, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[hive]]\nname = "x"\nssh = "not a target"\n')
+    env = {**fleet.env, "RBEE_HOME": str(tmp_path / "home"), "RBEE_QUEEN_URL": f"http://127.0.0.1:{free_port()}"}
+    result = subprocess.run([*RBEE, "fleet", "up", "-i", str(bad)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}:3: hive.0.ssh" in result.stderr
+    assert not (tmp_path / "home").exists(), "nothing may start for a broken inventory"
+
+
+def test_fleet_down_leaves_no_rbee_process_on_either_host(fleet: Fleet) -> None:
+    result = fleet.rbee("fleet", "down")
+    assert result.returncode == 0, result.stderr
+    for host in fleet.hosts:
+        deadline = time.monotonic() + 20
+        while host.rbee_processes():
+            assert time.monotonic() < deadline, [p.cmdline() for p in host.rbee_processes()]
+            time.sleep(0.1)
+
+

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rbee.inventory import InventoryError, parse
+
+GOOD = """\
+[queen]
+port = 7833
+
+[[hive]]
+name = "mac-studio"
+ssh = "alice@mac-studio.local"
+identity_file = "~/.ssh/id_ed25519"
+models = ["gemma3-270m", "hf:ggml-org/gemma-3-270m-it-GGUF", "file:/models/x.gguf"]
+
+[[hive]]
+name = "localhost"
+"""
+
+
+def test_good_inventory() -> None:
+    inventory = parse(GOOD, "inv.toml")
+    assert inventory.names == ["mac-studio", "localhost"]
+    mac = inventory.get("mac-studio")
+    assert mac is not None and mac.remote and mac.target.user == "alice" and mac.target.port is None
+    assert not inventory.get("localhost").remote  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[[hive]]\nname = "a"\nsssh = "x@y"\n', "inv.toml:3: hive.0.sssh: unknown key 'sssh'"),
+        ('[[hive]]\nname = "a"\n\n[[hive]]\nname = "a"\n', "inv.toml:5: hive.1.name: duplicate hive name 'a'"),
+        ('[[hive]]\nname = "a"\nssh = "al ice@host"\n', "inv.toml:3: hive.0.ssh:"),
+        ('[[hive]]\nname = "a"\nssh = "a@h:99999"\n', "inv.toml:3: hive.0.ssh:"),
+        ('[[hive]]\nname = "a"\nmodels = ["hf:only-org"]\n', "inv.toml:3: hive.0.models"),
+        ('[[hive]]\nname = "a"\nmodels = ["file:/m/../../etc/passwd"]\n', "inv.toml:3: hive.0.models"),
+        ('[queen]\nport = "high"\n', "inv.toml:2: queen.port"),
+        ('[queen]\nport = 1\ncolour = "red"\n', "inv.toml:3: queen.colour: unknown key"),
+        ('[[hive]]\nname = "a;rm -rf /"\n', "inv.toml:2: hive.0.name"),
+        ('[[hive]\nname = "a"\n', "inv.toml: not valid TOML"),
+        ('[[hive]]\nssh = "a@b"\n', "inv.toml:1: hive.0.name: Field required"),
+    ],
+)
+def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
+    with pytest.raises(InventoryError) as info:
+        parse(text, "inv.toml")
+    assert expected in str(info.value)
+
+
+@given(st.text(max_size=300))
+def test_parser_only_ever_raises_inventory_errors(text: str) -> None:
+    try:
+        parse(text, "fuzz.toml")
+    except InventoryError:
+        pass
