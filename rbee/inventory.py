@@ -19,8 +19,16 @@ from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE
 from rbee.errors import ConfigError
 
 HIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-SSH_TARGET = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9._-]+|\[[0-9a-fA-F:]+\])(?::(?P<port>\d{1,5}))?$")
-MODEL_REF = re.compile(r"^(?:hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(?::[A-Za-z0-9._/-]+)?|file:/.+|[A-Za-z0-9][A-Za-z0-9._-]*)$")
+SSH_TARGET = re.compile(
+    r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
+    r"(?P<host>[A-Za-z0-9._-]+|\[[0-9a-fA-F:]+\])"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+MODEL_REF = re.compile(
+    r"^(?:hf:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(?::[A-Za-z0-9._/-]+)?"
+    r"|file:/.+"
+    r"|[A-Za-z0-9][A-Za-z0-9._-]*)$"
+)
 
 
 class InventoryError(ConfigError):
@@ -116,7 +124,8 @@ class HiveEntry(BaseModel):
     def target(self) -> SshTarget:
         match = SSH_TARGET.match(self.ssh or "")
         assert match is not None
-        return SshTarget(user=match["user"], host=match["host"].strip("[]"), port=int(match["port"]) if match["port"] else None)
+        port = int(match["port"]) if match["port"] else None
+        return SshTarget(user=match["user"], host=match["host"].strip("[]"), port=port)
 
 
 class Inventory(BaseModel):

@@ -149,7 +149,7 @@ def start_hosts(workdir: Path, count: int, first_octet: int = 2) -> tuple[list[H
         reset_home(host)
         authorize(host, public_key)
         config = write_sshd_config(workdir, host)
-        log = open(workdir / f"sshd_{name}.log", "ab")  # noqa: SIM115 - kept open for the server's life
+        log = open(workdir / f"sshd_{name}.log", "ab")
         host.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
         hosts.append(host)
     for host in hosts:

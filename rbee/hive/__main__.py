@@ -45,7 +45,9 @@ async def main(config: HiveConfig) -> int:
     tasks = [
         asyncio.create_task(hive.supervisor.watch_heartbeats()),
         asyncio.create_task(
-            send_heartbeats(lambda: hive.queen, f"/v1/hives/{config.name}/heartbeat", payload, config.heartbeat_interval)
+            send_heartbeats(
+                lambda: hive.queen, f"/v1/hives/{config.name}/heartbeat", payload, config.heartbeat_interval
+            )
         ),
     ]
     log.info("%s %s serving at %s", config.actor, __version__, url)

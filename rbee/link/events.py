@@ -94,7 +94,7 @@ def token(index: int, text: str) -> Event:
     return Event({"type": TOKEN, "index": index, "text": text})
 
 
-def end(tokens: int, duration_s: float, finish_reason: str) -> Event:
+def end(tokens: int, duration_s: float, finish_reason: str, **extra: Any) -> Event:
     rate = tokens / duration_s if duration_s > 0 else 0.0
     return Event(
         {
@@ -103,6 +103,7 @@ def end(tokens: int, duration_s: float, finish_reason: str) -> Event:
             "duration_ms": round(duration_s * 1000, 1),
             "tokens_per_s": round(rate, 2),
             "finish_reason": finish_reason,
+            **extra,
         }
     )
 

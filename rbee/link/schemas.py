@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbee.errors import RequestError
 
@@ -12,12 +12,21 @@ MAX_PROMPT_CHARS = 200_000
 MAX_TOKENS_LIMIT = 32_768
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
 class JobRequest(BaseModel):
-    """``POST /v1/jobs`` at queen, hive and worker. Omitted sampling fields take engine defaults."""
+    """``POST /v1/jobs`` at queen, hive and worker: a raw ``prompt`` or chat ``messages``
+    (formatted by the worker, which knows the model's chat template)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
     model: str | None = Field(default=None, min_length=1, max_length=500)
     node: str | None = Field(default=None, min_length=1, max_length=100)
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
@@ -25,6 +34,12 @@ class JobRequest(BaseModel):
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod

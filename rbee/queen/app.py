@@ -23,6 +23,8 @@ from rbee.link.server import add_job_routes, install_error_handlers, read_json_b
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HiveRegistry, HiveState, LocalHiveLauncher
+from rbee.queen.openai_api import ModelIndex, default_models, mount_openai
+from rbee.queen.openapi import document as openapi_document
 
 
 class UnknownNodeError(ModelNotFoundError):
@@ -161,6 +163,14 @@ def create_app(queen: Queen) -> Quart:
 
     add_job_routes(app, queen.registry, make_producer)
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
+    index = ModelIndex(
+        lambda: default_models(queen.known_nodes(), {e.name: list(e.models) for e in queen.fleet.inventory.hive})
+    )
+    mount_openai(app, queen.registry, index, make_producer)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return jsonify(openapi_document())
 
     @app.get("/health")
     async def health() -> Response:

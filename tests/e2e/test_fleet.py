@@ -8,7 +8,6 @@ kill a hive, remove a host, down.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -107,7 +106,8 @@ def test_infer_on_each_node_streams_through_the_tunnels(fleet: Fleet, node: str)
     assert result.stdout.strip()
     assert f"hive:{node}" in result.stderr and "done: 16 tokens" in result.stderr
     host = next(h for h in fleet.hosts if h.name == node)
-    assert any("rbee.worker" in " ".join(p.cmdline()) for p in host.rbee_processes()), "the worker runs as the host user"
+    workers = [p for p in host.rbee_processes() if "rbee.worker" in " ".join(p.cmdline())]
+    assert workers, "the worker runs as the host's user"
 
 
 def test_second_fleet_up_installs_nothing_and_is_fast(fleet: Fleet) -> None:

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -28,6 +28,7 @@ class FakeEngine:
     """Yields "w0 w1 ..." one word per step on whatever thread calls it."""
 
     name = "fake"
+    metadata: ClassVar[dict[str, str]] = {"general.architecture": "gemma3"}
 
     def __init__(self, step: float = 0.005, fail_at: int | None = None) -> None:
         self.step = step

@@ -129,7 +129,7 @@ async def run(
         raise SshError(f"{what}: the SSH connection failed: {exc}") from exc
     if result.exit_status != 0:
         stderr = str(result.stderr or "").strip()[-2000:]
-        raise RemoteCommandError(f"{what} failed (exit {result.exit_status}): {stderr or result.stdout}")
+        raise RemoteCommandError(f"{what} failed (exit {result.exit_status}): {stderr or str(result.stdout)}")
     return str(result.stdout or "")
 
 

@@ -47,7 +47,8 @@ class Platform:
     def local(cls) -> Platform:
         import platform
 
-        return cls(platform.system().lower(), platform.machine().lower(), f"{sys.version_info[0]}.{sys.version_info[1]}")
+        python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        return cls(platform.system().lower(), platform.machine().lower(), python)
 
     @property
     def tag(self) -> str:
@@ -85,7 +86,7 @@ def requirement_closure(root: str = "rbee") -> list[str]:
         pinned[name] = dist.version
         for spec in dist.requires or []:
             requirement = Requirement(spec)
-            if requirement.marker is not None and not requirement.marker.evaluate({**env, "extra": ""}):
+            if requirement.marker is not None and not requirement.marker.evaluate({**env, "extra": ""}):  # type: ignore[dict-item]
                 continue
             pending.append(requirement.name)
     pinned.pop(canonicalize_name(root), None)

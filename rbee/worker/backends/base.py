@@ -26,6 +26,9 @@ class Piece:
 
 class Backend(Protocol):
     name: str
+    #: The model's metadata (GGUF keys such as ``general.architecture`` and
+    #: ``tokenizer.chat_template``), plus ``rbee.eos_text``: the end-of-sequence text.
+    metadata: dict[str, str]
 
     def load(self, path: Path) -> None:
         """Load the model; raise ModelLoadError naming the file when it cannot."""

@@ -19,6 +19,7 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         self.threads = threads or os.cpu_count() or 1
         self._llm: Any = None
+        self.metadata: dict[str, str] = {}
 
     def load(self, path: Path) -> None:
         from llama_cpp import Llama  # lazy: importing it loads the native library
@@ -32,9 +33,14 @@ class LlamaCppBackend:
                 f"llama.cpp could not load {path}: {exc}. The file is corrupt, truncated or not a GGUF "
                 "model; remove it and provision it again"
             ) from exc
+        self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
+        eos = self._llm.token_eos()
+        if eos >= 0:
+            self.metadata["rbee.eos_text"] = self._llm.detokenize([eos], special=True).decode(errors="replace")
 
     def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
         llm = self._llm
+        assert request.prompt is not None, "chat messages are rendered to a prompt before generation"
         prompt_tokens = len(llm.tokenize(request.prompt.encode(), add_bos=True, special=True))
         if prompt_tokens + 1 > self.n_ctx:
             raise RequestError(

@@ -1,0 +1,359 @@
+"""The queen's OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+
+A thin adapter: each request becomes a job on the queen's own job registry — the
+same path and the same dual-call chain as `rbee infer` — and the job's events are
+reshaped into OpenAI's JSON. Parameters rbee cannot honour are refused with a 400
+naming them, never ignored silently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from quart import Quart, Response, jsonify
+
+from rbee.config import DEFAULT_MODEL
+from rbee.errors import RequestError
+from rbee.link import events
+from rbee.link.events import Event
+from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.schemas import MAX_TOKENS_LIMIT, parse_job_request
+from rbee.link.server import read_json_body, sse_response
+
+#: rbee error codes → HTTP status and OpenAI error type.
+STATUS = {
+    "bad_request": (400, "invalid_request_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "unknown_node": (404, "invalid_request_error"),
+    "no_capacity": (503, "server_error"),
+    "node_down": (503, "server_error"),
+    "startup_failed": (503, "server_error"),
+    "worker_died": (503, "server_error"),
+    "link_failed": (502, "server_error"),
+    "unauthorized": (401, "invalid_request_error"),
+}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_event(cls, event: Event) -> OpenAIError:
+        status, kind = STATUS.get(event["code"], (500, "server_error"))
+        return cls(status, f"{event['actor']}: {event['message']}", code=event["code"], kind=kind)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What both endpoints share. Unknown fields are ignored (clients send many);
+    known fields rbee cannot honour are refused in ``refuse_unsupported``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=500)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    n: int | None = 1
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else value or []
+        if len(items) > 8 or any(not item for item in items):
+            raise ValueError("stop takes up to 8 non-empty strings")
+        return value
+
+    def refuse_unsupported(self) -> None:
+        if self.n not in (None, 1):
+            raise OpenAIError(400, "rbee generates one choice per request: n must be 1", param="n")
+        if self.logprobs or self.top_logprobs:
+            raise OpenAIError(400, "rbee does not return logprobs", param="logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"rbee does not support {name}; leave it out or 0", param=name)
+        for name in ("logit_bias", "tools", "response_format"):
+            if getattr(self, name):
+                raise OpenAIError(400, f"rbee does not support {name}", param=name)
+
+    def job_fields(self, max_tokens: int | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+            "max_tokens": max_tokens or self.max_tokens,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def text(self) -> str:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise OpenAIError(400, "rbee takes one prompt per request", param="prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+def parse(model: type[SamplingFields], body: dict[str, Any]) -> Any:
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise OpenAIError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
+    parsed.refuse_unsupported()
+    return parsed
+
+
+class ModelIndex:
+    """Which model ids the fleet serves: ``name`` anywhere, or ``node/name`` pinned to a host."""
+
+    def __init__(self, nodes: Callable[[], dict[str, list[str]]]) -> None:
+        self.nodes = nodes  # node -> model names it can serve
+
+    def listing(self) -> list[dict[str, Any]]:
+        data = []
+        seen: set[str] = set()
+        for node, models in self.nodes().items():
+            for name in models:
+                if name not in seen:
+                    seen.add(name)
+                    data.append({"id": name, "object": "model", "created": 0, "owned_by": node})
+                data.append({"id": f"{node}/{name}", "object": "model", "created": 0, "owned_by": node})
+        return data
+
+    def resolve(self, model_id: str) -> tuple[str | None, str]:
+        nodes = self.nodes()
+        node, _, name = model_id.partition("/")
+        if name and node in nodes:
+            if name in nodes[node] or name.startswith(("file:", "hf:")):
+                return node, name
+        elif any(model_id in models for models in nodes.values()) or model_id.startswith(("file:", "hf:")):
+            return None, model_id
+        known = ", ".join(sorted({m["id"] for m in self.listing()}))
+        raise OpenAIError(404, f"the model {model_id!r} does not exist here; known models: {known}",
+                          param="model", code="model_not_found")
+
+
+def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
+                 make_producer: Callable[[dict[str, Any]], Producer]) -> None:
+    @app.errorhandler(OpenAIError)
+    async def _openai_error(exc: OpenAIError) -> tuple[Response, int]:
+        return jsonify(exc.body()), exc.status
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return jsonify({"object": "list", "data": index.listing()})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await _body())
+        node, model = index.resolve(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        job_body = {"messages": messages, "model": model, "node": node,
+                    **req.job_fields(req.max_completion_tokens)}
+        return await _respond(registry, make_producer, job_body, req, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        req: CompletionRequest = parse(CompletionRequest, await _body())
+        if req.echo or req.suffix or (req.best_of or 1) > 1:
+            raise OpenAIError(400, "rbee does not support echo, suffix or best_of", param="echo")
+        node, model = index.resolve(req.model)
+        job_body = {"prompt": req.text(), "model": model, "node": node, **req.job_fields(None)}
+        return await _respond(registry, make_producer, job_body, req, chat=False)
+
+
+async def _body() -> dict[str, Any]:
+    try:
+        return await read_json_body()
+    except RequestError as exc:
+        raise OpenAIError(400, exc.message) from exc
+
+
+async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None]:
+    """The job's events; if the client leaves early, the job is cancelled at once (down to the worker)."""
+    try:
+        async for _, event in registry.stream(job.id):
+            yield event
+    finally:
+        if not job.finished:
+            await registry.cancel(job.id, "the OpenAI client disconnected")
+
+
+async def _respond(registry: JobRegistry, make_producer: Callable[[dict[str, Any]], Producer],
+                   job_body: dict[str, Any], req: SamplingFields, *, chat: bool) -> Response:
+    try:
+        parse_job_request(job_body)
+    except RequestError as exc:
+        raise OpenAIError(400, exc.message) from exc
+    job = registry.create(make_producer(job_body))
+    shape = Shape(job.id, req.model, chat)
+    stream = _events(registry, job)
+    # Wait for the first token (or the failure) before answering, so errors get their status code.
+    head: list[Event] = []
+    async for event in stream:
+        if event.type == events.ERROR:
+            await stream.aclose()
+            raise OpenAIError.from_event(event)
+        if event.type in (events.TOKEN, events.END):
+            head.append(event)
+            break
+    if not req.stream:
+        return await _collect(shape, head, stream)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await sse_response(_chunks(shape, head, stream, include_usage))
+
+
+class Shape:
+    """OpenAI's JSON for one response."""
+
+    def __init__(self, job_id: str, model: str, chat: bool) -> None:
+        self.id = ("chatcmpl-" if chat else "cmpl-") + job_id.removeprefix("job-")
+        self.model = model
+        self.chat = chat
+        self.created = int(time.time())
+
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else (
+                {"content": text} if text is not None else {})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": finish, "logprobs": None}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage}
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [],
+                "usage": usage}
+
+
+def usage_of(end: Event) -> dict[str, int]:
+    prompt = int(end.get("prompt_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": int(end["tokens"]), "total_tokens": prompt + end["tokens"]}
+
+
+def finish_of(end: Event) -> str:
+    reason = str(end["finish_reason"])
+    return reason if reason in ("stop", "length") else "stop"
+
+
+async def _collect(shape: Shape, head: list[Event], stream: AsyncIterator[Event]) -> Response:
+    text: list[str] = []
+    end: Event | None = None
+
+    async def all_events() -> AsyncIterator[Event]:
+        for event in head:
+            yield event
+        async for event in stream:
+            yield event
+
+    async for event in all_events():
+        if event.type == events.TOKEN:
+            text.append(event["text"])
+        elif event.type == events.END:
+            end = event
+        elif event.type == events.ERROR:
+            raise OpenAIError.from_event(event)
+    assert end is not None
+    return jsonify(shape.whole("".join(text), finish_of(end), usage_of(end)))
+
+
+async def _chunks(shape: Shape, head: list[Event], stream: AsyncGenerator[Event, None],
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    def frame(payload: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    first = True
+    pending = list(head)
+    try:
+        while True:
+            if pending:
+                event = pending.pop(0)
+            else:
+                try:
+                    event = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+            if event.type == events.TOKEN:
+                yield frame(shape.chunk(event["text"], None, first=first))
+                first = False
+            elif event.type == events.END:
+                if first and shape.chat:
+                    yield frame(shape.chunk("", None, first=True))
+                yield frame(shape.chunk(None if shape.chat else "", finish_of(event)))
+                if include_usage:
+                    yield frame(shape.usage_chunk(usage_of(event)))
+            elif event.type == events.ERROR:
+                yield frame(OpenAIError.from_event(event).body())
+        yield events.DONE_FRAME
+    finally:
+        await stream.aclose()
+
+
+def default_models(nodes: list[str], extra: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {node: [DEFAULT_MODEL, *extra.get(node, [])] for node in nodes}
+

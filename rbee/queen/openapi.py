@@ -1,0 +1,96 @@
+"""The OpenAPI document of the queen, served at ``GET /openapi.json``.
+
+Request schemas come from the pydantic models the routes validate with, so they
+cannot drift; a test checks that every route of the app is documented here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from rbee import __version__
+from rbee.link.schemas import JobRequest
+from rbee.queen.openai_api import ChatCompletionRequest, CompletionRequest
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+JOB_CREATED = {
+    "type": "object",
+    "required": ["job_id", "sse_url"],
+    "properties": {"job_id": {"type": "string"}, "sse_url": {"type": "string"}},
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, *, body: type[BaseModel] | dict[str, Any] | None = None,
+        ok: str = "200", ok_schema: dict[str, Any] | None = None, sse: bool = False,
+        errors: tuple[str, ...] = ("400",)) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    if sse:
+        responses[ok] = {"description": "Server-sent events", "content": {"text/event-stream": {}}}
+    else:
+        responses[ok] = {"description": "OK", **_json(ok_schema or {"type": "object"})}
+    for status in errors:
+        responses[status] = {"description": "Error", **_json(ERROR)}
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body is not None:
+        schema = {"$ref": f"#/components/schemas/{body.__name__}"} if isinstance(body, type) else body
+        operation["requestBody"] = {"required": True, **_json(schema)}
+    return operation
+
+
+JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+NAME = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+FLEET_JOB = {"type": "object", "required": ["action"],
+             "properties": {"action": {"enum": ["up", "down"]}, "inventory": {"type": "string"}}}
+
+
+def document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest]
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas["Error"] = {"type": "object", "properties": {"error": {"type": "object"}}}
+    stream = _op("Stream a job's events", sse=True, errors=("404",))
+    stream["parameters"] = JOB_ID
+    cancel = _op("Cancel a job", ok="202", errors=("404",))
+    cancel["parameters"] = JOB_ID
+    fleet_stream = dict(stream)
+    fleet_cancel = dict(cancel)
+    logs = _op("The end of a hive's log", errors=("404",))
+    logs["parameters"] = [*NAME, {"name": "lines", "in": "query", "schema": {"type": "integer"}}]
+    beat = _op("A hive's heartbeat", body={"type": "object"})
+    beat["parameters"] = NAME
+    paths = {
+        "/health": {"get": _op("Liveness of the queen", errors=())},
+        "/openapi.json": {"get": _op("This document", errors=())},
+        "/v1/jobs": {"post": _op("Create an inference job", body=JobRequest, ok="201", ok_schema=JOB_CREATED)},
+        "/v1/jobs/{job_id}/stream": {"get": stream},
+        "/v1/jobs/{job_id}": {"delete": cancel},
+        "/v1/fleet/jobs": {"post": _op("Run `fleet up` or `fleet down` as a job", body=FLEET_JOB, ok="201",
+                                       ok_schema=JOB_CREATED)},
+        "/v1/fleet/jobs/{job_id}/stream": {"get": fleet_stream},
+        "/v1/fleet/jobs/{job_id}": {"delete": fleet_cancel},
+        "/v1/fleet/plan": {"post": _op("What `fleet up` would do", body={"type": "object"})},
+        "/v1/fleet/logs/{name}": {"get": logs},
+        "/v1/hives": {"get": _op("Every hive and its live state", errors=())},
+        "/v1/hives/{name}/heartbeat": {"post": beat},
+        "/v1/admin/shutdown": {"post": _op("Stop the queen and what it started", ok="202", errors=())},
+        "/v1/models": {"get": _op("OpenAI: models the fleet serves", errors=())},
+        "/v1/chat/completions": {"post": _op("OpenAI: chat completion", body=ChatCompletionRequest,
+                                             errors=("400", "404", "503"))},
+        "/v1/completions": {"post": _op("OpenAI: text completion", body=CompletionRequest,
+                                        errors=("400", "404", "503"))},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rbee queen", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }

@@ -1,0 +1,112 @@
+"""The official `openai` client against a real queen + hive + worker on the default model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import eventually
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture
+def client(queen_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{queen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def aclient(queen_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{queen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def test_models_list(aclient: openai.AsyncOpenAI) -> None:
+    ids = {model.id for model in (await aclient.models.list()).data}
+    assert {"gemma3-270m", "localhost/gemma3-270m"} <= ids
+
+
+async def test_chat_streaming_arrives_incrementally(aclient: openai.AsyncOpenAI) -> None:
+    stream = await aclient.chat.completions.create(
+        model="gemma3-270m", messages=CHAT, max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    arrivals: list[float] = []
+    text: list[str] = []
+    finish = usage = None
+    async for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta.content
+            if delta:
+                arrivals.append(time.monotonic())
+                text.append(delta)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(text).strip(), f"empty answer (finish_reason={finish})"
+    assert len(arrivals) >= 5 and arrivals[-1] - arrivals[0] > 0.05, "chunks must arrive as they are generated"
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens == len(text) and usage.prompt_tokens > 0
+
+
+def test_chat_non_streaming_with_usage(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(model="localhost/gemma3-270m", messages=CHAT, max_tokens=24,
+                                              temperature=0, seed=3)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content, f"empty answer (finish_reason={choice.finish_reason})"
+    assert response.usage is not None and response.usage.completion_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    response = client.completions.create(model="gemma3-270m", prompt="The capital of France is", max_tokens=8,
+                                         temperature=0)
+    assert response.choices[0].text.strip()
+    assert response.usage is not None and response.usage.completion_tokens == 8
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=CHAT)
+    assert "no-such-model" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
+     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 1.0}, "presence_penalty")],
+)
+def test_unsupported_or_invalid_parameters_are_400(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gemma3-270m", messages=CHAT, **extra)
+    assert param in str(info.value)
+
+
+async def test_disconnect_mid_stream_stops_the_worker(aclient: openai.AsyncOpenAI, queen_url: str) -> None:
+    stream = await aclient.chat.completions.create(
+        model="gemma3-270m", messages=[{"role": "user", "content": "Count to one thousand."}],
+        max_tokens=1500, temperature=0, stream=True,
+    )
+    seen = 0
+    async for chunk in stream:
+        seen += bool(chunk.choices and chunk.choices[0].delta.content)
+        if seen == 5:
+            break
+    await stream.close()
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        worker_url = (await http.get("/v1/hives")).json()["hives"][0]["workers"][0]["url"]
+
+    async def idle() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=worker_url) as http:
+            health = (await http.get("/health")).json()
+        return health if health["state"] == "ready" else None
+
+    settled = (await eventually(idle, timeout=5))["tokens_generated"]
+    await asyncio.sleep(0.3)
+    assert (await idle() or {}).get("tokens_generated") == settled < 300
