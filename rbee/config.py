@@ -87,6 +87,8 @@ class HiveConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     worker_ready_timeout: float = 120.0
     worker_n_ctx: int = 2048
+    worker_idle_timeout: float = 900.0
+    memory_budget: int = 0  # bytes rbee's workers may hold in all; 0 = whatever is free
     serve: ServeOptions = field(default_factory=lambda: ServeOptions(port=DEFAULT_HIVE_PORT))
 
     @property

@@ -20,6 +20,7 @@ from rbee.config import HiveConfig, from_args, to_args
 from rbee.errors import RbeeError
 from rbee.hive.app import Hive, create_app
 from rbee.hive.models import ModelCatalog
+from rbee.hive.provision import HubDownloader
 from rbee.hive.supervisor import Supervisor
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.serving import Listen, run_server, setup_logging
@@ -36,7 +37,7 @@ async def main(config: HiveConfig) -> int:
         sock.close()
         serve = type(serve)(serve.host, serve.port, fd, serve.parent_pid)
     url = listening_url(serve.fd, serve.host, serve.port)
-    hive = Hive(config, Supervisor(config, url), ModelCatalog(config.models_dir))
+    hive = Hive(config, Supervisor(config, url), ModelCatalog(config.models_dir, HubDownloader()))
     app = create_app(hive)
 
     def payload() -> dict[str, object]:

@@ -1,8 +1,10 @@
-"""The hive's HTTP face: job link (relayed to a worker), worker heartbeats, status, shutdown."""
+"""The hive's HTTP face: job link (relayed to a worker), model catalog, workers,
+worker heartbeats, status, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from quart import Quart, Response, jsonify
@@ -11,8 +13,9 @@ from rbee import __version__
 from rbee.config import HiveConfig
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import probe
-from rbee.hive.models import ModelCatalog
+from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.supervisor import Supervisor, WorkerRecord
+from rbee.link import events
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.relay import relay
@@ -20,6 +23,7 @@ from rbee.link.schemas import parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
 
 BACKEND = "llama-cpp"
+RUNTIME_OVERHEAD = 64 * 1024 * 1024  # compute buffers and the process itself, beyond weights + KV cache
 
 
 class Hive:
@@ -53,20 +57,40 @@ class Hive:
             "version": __version__,
             "workers": self.supervisor.describe(),
             "devices": probe(),
+            "models": [{"name": e.name, "ref": e.ref, "size": e.size} for e in self.catalog.entries()],
         }
 
-    async def run_job(self, job: Job, body: dict[str, Any], model: str | None) -> None:
+    def narrator(self, job: Job) -> Any:
+        """A narrate function that may be called from a worker thread (downloads run on one)."""
         loop = asyncio.get_running_loop()
 
-        def narrate_from_thread(action: str, message: str) -> None:
-            loop.call_soon_threadsafe(job.narrate, action, message)
+        def narrate(action: str, message: str, **extra: Any) -> None:
+            loop.call_soon_threadsafe(lambda: job.narrate(action, message, **extra))
 
-        path = await asyncio.to_thread(self.catalog.resolve, model, narrate_from_thread)
-        worker = await self.supervisor.worker_for(path, BACKEND, job.narrate)
+        return narrate
+
+    async def provision(self, job: Job, ref: str | None) -> ModelEntry:
+        return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job))
+
+    async def run_job(self, job: Job, body: dict[str, Any], model: str | None) -> None:
+        entry = await self.provision(job, model)
+        n_ctx = self.config.worker_n_ctx
+        need = entry.size + entry.info.kv_cache_bytes(n_ctx) + RUNTIME_OVERHEAD
+        if self.supervisor.find(entry.path, BACKEND) is None:
+            self.supervisor.admit(
+                entry.name, need,
+                f"{entry.size / 1e6:.0f} MB weights + {entry.info.kv_cache_bytes(n_ctx) / 1e6:.0f} MB KV cache "
+                f"for {n_ctx} tokens + {RUNTIME_OVERHEAD / 1e6:.0f} MB runtime",
+            )
+        worker = await self.supervisor.worker_for(entry.path, BACKEND, job.narrate, need)
+        worker.active_jobs += 1
         try:
             await relay(job, self.client_for(worker), body)
         except LinkError as exc:
             raise await self._explain_worker_failure(worker, exc) from exc
+        finally:
+            worker.active_jobs -= 1
+            worker.last_used = time.monotonic()
 
     async def _explain_worker_failure(self, worker: WorkerRecord, exc: LinkError) -> LinkError:
         """A broken worker stream usually means the worker died: say so, with its exit."""
@@ -80,6 +104,20 @@ class Hive:
             code="worker_died",
             actor=worker.actor,
         )
+
+    async def pull(self, job: Job, ref: str) -> None:
+        started = time.monotonic()
+        entry = await self.provision(job, ref)
+        job.narrate("report", f"{entry.name} is in the catalog", model=entry.describe())
+        job.emit(events.end(0, time.monotonic() - started, "done"))
+
+    async def remove_model(self, name: str) -> dict[str, Any]:
+        entry = self.catalog.get(name)
+        if entry is not None:
+            for record in list(self.supervisor.workers.values()):
+                if record.model_path == entry.path and record.state in ("ready", "busy", "starting"):
+                    await self.supervisor.stop(record.worker_id, f"its model {name} was removed")
+        return self.catalog.remove(name).describe()
 
     async def close(self) -> None:
         await self.registry.close()
@@ -104,7 +142,18 @@ def create_app(hive: Hive) -> Quart:
 
         return produce
 
+    def make_pull(body: dict[str, Any]) -> Producer:
+        ref = body.get("ref")
+        if not isinstance(ref, str) or not ref:
+            raise RequestError('pull needs {"ref": "hf:org/repo[:file.gguf]" | "gemma3-270m"}')
+
+        async def produce(job: Job) -> None:
+            await hive.pull(job, ref)
+
+        return produce
+
     add_job_routes(app, hive.registry, make_producer)
+    add_job_routes(app, hive.registry, make_pull, prefix="/v1/catalog/jobs")
 
     @app.get("/health")
     async def health() -> Response:
@@ -114,9 +163,22 @@ def create_app(hive: Hive) -> Quart:
     async def status() -> Response:
         return jsonify(hive.status())
 
+    @app.get("/v1/catalog")
+    async def catalog() -> Response:
+        return jsonify({"models": [entry.describe() for entry in hive.catalog.entries()]})
+
+    @app.delete("/v1/catalog/<name>")
+    async def remove_model(name: str) -> Response:
+        return jsonify({"removed": await hive.remove_model(name)})
+
     @app.get("/v1/workers")
     async def workers() -> Response:
         return jsonify({"workers": hive.supervisor.describe()})
+
+    @app.post("/v1/workers/<worker_id>/stop")
+    async def stop_worker(worker_id: str) -> Response:
+        record = await hive.supervisor.stop(worker_id, "stopped by the operator")
+        return jsonify({"stopped": record.describe()})
 
     @app.post("/v1/workers/<worker_id>/heartbeat")
     async def worker_heartbeat(worker_id: str) -> tuple[Response, int]:
@@ -130,7 +192,7 @@ def create_app(hive: Hive) -> Quart:
         body = await read_json_body()
         url = body.get("url")
         if not isinstance(url, str) or not url.startswith("http://127.0.0.1:"):
-            raise RequestError("body must be {\"url\": \"http://127.0.0.1:PORT\"}: a queen reached over loopback")
+            raise RequestError('body must be {"url": "http://127.0.0.1:PORT"}: a queen reached over loopback')
         hive.set_queen(url)
         return jsonify({"queen_url": url})
 

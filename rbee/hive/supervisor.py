@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -18,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import HiveConfig, ServeOptions, WorkerConfig, to_args
-from rbee.errors import StartupError
+from rbee.errors import ModelNotFoundError, RbeeError, StartupError
+from rbee.hive.devices import free_memory, probe
 from rbee.link.heartbeat import is_overdue
 from rbee.link.spawn import Child, bind_loopback, spawn
 
+log = logging.getLogger(__name__)
+
 Narrate = Callable[[str, str], None]
+
+
+class NoCapacityError(RbeeError):
+    code = "no_capacity"
+    status = 503
 
 LIVE_STATES = frozenset({"starting", "ready", "busy"})
 
@@ -37,6 +46,9 @@ class WorkerRecord:
     reason: str = "spawned"
     last_heartbeat: float = field(default_factory=time.monotonic)
     report: dict[str, Any] = field(default_factory=dict)
+    memory: int = 0  # what admission reserved for it
+    last_used: float = field(default_factory=time.monotonic)
+    active_jobs: int = 0
 
     @property
     def url(self) -> str:
@@ -60,6 +72,8 @@ class WorkerRecord:
             "url": self.url,
             "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
             "tokens_generated": self.report.get("tokens_generated", 0),
+            "memory": self.memory,
+            "idle_s": round(time.monotonic() - self.last_used, 1) if not self.active_jobs else 0.0,
         }
 
 
@@ -77,7 +91,21 @@ class Supervisor:
                 return record
         return None
 
-    async def worker_for(self, model_path: Path, backend: str, narrate: Narrate) -> WorkerRecord:
+    @property
+    def reserved(self) -> int:
+        return sum(r.memory for r in self.workers.values() if r.state in LIVE_STATES)
+
+    def admit(self, name: str, need: int, detail: str) -> None:
+        """Refuse a model that does not fit, naming need and free, instead of letting it OOM."""
+        free, where = free_memory(probe(), self.config.memory_budget, self.reserved)
+        if need > free:
+            raise NoCapacityError(
+                f"{self.config.actor} cannot load {name}: it needs {need / 1e9:.2f} GB ({detail}) and "
+                f"{free / 1e9:.2f} GB is free in {where}. Stop a worker (`rbee workers stop`) or use a "
+                "smaller model"
+            )
+
+    async def worker_for(self, model_path: Path, backend: str, narrate: Narrate, need: int = 0) -> WorkerRecord:
         """A ready worker for the model: a warm one if there is one, else a new one."""
         key = (model_path, backend)
         async with self._spawning.setdefault(key, asyncio.Lock()):
@@ -85,7 +113,9 @@ class Supervisor:
             if record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {model_path.name}")
                 return record
-            return await self._spawn(model_path, backend, narrate)
+            record = await self._spawn(model_path, backend, narrate)
+            record.memory = need
+            return record
 
     async def _spawn(self, model_path: Path, backend: str, narrate: Narrate) -> WorkerRecord:
         worker_id = "w-" + secrets.token_hex(3)
@@ -158,19 +188,35 @@ class Supervisor:
                 newly.append(record)
         return newly
 
+    def idle(self, now: float | None = None) -> list[WorkerRecord]:
+        now = time.monotonic() if now is None else now
+        return [
+            r for r in self.workers.values()
+            if r.state == "ready" and not r.active_jobs and now - r.last_used > self.config.worker_idle_timeout
+        ]
+
     async def watch_heartbeats(self) -> None:
+        """Mark silent workers down; stop workers idle past the timeout."""
         while True:
             self.check_overdue()
-            await asyncio.sleep(self.config.heartbeat_interval / 2)
+            for record in self.idle():
+                log.info("stopping %s: idle for %.0f s", record.actor, time.monotonic() - record.last_used)
+                await self.stop(record.worker_id, f"idle for more than {self.config.worker_idle_timeout:.0f} s")
+            await asyncio.sleep(min(self.config.heartbeat_interval / 2, 1.0))
 
     def forget_dead(self) -> None:
         for worker_id in [w for w, r in self.workers.items() if r.state in ("dead", "stopped")]:
             del self.workers[worker_id]
 
-    async def stop(self, worker_id: str, reason: str) -> None:
-        record = self.workers[worker_id]
+    async def stop(self, worker_id: str, reason: str) -> WorkerRecord:
+        record = self.workers.get(worker_id)
+        if record is None:
+            known = ", ".join(self.workers) or "none"
+            raise ModelNotFoundError(f"no worker {worker_id!r} on {self.config.actor} (workers: {known})")
+        record.mark("stopping", reason)
         await record.child.stop(grace=5.0)
         record.mark("stopped", reason)
+        return record
 
     async def stop_all(self, reason: str = "hive shutting down") -> None:
         await asyncio.gather(*(self.stop(w, reason) for w in list(self.workers)))

@@ -1,0 +1,97 @@
+"""Model references, parsed and checked before anything touches the disk.
+
+    gemma3-270m | default           the built-in default model
+    hf:org/repo                     a GGUF file of that Hub repo, picked by quantization preference
+    hf:org/repo:path/file.gguf      that file of that repo
+    file:/absolute/path.gguf        a file already on the host
+    NAME                            an entry of the host's catalog (`rbee models list`)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from rbee.config import DEFAULT_MODEL
+from rbee.errors import RequestError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+#: Preferred GGUF quantizations when a repo holds several, best first.
+QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_0", "Q6_K", "Q8_0", "BF16", "F16", "F32")
+
+
+class BadModelRef(RequestError):
+    code = "bad_model_ref"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str  # default | hf | file | name
+    value: str  # repo for hf, path for file, name for name
+    file: str | None = None  # hf file inside the repo
+
+    def __str__(self) -> str:
+        if self.kind == "hf":
+            return f"hf:{self.value}" + (f":{self.file}" if self.file else "")
+        if self.kind == "file":
+            return f"file:{self.value}"
+        return self.value
+
+
+def _safe_relative(path: str, ref: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or path.startswith("~") or "\\" in path or "\x00" in path:
+        raise BadModelRef(f"model reference {ref!r}: the file part must be a plain relative path inside the repo")
+    return str(pure)
+
+
+def parse_ref(ref: str | None) -> ModelRef:
+    if ref is None or ref in ("", "default", DEFAULT_MODEL):
+        return ModelRef("default", DEFAULT_MODEL)
+    if ref.startswith("hf:"):
+        body = ref[3:]
+        repo, _, file = body.partition(":")
+        parts = repo.split("/")
+        if len(parts) != 2 or not all(REPO_PART.match(part) for part in parts):
+            raise BadModelRef(f"model reference {ref!r}: write hf:org/repo or hf:org/repo:file.gguf")
+        if file:
+            file = _safe_relative(file, ref)
+            if not file.endswith(".gguf"):
+                raise BadModelRef(f"model reference {ref!r}: rbee loads .gguf files from the Hub")
+        return ModelRef("hf", repo, file or None)
+    if ref.startswith("file:"):
+        path = ref[5:]
+        pure = PurePosixPath(path)
+        if not pure.is_absolute():
+            raise BadModelRef(f"model reference {ref!r}: a file: path must be absolute")
+        if ".." in pure.parts or "\x00" in path:
+            raise BadModelRef(f"model reference {ref!r}: '..' is not allowed in a file: path")
+        return ModelRef("file", path)
+    if NAME.match(ref):
+        return ModelRef("name", ref)
+    raise BadModelRef(
+        f"unknown model reference {ref!r}: use {DEFAULT_MODEL}, a catalog name, hf:org/repo[:file.gguf] "
+        "or file:/absolute/path.gguf"
+    )
+
+
+def pick_gguf(files: list[str]) -> str | None:
+    """The GGUF a repo should serve by default: the best quantization by QUANT_PREFERENCE."""
+    ggufs = [f for f in files if f.endswith(".gguf") and "mmproj" not in f.lower()]
+    for quant in QUANT_PREFERENCE:
+        for name in sorted(ggufs):
+            if quant.lower() in PurePosixPath(name).name.lower():
+                return name
+    return sorted(ggufs)[0] if ggufs else None
+
+
+def entry_name(ref: ModelRef) -> str:
+    """The catalog name a provisioned model gets."""
+    if ref.kind == "default":
+        return DEFAULT_MODEL
+    if ref.kind == "hf" and ref.file:
+        return re.sub(r"[^A-Za-z0-9._-]", "-", PurePosixPath(ref.file).stem).lower()
+    return re.sub(r"[^A-Za-z0-9._-]", "-", ref.value.split("/")[-1]).lower()
