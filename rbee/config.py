@@ -48,6 +48,19 @@ def heartbeat_interval(env: Mapping[str, str] = os.environ) -> float:
     return value
 
 
+def _env_number(name: str, default: float, env: Mapping[str, str] = os.environ) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number; got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative; got {raw!r}")
+    return value
+
+
 def queen_url(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RBEE_QUEEN_URL") or f"http://127.0.0.1:{DEFAULT_QUEEN_PORT}"
 
@@ -87,8 +100,9 @@ class HiveConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     worker_ready_timeout: float = 120.0
     worker_n_ctx: int = 2048
-    worker_idle_timeout: float = 900.0
-    memory_budget: int = 0  # bytes rbee's workers may hold in all; 0 = whatever is free
+    worker_idle_timeout: float = field(default_factory=lambda: _env_number("RBEE_WORKER_IDLE_TIMEOUT", 900.0))
+    #: bytes rbee's workers may hold in all; 0 = whatever is free
+    memory_budget: int = field(default_factory=lambda: int(_env_number("RBEE_MEMORY_BUDGET", 0)))
     serve: ServeOptions = field(default_factory=lambda: ServeOptions(port=DEFAULT_HIVE_PORT))
 
     @property

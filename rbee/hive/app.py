@@ -57,7 +57,8 @@ class Hive:
             "version": __version__,
             "workers": self.supervisor.describe(),
             "devices": probe(),
-            "models": [{"name": e.name, "ref": e.ref, "size": e.size} for e in self.catalog.entries()],
+            "models": [{"name": e.name, "ref": e.ref, "size": e.size, "path": str(e.path)}
+                       for e in self.catalog.entries()],
         }
 
     def narrator(self, job: Job) -> Any:

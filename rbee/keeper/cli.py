@@ -13,6 +13,7 @@ from rich.table import Table
 from rbee import __version__
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
 from rbee.keeper.fleet_cli import fleet_app
+from rbee.keeper.models_cli import models_app, workers_app
 from rbee.keeper.render import JobPrinter
 from rbee.keeper.session import queen_answers, queen_session, start_persistent, stop_persistent
 from rbee.link.client import LinkClient
@@ -24,6 +25,8 @@ app = typer.Typer(
 queen_app = typer.Typer(help="Run the queen (the orchestrator) by hand.", no_args_is_help=True)
 app.add_typer(queen_app, name="queen")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(models_app, name="models")
+app.add_typer(workers_app, name="workers")
 
 
 @app.command()

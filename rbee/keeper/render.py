@@ -7,6 +7,15 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from rbee.link import events
 from rbee.link.events import Event
@@ -22,6 +31,8 @@ class JobPrinter:
         self.err = err or Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.expect_tokens = expect_tokens
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
         self.text_written = False
         self.ended: Event | None = None
 
@@ -32,9 +43,13 @@ class JobPrinter:
             self.out.flush()
             self.text_written = True
         elif kind == events.NARRATION:
-            if not self.quiet:
+            if event["action"] == "download" and event.get("total"):
+                self._download(event)
+            elif not self.quiet:
+                self._finish_download()
                 self.err.print(f"[dim]{escape(event['actor'])}[/dim] {escape(event['message'])}")
         elif kind in events.TERMINAL:
+            self._finish_download()
             self.ended = event
             self._newline_after_text()
             if kind == events.END:
@@ -44,6 +59,25 @@ class JobPrinter:
                     f"[bold red]error[/] from [bold]{escape(event['actor'])}[/] ({escape(event['code'])}): "
                     f"{escape(event['message'])}"
                 )
+
+    def _download(self, event: Event) -> None:
+        """A live bar (size, percent, speed, ETA) from the hive's download narration."""
+        if self.quiet:
+            return
+        if self._bar is None:
+            self._bar = Progress(
+                TextColumn("[dim]{task.fields[actor]}[/dim] {task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=self.err,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("download", total=event["total"], actor=event["actor"])
+        assert self._task is not None
+        self._bar.update(self._task, completed=event.get("bytes", 0), total=event["total"])
+
+    def _finish_download(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
     def _summary(self, event: Event) -> None:
         if not self.expect_tokens:

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from quart import Quart, Response, jsonify, request
 
 from rbee import __version__, inventory
-from rbee.config import LOCAL_NODE, QueenConfig
+from rbee.config import DEFAULT_MODEL, LOCAL_NODE, QueenConfig
 from rbee.errors import ModelNotFoundError, RequestError, StartupError
 from rbee.link import events
 from rbee.link.client import LinkClient
@@ -25,6 +26,7 @@ from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HiveRegistry, HiveState, LocalHiveLauncher
 from rbee.queen.openai_api import ModelIndex, default_models, mount_openai
 from rbee.queen.openapi import document as openapi_document
+from rbee.queen.scheduler import HiveView, choose_hive, model_keys
 
 
 class UnknownNodeError(ModelNotFoundError):
@@ -72,11 +74,44 @@ class Queen:
     def known_nodes(self) -> list[str]:
         return sorted({LOCAL_NODE, *self.fleet.inventory.names})
 
+    def views(self) -> list[HiveView]:
+        """What the scheduler needs of every hive, from the last heartbeats."""
+        result = []
+        for name in self.known_nodes():
+            state = self.hives.hives.get(name)
+            up = state is not None and state.state == "up"
+            entry = self.fleet.inventory.get(name)
+            local = name == LOCAL_NODE and (entry is None or not entry.remote)
+            report = state.report if state is not None and up else {}
+            models = report.get("models", [])
+            by_path = {m.get("path"): model_keys(m["name"], m["ref"]) for m in models}
+            warm: set[str] = set()
+            for worker in report.get("workers", []):
+                if worker.get("state") in ("ready", "busy"):
+                    warm |= by_path.get(worker.get("model_path"), set())
+            on_disk = set().union(*(model_keys(m["name"], m["ref"]) for m in models)) if models else set()
+            devices = report.get("devices") or {}
+            if devices:
+                pools = [devices.get("cpu", {}).get("ram_free", 0)]
+                pools += [g.get("memory_free", 0) for g in devices.get("gpus", []) if g.get("kind") == "cuda"]
+                free = max(pools)
+            else:
+                free = psutil.virtual_memory().available if local else 0
+            result.append(HiveView(name, up or local, frozenset(warm), frozenset(on_disk), int(free)))
+        return result
+
     async def hive_for(self, request: JobRequest, job: Job) -> HiveState:
-        node = request.node or LOCAL_NODE
+        node = request.node
+        if node is None:
+            node = choose_hive(self.views(), request.model or DEFAULT_MODEL)
+            job.narrate("schedule", f"scheduler picked hive:{node} for {request.model or DEFAULT_MODEL}")
+        return await self.hive_named(node, job.narrate)
+
+    async def hive_named(self, node: str, narrate: Any) -> HiveState:
+        """A live hive by name: the local one or an inventory host, started when needed."""
         entry = self.fleet.inventory.get(node)
         if node == LOCAL_NODE and (entry is None or not entry.remote):
-            return await self.local.ensure(job.narrate)
+            return await self.local.ensure(narrate)
         if entry is None:
             raise UnknownNodeError(
                 f"unknown node {node!r}; known nodes: {', '.join(self.known_nodes())} "
@@ -90,7 +125,16 @@ class Queen:
                 f"node {node!r} is down ({state.reason}); see `rbee fleet logs {node}` and bring it back "
                 "with `rbee fleet up`"
             )
-        return await self.fleet.ensure(entry, job.narrate)
+        return await self.fleet.ensure(entry, narrate)
+
+    async def on_hive(self, node: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        hive = await self.hive_named(node, lambda action, message, **extra: None)
+        return await self.client_for(hive).request_json(method, path, body)
+
+    def up_nodes(self, node: str | None) -> list[str]:
+        if node is not None:
+            return [node]
+        return [v.name for v in self.views() if v.available]
 
     async def run_job(self, job: Job, request: JobRequest) -> None:
         hive = await self.hive_for(request, job)
@@ -197,6 +241,38 @@ def create_app(queen: Queen) -> Quart:
     async def fleet_logs(name: str) -> Response:
         lines = min(int(request.args.get("lines", "50")), 5000)
         return jsonify({"name": name, "lines": await queen.fleet.logs(name, lines)})
+
+    def make_pull(body: dict[str, Any]) -> Producer:
+        ref, node = body.get("ref"), body.get("node") or LOCAL_NODE
+        if not isinstance(ref, str) or not ref or not isinstance(node, str):
+            raise RequestError('pull needs {"ref": "hf:org/repo[:file.gguf]", "node"?: NAME}')
+
+        async def produce(job: Job) -> None:
+            hive = await queen.hive_named(node, job.narrate)
+            await relay(job, queen.client_for(hive), {"ref": ref}, path="/v1/catalog/jobs")
+
+        return produce
+
+    add_job_routes(app, queen.registry, make_pull, prefix="/v1/catalog/jobs")
+
+    @app.get("/v1/catalog")
+    async def catalog() -> Response:
+        nodes = queen.up_nodes(request.args.get("node"))
+        listed = await asyncio.gather(*(queen.on_hive(n, "GET", "/v1/catalog") for n in nodes))
+        return jsonify({"nodes": {n: result["models"] for n, result in zip(nodes, listed, strict=True)}})
+
+    @app.delete("/v1/catalog/<node>/<name>")
+    async def remove_model(node: str, name: str) -> Response:
+        return jsonify(await queen.on_hive(node, "DELETE", f"/v1/catalog/{name}"))
+
+    @app.get("/v1/workers")
+    async def workers() -> Response:
+        rows = [{**w, "node": h["name"]} for h in queen.status() if h["state"] == "up" for w in h["workers"]]
+        return jsonify({"workers": rows})
+
+    @app.post("/v1/workers/<node>/<worker_id>/stop")
+    async def stop_worker(node: str, worker_id: str) -> Response:
+        return jsonify(await queen.on_hive(node, "POST", f"/v1/workers/{worker_id}/stop"))
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> tuple[Response, int]:

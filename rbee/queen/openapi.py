@@ -49,6 +49,19 @@ FLEET_JOB = {"type": "object", "required": ["action"],
              "properties": {"action": {"enum": ["up", "down"]}, "inventory": {"type": "string"}}}
 
 
+PULL_JOB = {"type": "object", "required": ["ref"],
+            "properties": {"ref": {"type": "string"}, "node": {"type": "string"}}}
+NODE_Q = {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}}
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _with(operation: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**operation, "parameters": parameters}
+
+
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest]
     schemas: dict[str, Any] = {}
@@ -82,6 +95,16 @@ def document() -> dict[str, Any]:
         "/v1/hives": {"get": _op("Every hive and its live state", errors=())},
         "/v1/hives/{name}/heartbeat": {"post": beat},
         "/v1/admin/shutdown": {"post": _op("Stop the queen and what it started", ok="202", errors=())},
+        "/v1/catalog": {"get": _with(_op("Models on each hive (or ?node=NAME)", errors=("404",)), [NODE_Q])},
+        "/v1/catalog/jobs": {"post": _op("Pull a model onto a hive, as a job with progress", body=PULL_JOB,
+                                         ok="201", ok_schema=JOB_CREATED)},
+        "/v1/catalog/jobs/{job_id}/stream": {"get": dict(stream)},
+        "/v1/catalog/jobs/{job_id}": {"delete": dict(cancel)},
+        "/v1/catalog/{node}/{name}": {"delete": _with(_op("Remove a model from a hive", errors=("404",)),
+                                                      [_path("node"), _path("name")])},
+        "/v1/workers": {"get": _op("Every worker of every live hive", errors=())},
+        "/v1/workers/{node}/{worker_id}/stop": {"post": _with(_op("Stop a worker", errors=("404",)),
+                                                              [_path("node"), _path("worker_id")])},
         "/v1/models": {"get": _op("OpenAI: models the fleet serves", errors=())},
         "/v1/chat/completions": {"post": _op("OpenAI: chat completion", body=ChatCompletionRequest,
                                              errors=("400", "404", "503"))},

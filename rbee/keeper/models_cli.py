@@ -1,0 +1,93 @@
+"""`rbee models …` and `rbee workers …`: what each host has on disk and in memory."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
+from rbee.keeper.render import JobPrinter
+from rbee.keeper.session import queen_session
+from rbee.link.client import LinkClient
+
+models_app = typer.Typer(help="Models in each hive's catalog.", no_args_is_help=True)
+workers_app = typer.Typer(help="Workers: one process per loaded model.", no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+Node = Annotated[str | None, typer.Option("--node", "-n", help="Hive name [default: every hive that is up]")]
+OneNode = Annotated[str, typer.Option("--node", "-n", help="Hive name")]
+
+
+async def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
+                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+        return await client.request_json(method, path, body)
+
+
+@models_app.command("list")
+def models_list(node: Node = None, url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Name, size, format, quantization and path of every model on each host."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    result = run(_call(settings, "GET", "/v1/catalog" + (f"?node={node}" if node else "")))
+    table = Table("hive", "name", "size", "format", "quant", "params", "path", title="models")
+    for hive, models in result["nodes"].items():
+        for m in models:
+            table.add_row(hive, m["name"], f"{m['size'] / 1e6:.0f} MB", m["format"], m["quantization"],
+                          f"{m['parameters'] / 1e6:.0f} M", m["path"])
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    ref: Annotated[str, typer.Argument(help="hf:org/repo[:file.gguf] or gemma3-270m")],
+    node: OneNode = "localhost", url: QueenUrl = None, inventory_path: InventoryPath = None,
+) -> None:
+    """Download a model into a hive's catalog, with progress."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    printer = JobPrinter(expect_tokens=False)
+    run(_pull(settings, ref, node, printer))
+    if not printer.succeeded:
+        raise typer.Exit(1)
+
+
+async def _pull(settings: Settings, ref: str, node: str, printer: JobPrinter) -> None:
+    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
+                             settings.inventory_path) as queen, LinkClient(queen.url, "queen", stall_timeout=None) as c:
+        async for event in c.run({"ref": ref, "node": node}, path="/v1/catalog/jobs"):
+            printer.show(event)
+
+
+@models_app.command("rm")
+def models_rm(
+    name: Annotated[str, typer.Argument(help="Catalog name (see `rbee models list`)")],
+    node: OneNode = "localhost", url: QueenUrl = None, inventory_path: InventoryPath = None,
+) -> None:
+    """Remove a model from a hive (its workers are stopped first)."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    result = run(_call(settings, "DELETE", f"/v1/catalog/{node}/{name}"))
+    err.print(f"removed {result['removed']['name']} ({result['removed']['path']}) from hive:{node}")
+
+
+@workers_app.command("list")
+def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
+    """Every worker of every live hive: state, model, memory, idle time."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    result = run(_call(settings, "GET", "/v1/workers"))
+    table = Table("hive", "worker", "state", "reason", "backend", "model", "memory", "idle", title="workers")
+    for w in result["workers"]:
+        table.add_row(w["node"], w["worker_id"], w["state"], w["reason"], w["backend"],
+                      w["model_path"].rsplit("/", 1)[-1], f"{w.get('memory', 0) / 1e6:.0f} MB", f"{w['idle_s']:.0f} s")
+    out.print(table)
+
+
+@workers_app.command("stop")
+def workers_stop(
+    worker_id: Annotated[str, typer.Argument(help="Worker id, e.g. w-3f9c2a")],
+    node: OneNode = "localhost", url: QueenUrl = None, inventory_path: InventoryPath = None,
+) -> None:
+    """Stop one worker; its model is freed."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    run(_call(settings, "POST", f"/v1/workers/{node}/{worker_id}/stop"))
+    err.print(f"stopped worker {worker_id} on hive:{node}")

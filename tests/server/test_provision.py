@@ -1,0 +1,141 @@
+"""The provisioner with the real huggingface_hub client against a local hub-compatible server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rbee.errors import ModelError, ModelNotFoundError, RequestError
+from rbee.hive.models import ModelCatalog
+from rbee.hive.provision import HubDownloader
+from tests.hub_server import HubServer, Repo, write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+
+
+@pytest.fixture
+def hub(gguf_bytes: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[HubServer, Repo]]:
+    repo = Repo(files={"tiny-Q8_0.gguf": gguf_bytes, "tiny-Q4_K_M.gguf": gguf_bytes, "README.md": b"hi"})
+    with HubServer() as server:
+        server.repos["acme/tiny-GGUF"] = repo
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_token_for_tests")
+        yield server, repo
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __call__(self, action: str, message: str, **extra: Any) -> None:
+        self.events.append((action, message, extra))
+
+    def of(self, action: str) -> list[tuple[str, str, dict[str, Any]]]:
+        return [e for e in self.events if e[0] == action]
+
+
+def catalog_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".staging" not in p.parts)
+
+
+def test_download_picks_the_preferred_quant_narrates_progress_and_writes_a_manifest(hub: Any, tmp_path: Path,
+                                                                                    gguf_bytes: bytes) -> None:
+    server, repo = hub
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    narrate = Recorder()
+    entry = catalog.resolve("hf:acme/tiny-GGUF", narrate)
+    assert entry.path.name == "tiny-Q4_K_M.gguf"  # Q4_K_M before Q8_0
+    assert entry.sha256 == hashlib.sha256(gguf_bytes).hexdigest()
+    assert entry.info.architecture == "llama" and entry.info.context_length == 512
+    progress = narrate.of("download")
+    assert progress and progress[-1][2]["bytes"] == len(gguf_bytes) == progress[-1][2]["total"]
+    assert all("hf_secret_token" not in message for _, message, _ in narrate.events)
+    assert catalog_files(tmp_path / "models") == ["tiny-q4_k_m/manifest.json", "tiny-q4_k_m/tiny-Q4_K_M.gguf"]
+    # the second resolve finds it in the catalog: no new request
+    before = len(repo.requests)
+    assert catalog.resolve("hf:acme/tiny-GGUF", Recorder()).path == entry.path
+    assert catalog.resolve("tiny-q4_k_m", Recorder()).path == entry.path
+    assert len(repo.requests) == before
+
+
+def test_interrupted_download_resumes(hub: Any, tmp_path: Path) -> None:
+    server, repo = hub
+    # huggingface_hub writes in 10 MB chunks: cut the connection after more than one of them
+    gguf_bytes = write_tiny_gguf(tmp_path / "bigger.gguf", megabytes=24).read_bytes()
+    repo.files["tiny-Q8_0.gguf"] = gguf_bytes
+    repo.drop_after = 15 * 1024 * 1024
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    entry = catalog.resolve("hf:acme/tiny-GGUF:tiny-Q8_0.gguf", Recorder())
+    assert entry.path.read_bytes() == gguf_bytes
+    ranges = [r for method, _, r in repo.requests if method == "GET" and r]
+    assert ranges and int(ranges[0].split("=")[1].split("-")[0]) > 0, repo.requests
+
+
+def test_checksum_mismatch_is_rejected_and_nothing_is_kept(hub: Any, tmp_path: Path) -> None:
+    server, repo = hub
+    repo.wrong_sha = True
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        catalog.resolve("hf:acme/tiny-GGUF:tiny-Q8_0.gguf", Recorder())
+    assert catalog_files(tmp_path / "models") == []
+    assert not list((tmp_path / "models" / ".staging").rglob("*.gguf*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_not_enough_disk_is_refused_before_downloading(hub: Any, small_disk: Path, gguf_bytes: bytes) -> None:
+    server, repo = hub
+    (small_disk / "ballast").write_bytes(b"\0" * (3 * 1024 * 1024))
+    catalog = ModelCatalog(small_disk / "models", HubDownloader(endpoint=server.url))
+    with pytest.raises(ModelError, match="not enough disk space"):
+        catalog.resolve("hf:acme/tiny-GGUF:tiny-Q8_0.gguf", Recorder())
+    assert not [r for r in repo.requests if r[0] == "GET"]
+    assert catalog_files(small_disk / "models") == []
+
+
+def test_disk_filling_up_during_the_download_leaves_nothing(hub: Any, small_disk: Path) -> None:
+    server, repo = hub
+    repo.on_get = lambda: (small_disk / "ballast").write_bytes(b"\0" * (3 * 1024 * 1024))
+    catalog = ModelCatalog(small_disk / "models", HubDownloader(endpoint=server.url))
+    with pytest.raises(ModelError, match="disk"):
+        catalog.resolve("hf:acme/tiny-GGUF:tiny-Q8_0.gguf", Recorder())
+    assert catalog_files(small_disk / "models") == []
+    assert not list((small_disk / "models" / ".staging").rglob("*.gguf*"))
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["hf:acme/tiny-GGUF:../../etc/passwd.gguf", "hf:acme/tiny-GGUF:/etc/x.gguf", "file:relative/x.gguf",
+     "file:/models/../etc/passwd", "../x", "hf:acme", "hf:a/b/c"],
+)
+def test_references_cannot_escape(ref: str, tmp_path: Path) -> None:
+    with pytest.raises(RequestError):
+        ModelCatalog(tmp_path).resolve(ref, Recorder())
+
+
+def test_unknown_repo_is_a_clear_error(hub: Any, tmp_path: Path) -> None:
+    server, _ = hub
+    with pytest.raises(ModelNotFoundError, match="acme/nope"):
+        ModelCatalog(tmp_path, HubDownloader(endpoint=server.url)).resolve("hf:acme/nope", Recorder())
