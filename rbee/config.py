@@ -61,6 +61,16 @@ def _env_number(name: str, default: float, env: Mapping[str, str] = os.environ) 
     return value
 
 
+def ping_interval(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds between keep-alive comments on an idle event stream."""
+    return _env_number("RBEE_PING_INTERVAL", 5.0, env) or 5.0
+
+
+def stall_timeout(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds a relay waits for anything (event or keep-alive) before it calls its peer hung."""
+    return _env_number("RBEE_STALL_TIMEOUT", 30.0, env) or 30.0
+
+
 def queen_url(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RBEE_QUEEN_URL") or f"http://127.0.0.1:{DEFAULT_QUEEN_PORT}"
 

@@ -22,6 +22,7 @@ from rbee.hive.app import Hive, create_app
 from rbee.hive.models import ModelCatalog
 from rbee.hive.provision import HubDownloader
 from rbee.hive.supervisor import Supervisor
+from rbee.link.auth import load_token
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.serving import Listen, run_server, setup_logging
 from rbee.link.spawn import bind_loopback, listening_url, spawn
@@ -37,7 +38,8 @@ async def main(config: HiveConfig) -> int:
         sock.close()
         serve = type(serve)(serve.host, serve.port, fd, serve.parent_pid)
     url = listening_url(serve.fd, serve.host, serve.port)
-    hive = Hive(config, Supervisor(config, url), ModelCatalog(config.models_dir, HubDownloader()))
+    token = load_token()
+    hive = Hive(config, Supervisor(config, url, token), ModelCatalog(config.models_dir, HubDownloader()), token)
     app = create_app(hive)
 
     def payload() -> dict[str, object]:
@@ -74,7 +76,7 @@ async def detach(config: HiveConfig) -> int:
         log_path=config.home / "logs" / "hive.log", env=dict(os.environ), tied=False,
     )
     try:
-        await child.wait_ready("/health", timeout=60.0)
+        await child.wait_ready("/health", timeout=60.0, token=load_token())
     except RbeeError as exc:
         await child.stop(grace=2.0)
         print(exc.message, file=sys.stderr)

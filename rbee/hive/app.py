@@ -10,13 +10,14 @@ from typing import Any
 from quart import Quart, Response, jsonify
 
 from rbee import __version__
-from rbee.config import HiveConfig
+from rbee.config import HiveConfig, ping_interval, stall_timeout
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import probe
 from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.supervisor import Supervisor, WorkerRecord
 from rbee.link import events
-from rbee.link.client import LinkClient
+from rbee.link.auth import install_auth
+from rbee.link.client import LinkClient, StallError
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.relay import relay
 from rbee.link.schemas import parse_job_request
@@ -29,11 +30,15 @@ RUNTIME_OVERHEAD = 64 * 1024 * 1024  # compute buffers and the process itself, b
 class Hive:
     """The hive's state, shared by its routes and its background tasks."""
 
-    def __init__(self, config: HiveConfig, supervisor: Supervisor, catalog: ModelCatalog) -> None:
+    def __init__(
+        self, config: HiveConfig, supervisor: Supervisor, catalog: ModelCatalog, token: str | None = None
+    ) -> None:
         self.config = config
+        self.token = token
         self.supervisor = supervisor
         self.catalog = catalog
-        self.registry = JobRegistry(config.actor)
+        self.registry = JobRegistry(config.actor, ping=ping_interval())
+        self.stall_timeout = stall_timeout()
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
         self.queen: LinkClient | None = None
@@ -43,12 +48,14 @@ class Hive:
     def set_queen(self, url: str) -> None:
         """Where heartbeats go; the queen re-sends it after it re-opened an SSH forward."""
         if self.queen is None or self.queen.base_url != url.rstrip("/"):
-            self.queen = LinkClient(url, "queen", stall_timeout=10.0)
+            self.queen = LinkClient(url, "queen", stall_timeout=10.0, token=self.token)
 
     def client_for(self, worker: WorkerRecord) -> LinkClient:
         client = self.clients.get(worker.worker_id)
         if client is None:
-            client = self.clients[worker.worker_id] = LinkClient(worker.url, worker.actor)
+            client = self.clients[worker.worker_id] = LinkClient(
+                worker.url, worker.actor, stall_timeout=self.stall_timeout, token=self.token
+            )
         return client
 
     def status(self) -> dict[str, Any]:
@@ -94,7 +101,15 @@ class Hive:
             worker.last_used = time.monotonic()
 
     async def _explain_worker_failure(self, worker: WorkerRecord, exc: LinkError) -> LinkError:
-        """A broken worker stream usually means the worker died: say so, with its exit."""
+        """A broken worker stream usually means the worker died: say so, with its exit.
+        A stalled one (hung, stopped) is killed, so the next job gets a fresh worker."""
+        if isinstance(exc, StallError):
+            worker.mark("down", f"stalled: nothing for {self.stall_timeout:g} s; killed")
+            worker.child.process.kill()
+            return PeerError(
+                f"{worker.actor} on {self.config.actor} stalled (nothing for {self.stall_timeout:g} s) and was "
+                "killed; the next job starts a fresh worker", code="worker_stalled", actor=worker.actor,
+            )
         try:
             await asyncio.wait_for(worker.child.process.wait(), 1.0)
         except TimeoutError:
@@ -133,6 +148,7 @@ def create_app(hive: Hive) -> Quart:
     app = Quart(__name__)
     config = hive.config
     install_error_handlers(app, config.actor)
+    install_auth(app, hive.token)
 
     def make_producer(body: dict[str, Any]) -> Producer:
         request = parse_job_request(body)

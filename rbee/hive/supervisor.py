@@ -78,8 +78,9 @@ class WorkerRecord:
 
 
 class Supervisor:
-    def __init__(self, config: HiveConfig, hive_url: str) -> None:
+    def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None) -> None:
         self.config = config
+        self.token = token
         self.hive_url = hive_url
         self.workers: dict[str, WorkerRecord] = {}
         self._spawning: dict[tuple[Path, str], asyncio.Lock] = {}
@@ -139,7 +140,7 @@ class Supervisor:
         self._watch(record)
         started = time.monotonic()
         try:
-            await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout)
+            await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=self.token)
         except StartupError as exc:
             record.mark("dead", "failed to start")
             await child.stop(grace=1.0)

@@ -15,8 +15,7 @@ from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_
 from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.models_cli import models_app, workers_app
 from rbee.keeper.render import JobPrinter
-from rbee.keeper.session import queen_answers, queen_session, start_persistent, stop_persistent
-from rbee.link.client import LinkClient
+from rbee.keeper.session import queen_answers, start_persistent, stop_persistent
 from rbee.link.schemas import parse_job_request
 
 app = typer.Typer(
@@ -61,12 +60,10 @@ def infer(
 
 
 async def _infer(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> None:
-    async with queen_session(
-        settings.queen_url, settings.home, settings.heartbeat_interval, settings.inventory_path
-    ) as queen:
+    async with settings.session() as queen:
         if queen.child is not None and not printer.quiet:
             err.print(f"[dim]keeper[/dim] started an ephemeral queen at {queen.url}")
-        async with LinkClient(queen.url, "queen", stall_timeout=None) as client:
+        async with settings.client(queen.url, stall_timeout=None) as client:
             async for event in client.run(body):
                 printer.show(event)
 
@@ -77,7 +74,7 @@ def queen_start(url: QueenUrl = None, inventory_path: InventoryPath = None) -> N
     settings = run_sync(Settings.load, url, inventory_path)
     run_sync(settings.inventory)
     child = run(start_persistent(settings.queen_url, settings.home, settings.heartbeat_interval,
-                                 settings.inventory_path))
+                                 settings.inventory_path, settings.token))
     if child is None:
         err.print(f"a queen already answers at {settings.queen_url}")
     else:
@@ -88,7 +85,7 @@ def queen_start(url: QueenUrl = None, inventory_path: InventoryPath = None) -> N
 def queen_stop(url: QueenUrl = None) -> None:
     """Stop the queen, and the hives it started on this machine."""
     settings = run_sync(Settings.load, url)
-    if run(stop_persistent(settings.queen_url)):
+    if run(stop_persistent(settings.queen_url, token=settings.token)):
         err.print(f"queen at {settings.queen_url} stopped")
     else:
         err.print(f"no queen answers at {settings.queen_url}")
@@ -102,10 +99,10 @@ def queen_status(url: QueenUrl = None) -> None:
 
 
 async def _queen_status(settings: Settings) -> None:
-    if not await queen_answers(settings.queen_url):
+    if not await queen_answers(settings.queen_url, token=settings.token):
         err.print(f"no queen answers at {settings.queen_url}; start one with `rbee queen start`")
         raise SystemExit(1)
-    async with LinkClient(settings.queen_url, "queen") as client:
+    async with settings.client(settings.queen_url) as client:
         hives = (await client.request_json("GET", "/v1/hives"))["hives"]
     table = Table("hive", "state", "reason", "workers", title=f"queen at {settings.queen_url}")
     for hive in hives:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,9 @@ from rich.markup import escape
 from rbee import inventory
 from rbee.config import heartbeat_interval, queen_url, rbee_home
 from rbee.errors import RbeeError
+from rbee.keeper.session import QueenHandle, queen_session
+from rbee.link.auth import load_token
+from rbee.link.client import LinkClient
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -35,11 +39,20 @@ class Settings:
     home: Path
     heartbeat_interval: float
     inventory_path: Path | None
+    token: str | None = None  # network mode; never printed
 
     @classmethod
     def load(cls, url: str | None, inventory_path: Path | None = None) -> Settings:
         path = inventory_path or inventory.default_path()
-        return cls(url or queen_url(), rbee_home(), heartbeat_interval(), path.resolve() if path else None)
+        return cls(url or queen_url(), rbee_home(), heartbeat_interval(), path.resolve() if path else None,
+                   load_token())
+
+    def client(self, url: str, stall_timeout: float | None = 300.0) -> LinkClient:
+        return LinkClient(url, "queen", stall_timeout=stall_timeout, token=self.token)
+
+    def session(self) -> AbstractAsyncContextManager[QueenHandle]:
+        """The queen to talk to: the running one, or an ephemeral one for this command."""
+        return queen_session(self.queen_url, self.home, self.heartbeat_interval, self.inventory_path, self.token)
 
     def inventory(self) -> inventory.Inventory:
         """The validated inventory (errors name file:line:key), or the local-only default."""

@@ -11,8 +11,7 @@ from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
 from rbee.keeper.render import JobPrinter
-from rbee.keeper.session import queen_answers, queen_session, start_persistent
-from rbee.link.client import LinkClient
+from rbee.keeper.session import queen_answers, start_persistent
 
 fleet_app = typer.Typer(help="Manage the hosts listed in inventory.toml.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -47,12 +46,12 @@ def fleet_down(url: QueenUrl = None, inventory_path: InventoryPath = None) -> No
 
 
 async def _fleet_job(settings: Settings, action: str, start_queen: bool) -> bool:
-    if not await queen_answers(settings.queen_url):
+    if not await queen_answers(settings.queen_url, token=settings.token):
         if not start_queen:
             err.print(f"no queen answers at {settings.queen_url}: nothing to stop through it")
             return await _fleet_job_ephemeral(settings, action)
         child = await start_persistent(
-            settings.queen_url, settings.home, settings.heartbeat_interval, settings.inventory_path
+            settings.queen_url, settings.home, settings.heartbeat_interval, settings.inventory_path, settings.token
         )
         if child is not None:
             err.print(f"[dim]keeper[/dim] started a persistent queen at {child.url} (stop: `rbee queen stop`)")
@@ -60,15 +59,14 @@ async def _fleet_job(settings: Settings, action: str, start_queen: bool) -> bool
 
 
 async def _fleet_job_ephemeral(settings: Settings, action: str) -> bool:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
-                             settings.inventory_path) as queen:
+    async with settings.session() as queen:
         return await _stream_fleet_job(queen.url, settings, action)
 
 
 async def _stream_fleet_job(url: str, settings: Settings, action: str) -> bool:
     printer = JobPrinter(expect_tokens=False)
     report: list[dict[str, Any]] = []
-    async with LinkClient(url, "queen", stall_timeout=None) as client:
+    async with settings.client(url, stall_timeout=None) as client:
         body = {"action": action, "inventory": str(settings.inventory_path)}
         async for event in client.run(body, path="/v1/fleet/jobs"):
             if event.type == "narration" and event["action"] == "report":
@@ -95,8 +93,7 @@ def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> No
 
 
 async def _plan(settings: Settings) -> list[dict[str, str]]:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
-                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+    async with settings.session() as queen, settings.client(queen.url) as client:
         result = await client.request_json("POST", "/v1/fleet/plan", {"inventory": str(settings.inventory_path)})
     return list(result["plan"])
 
@@ -118,10 +115,10 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
 
 
 async def _status(settings: Settings) -> list[dict[str, Any]]:
-    if not await queen_answers(settings.queen_url):
+    if not await queen_answers(settings.queen_url, token=settings.token):
         err.print(f"no queen answers at {settings.queen_url}; the fleet is not running (`rbee fleet up`)")
         raise typer.Exit(1)
-    async with LinkClient(settings.queen_url, "queen") as client:
+    async with settings.client(settings.queen_url) as client:
         return list((await client.request_json("GET", "/v1/hives"))["hives"])
 
 
@@ -149,8 +146,7 @@ def fleet_logs(
 
 
 async def _logs(settings: Settings, name: str, lines: int) -> list[str]:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
-                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+    async with settings.session() as queen, settings.client(queen.url) as client:
         result = await client.request_json("GET", f"/v1/fleet/logs/{name}?lines={lines}")
     return list(result["lines"])
 

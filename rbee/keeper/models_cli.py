@@ -10,8 +10,6 @@ from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
 from rbee.keeper.render import JobPrinter
-from rbee.keeper.session import queen_session
-from rbee.link.client import LinkClient
 
 models_app = typer.Typer(help="Models in each hive's catalog.", no_args_is_help=True)
 workers_app = typer.Typer(help="Workers: one process per loaded model.", no_args_is_help=True)
@@ -21,8 +19,7 @@ OneNode = Annotated[str, typer.Option("--node", "-n", help="Hive name")]
 
 
 async def _call(settings: Settings, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
-                             settings.inventory_path) as queen, LinkClient(queen.url, "queen") as client:
+    async with settings.session() as queen, settings.client(queen.url) as client:
         return await client.request_json(method, path, body)
 
 
@@ -53,8 +50,7 @@ def models_pull(
 
 
 async def _pull(settings: Settings, ref: str, node: str, printer: JobPrinter) -> None:
-    async with queen_session(settings.queen_url, settings.home, settings.heartbeat_interval,
-                             settings.inventory_path) as queen, LinkClient(queen.url, "queen", stall_timeout=None) as c:
+    async with settings.session() as queen, settings.client(queen.url, stall_timeout=None) as c:
         async for event in c.run({"ref": ref, "node": node}, path="/v1/catalog/jobs"):
             printer.show(event)
 

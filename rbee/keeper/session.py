@@ -15,6 +15,7 @@ import httpx
 
 from rbee.config import QueenConfig, ServeOptions, to_args
 from rbee.errors import LinkError, StartupError
+from rbee.link.auth import bearer
 from rbee.link.spawn import Child, bind_loopback, spawn
 
 
@@ -24,8 +25,8 @@ class QueenHandle:
     child: Child | None  # set when this command started the queen and must stop it
 
 
-async def queen_answers(url: str, timeout: float = 1.0) -> bool:
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+async def queen_answers(url: str, timeout: float = 1.0, token: str | None = None) -> bool:
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False, headers=bearer(token)) as http:
         try:
             response = await http.get(f"{url}/health")
         except httpx.HTTPError:
@@ -33,7 +34,7 @@ async def queen_answers(url: str, timeout: float = 1.0) -> bool:
     return response.status_code == 200 and response.json().get("role") == "queen"
 
 
-async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0) -> Child:
+async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0, token: str | None = None) -> Child:
     host = config.serve.host
     sock = bind_loopback(host, port)
     name = "queen (ephemeral)" if ephemeral else "queen"
@@ -43,7 +44,7 @@ async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0) ->
         env=dict(os.environ), tied=ephemeral,
     )
     try:
-        await child.wait_ready("/health", timeout=30.0)
+        await child.wait_ready("/health", timeout=30.0, token=token)
     except BaseException:
         await child.stop(grace=2.0)
         raise
@@ -52,18 +53,18 @@ async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0) ->
 
 @contextlib.asynccontextmanager
 async def queen_session(
-    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None
+    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None, token: str | None = None
 ) -> AsyncIterator[QueenHandle]:
     """The queen at ``url`` if one answers; otherwise an ephemeral queen for this block,
     stopped (with everything it started) when the block ends."""
-    if await queen_answers(url):
+    if await queen_answers(url, token=token):
         yield QueenHandle(url, None)
         return
     config = QueenConfig(
         home=home, heartbeat_interval=heartbeat_interval, ephemeral=True, serve=ServeOptions(host="127.0.0.1"),
         inventory=str(inventory or ""),
     )
-    child = await start_queen(config, ephemeral=True)
+    child = await start_queen(config, ephemeral=True, token=token)
     try:
         yield QueenHandle(child.url, child)
     finally:
@@ -71,10 +72,10 @@ async def queen_session(
 
 
 async def start_persistent(
-    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None
+    url: str, home: Path, heartbeat_interval: float, inventory: Path | None = None, token: str | None = None
 ) -> Child | None:
     """`rbee queen start`: a queen that outlives this command. None if one already answers."""
-    if await queen_answers(url):
+    if await queen_answers(url, token=token):
         return None
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost"):
@@ -83,21 +84,21 @@ async def start_persistent(
         home=home, heartbeat_interval=heartbeat_interval, serve=ServeOptions(host="127.0.0.1"),
         inventory=str(inventory or ""),
     )
-    child = await start_queen(config, ephemeral=False, port=parts.port or 80)
+    child = await start_queen(config, ephemeral=False, port=parts.port or 80, token=token)
     (home / "run").mkdir(parents=True, exist_ok=True)
     (home / "run" / "queen.pid").write_text(str(child.pid))
     return child
 
 
-async def stop_persistent(url: str, timeout: float = 30.0) -> bool:
+async def stop_persistent(url: str, timeout: float = 30.0, token: str | None = None) -> bool:
     """Ask the queen at ``url`` to stop; wait until it no longer answers. False if none ran."""
-    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False, headers=bearer(token)) as http:
         try:
             await http.post(f"{url}/v1/admin/shutdown")
         except httpx.HTTPError:
             return False
     deadline = time.monotonic() + timeout
-    while await queen_answers(url, timeout=0.5):
+    while await queen_answers(url, timeout=0.5, token=token):
         if time.monotonic() > deadline:
             raise LinkError(f"the queen at {url} is still answering {timeout:.0f} s after the shutdown request")
         await asyncio.sleep(0.1)

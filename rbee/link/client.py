@@ -18,7 +18,12 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from rbee.errors import JobNotFoundError, LinkError, PeerError, RequestError
+from rbee.link.auth import bearer
 from rbee.link.events import DONE_DATA, Event, EventFormatError
+
+
+class StallError(LinkError):
+    code = "stalled"
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,14 @@ class LinkClient:
         *,
         stall_timeout: float | None = 300.0,
         http: httpx.AsyncClient | None = None,
+        token: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.peer = peer
         self.stall_timeout = stall_timeout
         self._http = http or httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout), trust_env=False
+            base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout), trust_env=False,
+            headers=bearer(token),
         )
         self._owns_http = http is None
 
@@ -82,6 +89,8 @@ class LinkClient:
                     await source.response.aread()
                     raise _status_error(self.peer, source.response.status_code, source.response.content)
                 async for sse in source.aiter_sse():
+                    if not sse.data:
+                        continue  # a keep-alive comment
                     if sse.data == DONE_DATA:
                         return
                     try:
@@ -89,8 +98,8 @@ class LinkClient:
                     except EventFormatError as exc:
                         raise LinkError(f"{self.peer} sent a malformed event: {exc}") from exc
         except httpx.ReadTimeout as exc:
-            raise LinkError(
-                f"{self.peer} sent nothing for {self.stall_timeout:.0f} s: it is stalled or hung"
+            raise StallError(
+                f"{self.peer} sent nothing for {self.stall_timeout:g} s (not even a keep-alive): it is stalled or hung"
             ) from exc
         except httpx.HTTPError as exc:
             raise LinkError(f"the stream from {self.peer} broke: {_describe(exc)}") from exc

@@ -66,8 +66,10 @@ class Job:
     def narrate(self, action: str, message: str, **extra: object) -> None:
         self.emit(events.narration(self.actor, action, message, **extra))
 
-    async def subscribe(self, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
-        """Yield ``(event_id, event)`` from ``after + 1`` until the terminal event."""
+    async def subscribe(self, after: int = 0, ping: float | None = None) -> AsyncIterator[tuple[int, Event | None]]:
+        """Yield ``(event_id, event)`` from ``after + 1`` until the terminal event; with ``ping``,
+        ``(0, None)`` after each ``ping`` seconds without an event (a keep-alive: a live peer
+        with a slow step is not taken for a hung one)."""
         queue: asyncio.Queue[object] = asyncio.Queue()
         backlog = list(enumerate(self.history[after:], start=after + 1))
         next_id = after + len(backlog) + 1
@@ -77,7 +79,11 @@ class Job:
             for numbered in backlog:
                 yield numbered
             while not (self.finished and queue.empty()) and queue in self._subscribers:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), ping)
+                except TimeoutError:
+                    yield 0, None
+                    continue
                 if item is _CLOSED:
                     break
                 assert isinstance(item, Event)
@@ -100,10 +106,12 @@ class JobRegistry:
         actor: str,
         *,
         claim_timeout: float = 60.0,
-        resume_grace: float = 0.5,
+        resume_grace: float = 0.25,
         linger: float = 30.0,
+        ping: float | None = 5.0,
     ) -> None:
         self.actor = actor
+        self.ping = ping
         self.claim_timeout = claim_timeout
         self.resume_grace = resume_grace
         self.linger = linger
@@ -127,13 +135,13 @@ class JobRegistry:
                 f"no job {job_id!r} here: it never existed, expired unclaimed, or ended long ago"
             ) from None
 
-    async def stream(self, job_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event]]:
+    async def stream(self, job_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event | None]]:
         """Stream a job; a stream that closes before the end may cancel the job (see module doc)."""
         job = self.get(job_id)
         job.claimed = True
         self._unschedule(job)
         try:
-            async for item in job.subscribe(after):
+            async for item in job.subscribe(after, self.ping):
                 yield item
         finally:
             if not job.finished and job.subscriber_count == 0:

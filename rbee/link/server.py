@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 #: Request bodies above this are refused with 413 before they are read whole.
 MAX_BODY_BYTES = 1024 * 1024
 
+PING_FRAME = b": ping\n\n"  # an SSE comment: resets the peer's read deadline, carries no event
+
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -93,7 +95,7 @@ def add_job_routes(
 
         async def frames() -> AsyncIterator[bytes]:
             async for event_id, event in registry.stream(job_id, after):
-                yield encode_frame(event, event_id)
+                yield PING_FRAME if event is None else encode_frame(event, event_id)
             yield DONE_FRAME
 
         return await sse_response(frames())

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from rbee.errors import StartupError
+from rbee.link.auth import bearer
 
 
 def bind_loopback(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -81,11 +82,11 @@ class Child:
         tail = log_tail(self.log_path)
         return f"{self.name} {self.exit_reason()}" + (f"; its last output ({self.log_path}):\n{tail}" if tail else "")
 
-    async def wait_ready(self, path: str = "/health", timeout: float = 60.0) -> None:
+    async def wait_ready(self, path: str = "/health", timeout: float = 60.0, token: str | None = None) -> None:
         """Poll ``path`` until 200; fail at once if the child exits, or at the deadline."""
         deadline = time.monotonic() + timeout
         delay = 0.02
-        async with httpx.AsyncClient(base_url=self.url, timeout=2.0, trust_env=False) as http:
+        async with httpx.AsyncClient(base_url=self.url, timeout=2.0, trust_env=False, headers=bearer(token)) as http:
             while True:
                 if not self.alive:
                     raise StartupError(self.exit_message())

@@ -11,6 +11,7 @@ import sys
 from rbee import __version__
 from rbee.config import QueenConfig, from_args
 from rbee.errors import RbeeError
+from rbee.link.auth import load_token
 from rbee.link.serving import Listen, run_server, setup_logging
 from rbee.link.spawn import listening_url
 from rbee.queen.app import Queen, create_app
@@ -21,7 +22,7 @@ log = logging.getLogger("rbee.queen")
 async def main(config: QueenConfig) -> int:
     serve = config.serve
     url = listening_url(serve.fd, serve.host, serve.port)
-    queen = Queen(config, url)
+    queen = Queen(config, url, load_token())
     app = create_app(queen)
     watcher = asyncio.create_task(queen.watch_heartbeats())
     log.info("queen %s serving at %s (%s)", __version__, url, "ephemeral" if config.ephemeral else "persistent")

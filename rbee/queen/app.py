@@ -13,9 +13,10 @@ import psutil
 from quart import Quart, Response, jsonify, request
 
 from rbee import __version__, inventory
-from rbee.config import DEFAULT_MODEL, LOCAL_NODE, QueenConfig
+from rbee.config import DEFAULT_MODEL, LOCAL_NODE, QueenConfig, ping_interval, stall_timeout
 from rbee.errors import ModelNotFoundError, RequestError, StartupError
 from rbee.link import events
+from rbee.link.auth import install_auth
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.relay import relay
@@ -38,12 +39,13 @@ class NodeDownError(StartupError):
 
 
 class Queen:
-    def __init__(self, config: QueenConfig, url: str) -> None:
+    def __init__(self, config: QueenConfig, url: str, token: str | None = None) -> None:
         self.config = config
+        self.token = token
         self.url = url
         self.hives = HiveRegistry(config.heartbeat_interval)
         self.local = LocalHiveLauncher(config, url, self.hives)
-        self.registry = JobRegistry(config.actor)
+        self.registry = JobRegistry(config.actor, ping=ping_interval())
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
         self.catalog = HiveCatalog(config.home / "queen.db")
@@ -55,6 +57,7 @@ class Queen:
             queen_port=int(url.rsplit(":", 1)[1]),
             heartbeat_interval=config.heartbeat_interval,
             hive_ready_timeout=config.hive_ready_timeout,
+            token=token,
         )
 
     @staticmethod
@@ -68,7 +71,9 @@ class Queen:
     def client_for(self, hive: HiveState) -> LinkClient:
         client = self.clients.get(hive.name)
         if client is None or client.base_url != hive.url.rstrip("/"):
-            client = self.clients[hive.name] = LinkClient(hive.url, f"hive:{hive.name}")
+            client = self.clients[hive.name] = LinkClient(
+                hive.url, f"hive:{hive.name}", stall_timeout=stall_timeout(), token=self.token
+            )
         return client
 
     def known_nodes(self) -> list[str]:
@@ -185,6 +190,7 @@ class Queen:
 def create_app(queen: Queen) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, queen.config.actor)
+    install_auth(app, queen.token)
 
     def make_producer(body: dict[str, Any]) -> Producer:
         request = parse_job_request(body)

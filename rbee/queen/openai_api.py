@@ -33,6 +33,8 @@ STATUS = {
     "node_down": (503, "server_error"),
     "startup_failed": (503, "server_error"),
     "worker_died": (503, "server_error"),
+    "worker_stalled": (503, "server_error"),
+    "stalled": (504, "server_error"),
     "link_failed": (502, "server_error"),
     "unauthorized": (401, "invalid_request_error"),
 }
@@ -224,7 +226,8 @@ async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None
     """The job's events; if the client leaves early, the job is cancelled at once (down to the worker)."""
     try:
         async for _, event in registry.stream(job.id):
-            yield event
+            if event is not None:
+                yield event
     finally:
         if not job.finished:
             await registry.cancel(job.id, "the OpenAI client disconnected")

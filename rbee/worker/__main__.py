@@ -7,8 +7,9 @@ import contextlib
 import logging
 import sys
 
-from rbee.config import WorkerConfig, from_args
+from rbee.config import WorkerConfig, from_args, ping_interval
 from rbee.errors import RbeeError
+from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.jobs import JobRegistry
@@ -24,9 +25,10 @@ async def main(config: WorkerConfig) -> int:
     stop = asyncio.Event()
     backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads)
     runner = ModelRunner(backend, config.model_path)
-    registry = JobRegistry(config.actor)
-    app = create_app(config, runner, registry, stop)
-    hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0)
+    registry = JobRegistry(config.actor, ping=ping_interval())
+    token = load_token()
+    app = create_app(config, runner, registry, stop, token)
+    hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0, token=token)
     failure: list[str] = []
 
     async def load() -> None:

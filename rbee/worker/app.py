@@ -11,6 +11,7 @@ from quart import Quart, Response, jsonify
 
 from rbee.config import WorkerConfig
 from rbee.link import events
+from rbee.link.auth import install_auth
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.schemas import parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers
@@ -18,9 +19,12 @@ from rbee.worker.chat import render as render_chat
 from rbee.worker.runner import ModelRunner
 
 
-def create_app(config: WorkerConfig, runner: ModelRunner, registry: JobRegistry, stop: asyncio.Event) -> Quart:
+def create_app(
+    config: WorkerConfig, runner: ModelRunner, registry: JobRegistry, stop: asyncio.Event, token: str | None = None
+) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, config.actor)
+    install_auth(app, token)
 
     def make_producer(body: dict[str, Any]) -> Producer:
         request = parse_job_request(body)

@@ -7,7 +7,9 @@ from rbee.queen.scheduler import HiveView, NoHiveError, choose_hive
 GB = 1024**3
 
 
-def hive(name: str, warm: tuple[str, ...] = (), disk: tuple[str, ...] = (), free: float = 8, up: bool = True) -> HiveView:
+def hive(
+    name: str, warm: tuple[str, ...] = (), disk: tuple[str, ...] = (), free: float = 8, up: bool = True
+) -> HiveView:
     return HiveView(name, up, frozenset(warm), frozenset(disk), int(free * GB))
 
 

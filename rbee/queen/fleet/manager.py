@@ -32,7 +32,9 @@ class Fleet:
         queen_port: int,
         heartbeat_interval: float,
         hive_ready_timeout: float,
+        token: str | None = None,
     ) -> None:
+        self.token = token
         self.inventory = inventory
         self.registry = registry
         self.catalog = catalog
@@ -49,7 +51,8 @@ class Fleet:
             if host is not None:
                 asyncio.get_running_loop().create_task(host.close())
             host = self.hosts[entry.name] = RemoteHost(
-                entry, self.inventory.ssh, self.queen_port, self.heartbeat_interval, on_reconnect=self._reconnected
+                entry, self.inventory.ssh, self.queen_port, self.heartbeat_interval, on_reconnect=self._reconnected,
+                token=self.token,
             )
         return host
 
@@ -152,7 +155,7 @@ class Fleet:
         if current is not None and current.entry == entry:
             return current
         ssh = SshSection.model_validate(record.entry["ssh"])
-        return RemoteHost(entry, ssh, self.queen_port, self.heartbeat_interval)
+        return RemoteHost(entry, ssh, self.queen_port, self.heartbeat_interval, token=self.token)
 
     async def _remove(self, name: str, narrate: Narrate) -> None:
         host = self._recorded_host(name)

@@ -21,6 +21,7 @@ import httpx
 
 from rbee import __version__
 from rbee.inventory import HiveEntry, SshSection
+from rbee.link.auth import bearer
 from rbee.queen.fleet.remote_script import SCRIPT
 from rbee.queen.fleet.ssh import Command, RemoteCommandError, SshError, connect, run
 from rbee.queen.fleet.wheelhouse import WheelSet
@@ -38,8 +39,10 @@ class RemoteHost:
         queen_port: int,
         heartbeat_interval: float,
         on_reconnect: Callable[[RemoteHost], None] | None = None,
+        token: str | None = None,
     ) -> None:
         self.entry = entry
+        self.token = token
         self.ssh = ssh
         self.queen_port = queen_port
         self.heartbeat_interval = heartbeat_interval
@@ -163,17 +166,30 @@ class RemoteHost:
         remote = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.queen_port)
         self._forwards.append(remote)
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
+        env = {}
+        if self.token:
+            env["RBEE_TOKEN_FILE"] = await self._push_token(conn)
         command = Command.of(
             self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach",
             "--name", self.name, "--queen-url", self.queen_url_there, "--home", self.home,
             "--models-dir", self._path("models"), "--heartbeat-interval", str(self.heartbeat_interval),
-            "--host", "127.0.0.1", "--port", "0",
+            "--host", "127.0.0.1", "--port", "0", env=env,
         )
         narrate("launch", f"starting {self.actor} (detached)")
         output = await run(conn, command, what=f"{self.actor}: starting the hive", timeout=90)
         state = json.loads(output.strip().splitlines()[-1])
         self.launched_here = True
         await self.attach(int(state["url"].rsplit(":", 1)[1]))
+
+    async def _push_token(self, conn: asyncssh.SSHClientConnection) -> str:
+        """The token reaches the host in a 0600 file over SFTP; only its path is on a command line."""
+        path = self._path("token")
+        async with conn.start_sftp_client() as sftp:
+            await sftp.makedirs(self.home, exist_ok=True)
+            async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as handle:
+                await handle.write(str(self.token))
+            await sftp.chmod(path, 0o600)
+        return path
 
     async def attach(self, hive_port: int) -> None:
         """Tunnel to a hive already running on the host (after a queen restart or a re-run)."""
@@ -193,7 +209,8 @@ class RemoteHost:
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
 
     async def _tell_hive_queen_url(self) -> None:
-        async with httpx.AsyncClient(base_url=self.hive_url, timeout=10, trust_env=False) as http:
+        async with httpx.AsyncClient(base_url=self.hive_url, timeout=10, trust_env=False,
+                                     headers=bearer(self.token)) as http:
             response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
             response.raise_for_status()
 

@@ -1,0 +1,213 @@
+"""Faults on real processes: killed and hung workers, a killed hive, cancels, concurrent
+jobs, loopback-only sockets and network mode. Each test ends with no orphan (rbee_env)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from rbee.config import QueenConfig, ServeOptions
+from rbee.keeper.session import start_queen
+from rbee.link.client import LinkClient
+from tests.conftest import processes_of
+from tests.helpers import eventually
+
+RBEE = [sys.executable, "-m", "rbee.keeper"]
+GREEDY = {"temperature": 0.0, "seed": 11}
+LONG = {"prompt": "Count from one to one thousand: one, two, three,", "max_tokens": 1500, **GREEDY}
+
+
+async def hives(queen_url: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        return list((await http.get("/v1/hives")).json()["hives"])
+
+
+async def the_worker(queen_url: str) -> dict[str, Any]:
+    return (await hives(queen_url))[0]["workers"][-1]
+
+
+async def worker_health(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=2) as http:
+        return dict((await http.get("/health")).json())
+
+
+@pytest.fixture
+async def fast_queen(rbee_env: dict[str, str]) -> AsyncIterator[str]:
+    """A queen whose links call a silent peer hung after 2 s (keep-alives every 0.5 s)."""
+    os.environ.update(RBEE_STALL_TIMEOUT="2", RBEE_PING_INTERVAL="0.5")
+    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
+                         serve=ServeOptions())
+    child = await start_queen(config, ephemeral=True)
+    try:
+        yield child.url
+    finally:
+        await child.stop(grace=20.0)
+        for key in ("RBEE_STALL_TIMEOUT", "RBEE_PING_INTERVAL"):
+            os.environ.pop(key, None)
+
+
+async def test_worker_killed_mid_stream(queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]  # warm
+        first = await the_worker(queen_url)
+        received = []
+        killed_at = 0.0
+        async for event in client.run(LONG):
+            received.append(event)
+            if event.type == "token" and event["index"] == 3:
+                os.kill(first["pid"], signal.SIGKILL)
+                killed_at = time.monotonic()
+        detected = time.monotonic() - killed_at
+        error = received[-1]
+        assert error.type == "error" and error["code"] == "worker_died", error
+        assert first["worker_id"] in error["message"] and "hive:localhost" in error["message"]
+        assert "signal 9" in error["message"]
+        assert detected < 2.0, f"the error took {detected:.2f} s"
+        print(f"\nworker death → error at the client: {detected * 1000:.0f} ms")
+
+        async def marked_dead() -> bool:
+            rows = (await hives(queen_url))[0]["workers"]
+            return any(w["worker_id"] == first["worker_id"] and w["state"] == "dead" for w in rows)
+
+        await eventually(marked_dead, timeout=2)  # the queen sees it with the hive's next heartbeat
+        again = [e async for e in client.run({"prompt": "Hi", "max_tokens": 3, **GREEDY})]
+    assert again[-1].type == "end"
+    assert (await the_worker(queen_url))["worker_id"] != first["worker_id"], "a fresh worker serves the next job"
+
+
+async def test_hung_worker_hits_the_stall_deadline(fast_queen: str) -> None:
+    async with LinkClient(fast_queen, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        worker = await the_worker(fast_queen)
+        received = []
+        stopped_at = 0.0
+        async for event in client.run(LONG):
+            received.append(event)
+            if event.type == "token" and event["index"] == 3:
+                os.kill(worker["pid"], signal.SIGSTOP)
+                stopped_at = time.monotonic()
+        waited = time.monotonic() - stopped_at
+    error = received[-1]
+    assert error.type == "error" and error["code"] == "worker_stalled", error
+    assert 1.5 < waited < 6, waited
+    await eventually(lambda: not psutil.pid_exists(worker["pid"]) or
+                     psutil.Process(worker["pid"]).status() == psutil.STATUS_ZOMBIE, timeout=5)
+
+
+async def test_killed_hive_is_marked_down_and_its_job_ends_with_an_error(queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        hive_pid = (await hives(queen_url))[0]["pid"]
+        received = []
+        async for event in client.run(LONG):
+            received.append(event)
+            if event.type == "token" and event["index"] == 3:
+                os.kill(hive_pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+    assert received[-1].type == "error" and "hive:localhost" in received[-1]["message"], received[-1]
+
+    async def down() -> dict[str, Any] | None:
+        hive = (await hives(queen_url))[0]
+        return hive if hive["state"] == "down" else None
+
+    hive = await eventually(down, timeout=3 * 0.5 + 1.0)
+    print(f"\nhive death → marked down: {(time.monotonic() - killed_at) * 1000:.0f} ms")
+    assert "missed heartbeats" in hive["reason"]
+
+
+@pytest.mark.parametrize("how", ["sigint", "disconnect"])
+async def test_cancel_reaches_the_worker_within_a_second(rbee_env: dict[str, str], queen_url: str, how: str) -> None:
+    env = {**rbee_env, "RBEE_QUEEN_URL": queen_url}
+    async with LinkClient(queen_url, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+    worker = await the_worker(queen_url)
+    if how == "sigint":
+        process = await asyncio.create_subprocess_exec(
+            *RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", LONG["prompt"], env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        assert await asyncio.wait_for(process.stdout.read(16), 60)
+        process.send_signal(signal.SIGINT)
+        cancelled_at = time.monotonic()
+    else:
+        async with LinkClient(queen_url, "queen") as client:
+            handle = await client.create(LONG)
+            async for event in client.stream(handle):
+                if event.type == "token" and event["index"] == 3:
+                    break
+        cancelled_at = time.monotonic()
+    idle = await eventually(lambda: _idle(worker["url"]), timeout=5, interval=0.02)
+    latency = time.monotonic() - cancelled_at
+    settled = idle["tokens_generated"]
+    await asyncio.sleep(0.3)
+    assert (await worker_health(worker["url"]))["tokens_generated"] == settled
+    print(f"\ncancel ({how}) → worker idle: {latency * 1000:.0f} ms")
+    assert latency < 1.0
+    if how == "sigint":
+        assert await asyncio.wait_for(process.wait(), 30) == 130
+
+
+async def _idle(url: str) -> dict[str, Any] | None:
+    health = await worker_health(url)
+    return health if health["state"] == "ready" else None
+
+
+async def test_two_jobs_at_once_on_one_worker_do_not_mix(queen_url: str) -> None:
+    body = {"prompt": "The three primary colours are", "max_tokens": 24, **GREEDY}
+    async with LinkClient(queen_url, "queen") as client:
+
+        async def text() -> str:
+            events = [e async for e in client.run(body)]
+            assert events[-1].type == "end", events[-1]
+            return "".join(e["text"] for e in events if e.type == "token")
+
+        alone = await text()
+        both = await asyncio.gather(text(), text())
+    assert both[0] == both[1] == alone
+    assert len((await hives(queen_url))[0]["workers"]) == 1
+
+
+async def test_every_server_listens_on_loopback_only(rbee_env: dict[str, str], queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+    listening = []
+    for process in processes_of(Path(rbee_env["RBEE_HOME"])):
+        for conn in process.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.append((process.pid, conn.laddr.ip, conn.laddr.port))
+    roles = {p.pid for p in processes_of(Path(rbee_env["RBEE_HOME"]))}
+    assert len({pid for pid, _, _ in listening}) == len(roles) == 3, listening  # queen, hive, worker
+    assert all(ip == "127.0.0.1" for _, ip, _ in listening), listening
+
+
+async def test_network_mode_keeps_the_token_secret(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    token = "tok-" + os.urandom(16).hex()
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    env = {**rbee_env, "RBEE_TOKEN_FILE": str(token_file)}
+    process = await asyncio.create_subprocess_exec(
+        *RBEE, "infer", "--max-tokens", "24", "--temperature", "0", "Hello", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = await asyncio.wait_for(process.stdout.read(8), 60)
+    argvs = [" ".join(p.cmdline()) for p in processes_of(Path(rbee_env["RBEE_HOME"]))]
+    rest, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert (first + rest).strip()
+    assert len(argvs) >= 3 and not any(token in argv for argv in argvs)
+    assert token not in stderr.decode()
+    for log in Path(rbee_env["RBEE_HOME"]).rglob("*.log"):
+        assert token not in log.read_text(errors="replace"), log

@@ -1,0 +1,107 @@
+"""Network mode, per endpoint: every route of queen, hive and worker refuses a request
+without the bearer token (401), and accepts it with the token."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+from quart import Quart
+
+from rbee.config import HiveConfig, QueenConfig, WorkerConfig
+from rbee.errors import ConfigError
+from rbee.hive.app import Hive
+from rbee.hive.app import create_app as hive_app
+from rbee.hive.models import ModelCatalog
+from rbee.hive.supervisor import Supervisor
+from rbee.link.auth import load_token
+from rbee.link.jobs import JobRegistry, new_job_id
+from rbee.queen.app import Queen
+from rbee.queen.app import create_app as queen_app
+from rbee.queen.fleet.ssh import Command
+from rbee.worker.app import create_app as worker_app
+from rbee.worker.runner import ModelRunner
+from tests.server.test_worker_app import FakeEngine
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def apps(tmp_path: Path) -> dict[str, Quart]:
+    queen = Queen(QueenConfig(home=tmp_path / "q"), "http://127.0.0.1:7833", TOKEN)
+    hive_config = HiveConfig(home=tmp_path / "h", models_dir=tmp_path / "m")
+    hive = Hive(hive_config, Supervisor(hive_config, "http://127.0.0.1:7835", TOKEN), ModelCatalog(tmp_path), TOKEN)
+    worker_config = WorkerConfig("w-1", tmp_path / "m.gguf", "http://127.0.0.1:9")
+    runner = ModelRunner(FakeEngine(), worker_config.model_path)
+    worker = worker_app(worker_config, runner, JobRegistry(worker_config.actor), asyncio.Event(), TOKEN)
+    return {"queen": queen_app(queen), "hive": hive_app(hive), "worker": worker}
+
+
+def routes(app: Quart) -> list[tuple[str, str]]:
+    found = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule
+        for arg in rule.arguments:
+            path = path.replace(f"<{arg}>", "x")
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            found.append((method, path))
+    return found
+
+
+@pytest.mark.parametrize("role", ["queen", "hive", "worker"])
+async def test_every_endpoint_refuses_a_request_without_the_token(role: str, tmp_path: Path) -> None:
+    app = apps(tmp_path)[role]
+    client = app.test_client()
+    checked = routes(app)
+    assert len(checked) >= 5
+    for method, path in checked:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = await client.open(path, method=method, headers=headers, json={})
+            assert response.status_code == 401, (role, method, path, headers, response.status_code)
+            assert (await response.get_json())["error"]["code"] == "unauthorized"
+            assert TOKEN not in (await response.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("role", ["queen", "hive", "worker"])
+async def test_the_token_opens_the_door(role: str, tmp_path: Path) -> None:
+    app = apps(tmp_path)[role]
+    response = await app.test_client().get("/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+
+
+def test_token_file_must_be_private(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_token({"RBEE_TOKEN_FILE": str(path)})
+    path.chmod(0o600)
+    assert load_token({"RBEE_TOKEN_FILE": str(path)}) == TOKEN
+    assert load_token({}) is None
+
+
+def test_job_ids_carry_at_least_128_random_bits() -> None:
+    ids = {new_job_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    body = next(iter(ids)).removeprefix("job-")
+    assert len(body) * 6 >= 128  # base64url: 6 bits a character
+
+
+@pytest.mark.parametrize(
+    "evil",
+    ["$(touch {marker})", "`touch {marker}`", "x; touch {marker}", "x && touch {marker}", "'; touch {marker}; '",
+     "x\ntouch {marker}", "$HOME|touch {marker}"],
+)
+def test_remote_commands_quote_hostile_values(evil: str, tmp_path: Path) -> None:
+    """What the queen sends over SSH is run by the host's shell: hostile names stay data."""
+    marker = tmp_path / "pwned"
+    value = evil.format(marker=marker)
+    command = Command.of("printf", "%s", value, env={"RBEE_X": value})
+    result = subprocess.run(["/bin/sh", "-c", command.render()], capture_output=True, text=True, check=True)
+    assert result.stdout == value
+    assert not marker.exists()
+
+
