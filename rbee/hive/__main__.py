@@ -94,10 +94,10 @@ if __name__ == "__main__":
     detached = "--detach" in argv
     if detached:
         argv.remove("--detach")
-    else:
-        setup_logging()
     try:
         config = from_args(HiveConfig, argv)
+        if not detached:
+            setup_logging(config.actor)
         sys.exit(asyncio.run(detach(config) if detached else main(config)))
     except RbeeError as exc:
         print(f"rbee hive: {exc.message}", file=sys.stderr)

@@ -19,6 +19,7 @@ from rbee.link import events
 from rbee.link.auth import install_auth
 from rbee.link.client import LinkClient, StallError
 from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
 from rbee.link.schemas import parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
@@ -37,7 +38,8 @@ class Hive:
         self.token = token
         self.supervisor = supervisor
         self.catalog = catalog
-        self.registry = JobRegistry(config.actor, ping=ping_interval())
+        self.metrics = Metrics(config.actor)
+        self.registry = JobRegistry(config.actor, ping=ping_interval(), on_finish=self.metrics.job_finished)
         self.stall_timeout = stall_timeout()
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
@@ -170,6 +172,9 @@ def create_app(hive: Hive) -> Quart:
         return produce
 
     add_job_routes(app, hive.registry, make_producer)
+    hive.metrics.mount(
+        app, lambda: [("worker", w["worker_id"], w["state"], w["heartbeat_age_s"]) for w in hive.supervisor.describe()]
+    )
     add_job_routes(app, hive.registry, make_pull, prefix="/v1/catalog/jobs")
 
     @app.get("/health")

@@ -50,11 +50,17 @@ class Job:
         self._timer: asyncio.TimerHandle | None = None
         self.claimed = False
         self.cancel_reason = ""
+        self.tokens = 0
+        self.first_token_at: float | None = None
 
     def emit(self, event: Event) -> None:
         """Record an event and hand it to every open stream. Events after the terminal one are dropped."""
         if self.finished:
             return
+        if event.type == events.TOKEN:
+            self.tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
         self.history.append(event)
         if event.terminal:
             self.finished = True
@@ -109,8 +115,10 @@ class JobRegistry:
         resume_grace: float = 0.25,
         linger: float = 30.0,
         ping: float | None = 5.0,
+        on_finish: Callable[[Job], None] | None = None,
     ) -> None:
         self.actor = actor
+        self.on_finish = on_finish
         self.ping = ping
         self.claim_timeout = claim_timeout
         self.resume_grace = resume_grace
@@ -124,6 +132,7 @@ class JobRegistry:
         job = Job(new_job_id(), self.actor)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, producer), name=job.id)
+        log.info("job created", extra={"job": job.id})
         self._schedule(job, self.claim_timeout, self._expire_unclaimed)
         return job
 
@@ -172,6 +181,13 @@ class JobRegistry:
             log.exception("job %s failed", job.id)
             job.emit(events.error("internal", f"{type(exc).__name__}: {exc}", self.actor))
         finally:
+            last = job.history[-1] if job.history else None
+            log.info(
+                "job ended: %s (%d tokens)", last.type if last else "nothing", job.tokens,
+                extra={"job": job.id, "code": last.get("code") if last else None},
+            )
+            if self.on_finish is not None:
+                self.on_finish(job)
             self._schedule(job, self.linger, self._forget)
 
     async def _cancel(self, job: Job, reason: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -34,10 +35,36 @@ class Listen:
         return f"fd://{self.fd}" if self.fd is not None else f"{self.host}:{self.port}"
 
 
-def setup_logging() -> None:
-    """One line per event on stderr (the spawner sends it to the role's log file).
-    httpx's per-request lines are dropped: heartbeats would flood the log."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, actor, job id (when there is one), message."""
+
+    def __init__(self, actor: str) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "actor": self.actor,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("job", "code"):
+            value = getattr(record, key, None)
+            if value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def setup_logging(actor: str) -> None:
+    """Structured lines on stderr, which the spawner sends to the role's log file under
+    RBEE_HOME/logs. httpx's per-request lines are dropped: heartbeats would flood the log."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines(actor))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -25,21 +25,23 @@ async def main(config: QueenConfig) -> int:
     queen = Queen(config, url, load_token())
     app = create_app(queen)
     watcher = asyncio.create_task(queen.watch_heartbeats())
+    reattach = asyncio.create_task(queen.fleet.reattach())
     log.info("queen %s serving at %s (%s)", __version__, url, "ephemeral" if config.ephemeral else "persistent")
     try:
         await run_server(
             app, Listen(serve.host, serve.port, serve.fd), queen.stop, parent_pid=serve.parent_pid, on_stop=queen.close
         )
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, reattach):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await queen.close()
     return 0
 
 
 if __name__ == "__main__":
-    setup_logging()
+    setup_logging("queen")
     try:
         sys.exit(asyncio.run(main(from_args(QueenConfig, sys.argv[1:]))))
     except RbeeError as exc:

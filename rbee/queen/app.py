@@ -19,6 +19,7 @@ from rbee.link import events
 from rbee.link.auth import install_auth
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
 from rbee.link.schemas import JobRequest, parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
@@ -45,7 +46,8 @@ class Queen:
         self.url = url
         self.hives = HiveRegistry(config.heartbeat_interval)
         self.local = LocalHiveLauncher(config, url, self.hives)
-        self.registry = JobRegistry(config.actor, ping=ping_interval())
+        self.metrics = Metrics(config.actor)
+        self.registry = JobRegistry(config.actor, ping=ping_interval(), on_finish=self.metrics.job_finished)
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
         self.catalog = HiveCatalog(config.home / "queen.db")
@@ -212,6 +214,7 @@ def create_app(queen: Queen) -> Quart:
         return produce
 
     add_job_routes(app, queen.registry, make_producer)
+    queen.metrics.mount(app, lambda: [("hive", h["name"], h["state"], h["heartbeat_age_s"]) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
     index = ModelIndex(
         lambda: default_models(queen.known_nodes(), {e.name: list(e.models) for e in queen.fleet.inventory.hive})

@@ -82,6 +82,8 @@ def document() -> dict[str, Any]:
     beat["parameters"] = NAME
     paths = {
         "/health": {"get": _op("Liveness of the queen", errors=())},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "Prometheus text format", "content": {"text/plain": {}}}}}},
         "/openapi.json": {"get": _op("This document", errors=())},
         "/v1/jobs": {"post": _op("Create an inference job", body=JobRequest, ok="201", ok_schema=JOB_CREATED)},
         "/v1/jobs/{job_id}/stream": {"get": stream},

@@ -77,9 +77,10 @@ async def main(config: WorkerConfig) -> int:
 
 
 if __name__ == "__main__":
-    setup_logging()
     try:
-        sys.exit(asyncio.run(main(from_args(WorkerConfig, sys.argv[1:]))))
+        worker_config = from_args(WorkerConfig, sys.argv[1:])
+        setup_logging(worker_config.actor)
+        sys.exit(asyncio.run(main(worker_config)))
     except RbeeError as exc:
         print(f"rbee worker: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,51 @@ def test_removing_a_host_from_the_inventory_stops_it(fleet: Fleet) -> None:
     status = fleet.rbee("fleet", "status", inventory=smaller).stdout
     assert f" {gone.name} " not in status, "a removed host must not linger in status"
     assert fleet.rbee("fleet", "up").returncode == 0  # the full inventory again
+
+
+def worker_pids(host: sshd_hosts.Host, module: str = "rbee.worker") -> set[int]:
+    return {p.pid for p in host.rbee_processes() if module in " ".join(p.cmdline())}
+
+
+def line_of(fleet: Fleet, name: str) -> str:
+    return next(line for line in fleet.status().splitlines() if f" {name} " in line)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_dropped_ssh_connection_is_reopened_and_the_hive_keeps_its_workers(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    assert fleet.rbee("infer", "--node", host.name, "--max-tokens", "4", "Hi").returncode == 0
+    hives, workers = worker_pids(host, "rbee.hive"), worker_pids(host)
+    assert hives and workers
+    sessions = [p for p in host.processes() if p.name() == "sshd"]
+    assert sessions, "the queen's SSH session runs as the host user"
+    for session in sessions:
+        session.kill()
+    wait_for(lambda: " up " in line_of(fleet, host.name), 15, "the hive did not come back up")
+    result = fleet.rbee("infer", "--node", host.name, "--max-tokens", "4", "Hi")
+    assert result.returncode == 0, result.stderr
+    assert "reusing warm" in result.stderr
+    assert worker_pids(host, "rbee.hive") == hives and worker_pids(host) == workers
+
+
+def test_queen_restart_reattaches_without_reinstalling(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    workers = worker_pids(host)
+    installed = (host.home / ".rbee" / "install.json").stat().st_mtime
+    assert fleet.rbee("queen", "stop").returncode == 0
+    started = fleet.rbee("queen", "start", "-i", str(fleet.inventory))
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: all(" up " in line_of(fleet, h.name) for h in fleet.hosts), 20, "hives did not re-register")
+    result = fleet.rbee("infer", "--node", host.name, "--max-tokens", "4", "Hi")
+    assert result.returncode == 0, result.stderr
+    assert "reusing warm" in result.stderr and worker_pids(host) == workers
+    assert (host.home / ".rbee" / "install.json").stat().st_mtime == installed
 
 
 def test_changed_host_key_is_refused(fleet: Fleet) -> None:

@@ -4,6 +4,7 @@ jobs, loopback-only sockets and network mode. Each test ends with no orphan (rbe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -211,3 +212,24 @@ async def test_network_mode_keeps_the_token_secret(rbee_env: dict[str, str], tmp
     assert token not in stderr.decode()
     for log in Path(rbee_env["RBEE_HOME"]).rglob("*.log"):
         assert token not in log.read_text(errors="replace"), log
+
+
+async def test_metrics_and_structured_logs(rbee_env: dict[str, str], queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        events = [e async for e in client.run({"prompt": "Hi", "max_tokens": 5, **GREEDY})]
+    job_tokens = sum(e.type == "token" for e in events)
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        text = (await http.get("/metrics")).text
+        hive_url = (await hives(queen_url))[0]["url"]
+    assert 'rbee_jobs_total{role="queen",state="ok"} 1.0' in text
+    assert f'rbee_tokens_total{{role="queen"}} {float(job_tokens)}' in text
+    assert 'rbee_time_to_first_token_seconds_count{role="queen"} 1.0' in text
+    assert 'rbee_peer_up{kind="hive",name="localhost",state="up"} 1.0' in text
+    async with httpx.AsyncClient(base_url=hive_url) as http:
+        hive_text = (await http.get("/metrics")).text
+    assert 'rbee_jobs_total{role="hive:localhost",state="ok"} 1.0' in hive_text
+    assert 'rbee_peer_up{kind="worker"' in hive_text and "rbee_heartbeat_age_seconds" in hive_text
+    log = Path(rbee_env["RBEE_HOME"]) / "logs" / "hive-localhost.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    ended = [line for line in lines if line["msg"].startswith("job ended")]
+    assert ended and ended[0]["actor"] == "hive:localhost" and ended[0]["job"].startswith("job-")

@@ -193,6 +193,24 @@ class Fleet:
         narrate("down", f"hive:{name}: " + ("stopped" if was else "was not running"))
         return {"name": name, "action": "stopped" if was else "nothing", "reason": ""}
 
+    async def reattach(self) -> None:
+        """After a queen (re)start: tunnel to every hive the fleet launched that still runs, so
+        it re-registers with its next heartbeat; nothing is reinstalled, warm workers stay."""
+        launched = [record.name for record in self.catalog.all() if record.launched]
+        await asyncio.gather(*(self._reattach_one(name) for name in launched), return_exceptions=True)
+
+    async def _reattach_one(self, name: str) -> None:
+        host = self._recorded_host(name)
+        if host is None:
+            return
+        self.hosts[name] = host
+        host.on_reconnect = self._reconnected
+        probe = await host.probe()
+        hive = probe.get("hive") or {}
+        if hive.get("alive"):
+            await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
+            self.registry.set_url(name, host.hive_url)
+
     # on demand ----------------------------------------------------------------------------
 
     async def ensure(self, entry: HiveEntry, narrate: Narrate) -> HiveState:
