@@ -110,6 +110,7 @@ class HiveConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     worker_ready_timeout: float = 120.0
     worker_n_ctx: int = 2048
+    backend: str = "auto"  # the inventory's per-hive `backend =`
     worker_idle_timeout: float = field(default_factory=lambda: _env_number("RBEE_WORKER_IDLE_TIMEOUT", 900.0))
     #: bytes rbee's workers may hold in all; 0 = whatever is free
     memory_budget: int = field(default_factory=lambda: int(_env_number("RBEE_MEMORY_BUDGET", 0)))

@@ -128,12 +128,36 @@ class HiveEntry(BaseModel):
         return SshTarget(user=match["user"], host=match["host"].strip("[]"), port=port)
 
 
+class LogicalModel(BaseModel):
+    """One model under one name, in the form each engine needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gguf: str | None = None
+    mlx: str | None = None
+
+    @field_validator("gguf", "mlx")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        return check_model_ref(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _some_form(self) -> LogicalModel:
+        if self.gguf is None and self.mlx is None:
+            raise ValueError("give at least one form: gguf = \"…\" and/or mlx = \"…\"")
+        return self
+
+    def forms(self) -> dict[str, str]:
+        return {key: value for key, value in (("gguf", self.gguf), ("mlx", self.mlx)) if value}
+
+
 class Inventory(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     queen: QueenSection = QueenSection()
     ssh: SshSection = SshSection()
     hive: tuple[HiveEntry, ...] = ()
+    models: dict[str, LogicalModel] = {}
     path: str = ""
 
     @model_validator(mode="after")
@@ -203,13 +227,21 @@ def locate(text: str, loc: list[str]) -> int:
     """The line of the key at ``loc`` (e.g. ["hive", "1", "ssh"]), best effort: tomllib keeps no positions."""
     lines = text.splitlines()
     start, end = 0, len(lines)
-    if loc and loc[0] in ("hive", "queen", "ssh"):
+    if loc and loc[0] in ("hive", "queen", "ssh", "models"):
         section = loc[0]
         if section == "hive" and len(loc) > 1 and loc[1].isdigit():
             headers = [i for i, line in enumerate(lines) if re.match(r"^\s*\[\[\s*hive\s*\]\]", line)]
             index = int(loc[1])
             if index < len(headers):
                 start = headers[index]
+                end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
+            key = loc[2] if len(loc) > 2 else None
+        elif section == "models" and len(loc) > 1:
+            name = re.escape(loc[1])
+            header = next((i for i, line in enumerate(lines)
+                           if re.match(rf"^\s*\[\s*models\.\"?{name}\"?\s*\]", line)), None)
+            if header is not None:
+                start = header
                 end = next((i for i in range(start + 1, len(lines)) if re.match(r"^\s*\[", lines[i])), len(lines))
             key = loc[2] if len(loc) > 2 else None
         else:

@@ -13,6 +13,8 @@ from rbee import __version__
 from rbee.config import HiveConfig, ping_interval, stall_timeout
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import probe
+from rbee.hive.engine import Choice, choose_engine, installed_engines
+from rbee.hive.engine import Host as EngineHost
 from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.supervisor import Supervisor, WorkerRecord
 from rbee.link import events
@@ -21,10 +23,9 @@ from rbee.link.client import LinkClient, StallError
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
-from rbee.link.schemas import parse_job_request
+from rbee.link.schemas import JobRequest, parse_job_request
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
 
-BACKEND = "llama-cpp"
 RUNTIME_OVERHEAD = 64 * 1024 * 1024  # compute buffers and the process itself, beyond weights + KV cache
 
 
@@ -82,17 +83,36 @@ class Hive:
     async def provision(self, job: Job, ref: str | None) -> ModelEntry:
         return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job))
 
-    async def run_job(self, job: Job, body: dict[str, Any], model: str | None) -> None:
-        entry = await self.provision(job, model)
+    def host(self) -> EngineHost:
+        devices = probe()
+        nvidia = any(g.get("kind") == "cuda" for g in devices["gpus"])
+        return EngineHost(devices["os"], devices["arch"], installed_engines(), nvidia)
+
+    async def choose(self, job: Job, request: JobRequest) -> tuple[ModelEntry, Choice]:
+        """The engine for this host and the model form it needs, then that form on disk."""
+        requested = request.backend or self.config.backend
+        if request.forms:
+            choice = choose_engine(self.host(), set(request.forms), requested)
+            entry = await self.provision(job, request.forms[choice.format])  # type: ignore[index]
+        else:
+            entry = await self.provision(job, request.model)
+            choice = choose_engine(self.host(), {entry.format}, requested)
+        job.narrate("engine", f"{choice.engine}: {choice.reason}")
+        return entry, choice
+
+    async def run_job(self, job: Job, request: JobRequest) -> None:
+        entry, choice = await self.choose(job, request)
+        backend = choice.engine
+        body = request.downstream(model=None, node=None, backend=None, forms=None)
         n_ctx = self.config.worker_n_ctx
         need = entry.size + entry.info.kv_cache_bytes(n_ctx) + RUNTIME_OVERHEAD
-        if self.supervisor.find(entry.path, BACKEND) is None:
+        if self.supervisor.find(entry.path, backend) is None:
             self.supervisor.admit(
                 entry.name, need,
                 f"{entry.size / 1e6:.0f} MB weights + {entry.info.kv_cache_bytes(n_ctx) / 1e6:.0f} MB KV cache "
                 f"for {n_ctx} tokens + {RUNTIME_OVERHEAD / 1e6:.0f} MB runtime",
             )
-        worker = await self.supervisor.worker_for(entry.path, BACKEND, job.narrate, need)
+        worker = await self.supervisor.worker_for(entry.path, backend, job.narrate, need, choice.reason)
         worker.active_jobs += 1
         try:
             await relay(job, self.client_for(worker), body)
@@ -154,10 +174,9 @@ def create_app(hive: Hive) -> Quart:
 
     def make_producer(body: dict[str, Any]) -> Producer:
         request = parse_job_request(body)
-        downstream = request.downstream(model=None, node=None)
 
         async def produce(job: Job) -> None:
-            await hive.run_job(job, downstream, request.model)
+            await hive.run_job(job, request)
 
         return produce
 

@@ -46,6 +46,53 @@ class ModelEntry:
         }
 
 
+MLX_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def mlx_info(path: Path) -> GgufInfo:
+    """What an MLX model directory says about itself (config.json and the safetensors headers).
+
+    Refuses a directory that lacks what mlx-lm needs, naming the missing files."""
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        missing.append("*.safetensors")
+    if not any((path / name).is_file() for name in MLX_TOKENIZER_FILES):
+        missing.append(" or ".join(MLX_TOKENIZER_FILES))
+    if missing:
+        raise ModelError(f"the MLX model directory {path} lacks {', '.join(missing)}; provision it again")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        parameters = 0
+        for shard in shards:
+            with shard.open("rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            for name, tensor in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in tensor["shape"]:
+                        count *= dim
+                    parameters += count
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"the MLX model directory {path} is corrupt: {exc}") from exc
+    heads = int(config.get("num_attention_heads", 1) or 1)
+    bits = (config.get("quantization") or {}).get("bits")
+    return GgufInfo(
+        architecture=str(config.get("model_type", "unknown")),
+        context_length=int(config.get("max_position_embeddings", 0) or 0),
+        parameters=parameters,
+        quantization=f"{bits}bit" if bits else str(config.get("torch_dtype", "f32")),
+        layers=int(config.get("num_hidden_layers", 0) or 0),
+        kv_heads=int(config.get("num_key_value_heads", heads) or heads),
+        head_dim=int(config.get("head_dim", 0) or int(config.get("hidden_size", 0)) // heads),
+        has_chat_template=False,
+    )
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -150,6 +197,8 @@ class ModelCatalog:
 
     def _file(self, ref: ModelRef) -> ModelEntry:
         path = Path(ref.value)
+        if path.is_dir():
+            return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", mlx_info(path))
         if not path.is_file():
             raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
         check_gguf_header(path)

@@ -49,6 +49,7 @@ class WorkerRecord:
     memory: int = 0  # what admission reserved for it
     last_used: float = field(default_factory=time.monotonic)
     active_jobs: int = 0
+    engine_reason: str = ""
 
     @property
     def url(self) -> str:
@@ -68,6 +69,7 @@ class WorkerRecord:
             "reason": self.reason,
             "model_path": str(self.model_path),
             "backend": self.backend,
+            "engine_reason": self.engine_reason,
             "pid": self.child.pid,
             "url": self.url,
             "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
@@ -106,7 +108,9 @@ class Supervisor:
                 "smaller model"
             )
 
-    async def worker_for(self, model_path: Path, backend: str, narrate: Narrate, need: int = 0) -> WorkerRecord:
+    async def worker_for(
+        self, model_path: Path, backend: str, narrate: Narrate, need: int = 0, reason: str = ""
+    ) -> WorkerRecord:
         """A ready worker for the model: a warm one if there is one, else a new one."""
         key = (model_path, backend)
         async with self._spawning.setdefault(key, asyncio.Lock()):
@@ -114,11 +118,10 @@ class Supervisor:
             if record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {model_path.name}")
                 return record
-            record = await self._spawn(model_path, backend, narrate)
-            record.memory = need
+            record = await self._spawn(model_path, backend, narrate, need, reason)
             return record
 
-    async def _spawn(self, model_path: Path, backend: str, narrate: Narrate) -> WorkerRecord:
+    async def _spawn(self, model_path: Path, backend: str, narrate: Narrate, need: int, reason: str) -> WorkerRecord:
         worker_id = "w-" + secrets.token_hex(3)
         config = WorkerConfig(
             worker_id=worker_id,
@@ -135,7 +138,7 @@ class Supervisor:
             f"worker:{worker_id}", "rbee.worker", to_args(config), sock=bind_loopback(), log_path=log_path,
             env=dict(os.environ),
         )
-        record = WorkerRecord(worker_id, model_path, backend, child)
+        record = WorkerRecord(worker_id, model_path, backend, child, memory=need, engine_reason=reason)
         self.workers[worker_id] = record
         self._watch(record)
         started = time.monotonic()

@@ -38,6 +38,7 @@ def infer(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
+    backend: Annotated[str, typer.Option(help="Engine: auto, mlx or llama-cpp.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only tokens and errors.")] = False,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
@@ -48,6 +49,7 @@ def infer(
         {
             "prompt": prompt, "model": model, "node": node, "max_tokens": max_tokens,
             "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or [],
+            "backend": None if backend == "auto" else backend,
         },
     )
     settings = run_sync(Settings.load, url, inventory_path)

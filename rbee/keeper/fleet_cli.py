@@ -109,7 +109,11 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
         table.add_row(
             hive["name"], hive["state"], hive["reason"], "-" if age is None else f"{age:.1f} s ago",
             hive.get("version") or "-", describe_devices(hive.get("devices") or {}),
-            ", ".join(f"{w['worker_id']} {w['state']} ({Path(w['model_path']).name})" for w in hive["workers"]) or "-",
+            "; ".join(
+                f"{w['worker_id']} {w['state']} {Path(w['model_path']).name} on {w['backend']}"
+                + (f" ({w['engine_reason']})" if w.get("engine_reason") else "")
+                for w in hive["workers"]
+            ) or "-",
         )
     out.print(table)
 

@@ -34,6 +34,10 @@ class JobRequest(BaseModel):
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
+    #: engine: auto (the hive decides), mlx or llama-cpp
+    backend: Literal["auto", "mlx", "llama-cpp"] | None = None
+    #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
+    forms: dict[Literal["gguf", "mlx"], str] | None = None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> JobRequest:
@@ -55,7 +59,7 @@ class JobRequest(BaseModel):
 
     def downstream(self, **changes: Any) -> dict[str, Any]:
         """The body to send one tier down (routing fields the next tier doesn't need removed)."""
-        body = self.model_dump(exclude_none=True)
+        body = self.model_dump(exclude_none=True, mode="json")
         body.update(changes)
         return {key: value for key, value in body.items() if value is not None}
 

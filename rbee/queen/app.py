@@ -146,7 +146,19 @@ class Queen:
     async def run_job(self, job: Job, request: JobRequest) -> None:
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
-        await relay(job, self.client_for(hive), request.downstream(node=None))
+        await relay(job, self.client_for(hive), self.body_for(request, hive.name))
+
+    def body_for(self, request: JobRequest, node: str) -> dict[str, Any]:
+        """What the hive gets: a logical model's forms, and the hive's own `backend =` unless the job chose."""
+        inventory = self.fleet.inventory
+        changes: dict[str, Any] = {"node": None}
+        logical = inventory.models.get(request.model) if request.model else None
+        if logical is not None:
+            changes["forms"] = logical.forms()
+        entry = inventory.get(node)
+        if entry is not None and entry.backend != "auto" and request.backend in (None, "auto"):
+            changes["backend"] = entry.backend
+        return request.downstream(**changes)
 
     async def run_fleet_job(self, job: Job, action: str) -> None:
         started = time.monotonic()
@@ -216,9 +228,12 @@ def create_app(queen: Queen) -> Quart:
     add_job_routes(app, queen.registry, make_producer)
     queen.metrics.mount(app, lambda: [("hive", h["name"], h["state"], h["heartbeat_age_s"]) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
-    index = ModelIndex(
-        lambda: default_models(queen.known_nodes(), {e.name: list(e.models) for e in queen.fleet.inventory.hive})
-    )
+    def served() -> dict[str, list[str]]:
+        inventory = queen.fleet.inventory
+        extra = {e.name: [*e.models, *inventory.models] for e in inventory.hive}
+        return default_models(queen.known_nodes(), extra)
+
+    index = ModelIndex(served)
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")

@@ -51,6 +51,10 @@ class Platform:
         return cls(platform.system().lower(), platform.machine().lower(), python)
 
     @property
+    def apple_silicon(self) -> bool:
+        return self.system == "darwin" and self.machine in ("arm64", "aarch64")
+
+    @property
     def tag(self) -> str:
         return f"cp{self.python.replace('.', '')}-{self.system}-{self.machine}"
 
@@ -155,7 +159,7 @@ class Wheelhouse:
                 ]
             await _pip(args, f"collecting wheels for {target.tag}")
             have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
-        wheels = [rbee_wheel]
+        wheels = [rbee_wheel, *await self._engine_wheels(target, folder, narrate)]
         for req in wanted:
             name, version = req.split("==")
             path = have.get((canonicalize_name(name), version))
@@ -169,6 +173,19 @@ class Wheelhouse:
             digest.update(path.name.encode() + file_sha256(path, cache).encode())
         cache_file.write_text(json.dumps(cache))
         return WheelSet(tuple(wheels), digest.hexdigest()[:24])
+
+    async def _engine_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
+        """Apple Silicon hosts also get mlx-lm and what it needs (resolved by pip for that
+        platform); everything else runs llama.cpp, which is in rbee's own closure."""
+        if not target.apple_silicon:
+            return []
+        mlx_dir = folder / "mlx"
+        if not any(mlx_dir.glob("mlx_lm-*.whl")):
+            narrate("wheelhouse", f"collecting mlx-lm for {target.tag}")
+            await _pip(["download", "--only-binary=:all:", "--dest", str(mlx_dir), "--python-version",
+                        target.python, "--implementation", "cp", *platform_args(target), "mlx-lm"],
+                       f"collecting mlx-lm for {target.tag}")
+        return sorted(mlx_dir.glob("*.whl"))
 
     async def _rbee_wheel(self, narrate: Narrate) -> Path:
         root = project_root()

@@ -42,6 +42,7 @@ class Backend(Protocol):
 
 BACKENDS = {
     "llama-cpp": "rbee.worker.backends.llama_cpp:LlamaCppBackend",
+    "mlx": "rbee.worker.backends.mlx:MlxBackend",
 }
 
 

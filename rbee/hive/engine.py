@@ -1,0 +1,79 @@
+"""Which engine a worker runs: one small pure function of the host and the model.
+
+MLX on Apple Silicon when the model has an MLX form and mlx-lm is installed;
+llama.cpp otherwise (CUDA when the host has an NVIDIA GPU and the build has it,
+else CPU). An explicit choice (``--backend`` or the hive's ``backend =``) wins,
+and a choice that cannot be met is an error naming what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from rbee.errors import RequestError
+
+FORMAT_OF = {"mlx": "mlx", "llama-cpp": "gguf"}
+
+
+class EngineError(RequestError):
+    code = "no_engine"
+
+
+@dataclass(frozen=True)
+class Host:
+    os: str  # darwin | linux | windows
+    arch: str  # arm64 | x86_64 | aarch64
+    engines: frozenset[str]  # engines importable on the host
+    nvidia: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    engine: str
+    format: str
+    reason: str
+
+
+def installed_engines() -> frozenset[str]:
+    found = set()
+    if importlib.util.find_spec("llama_cpp") is not None:
+        found.add("llama-cpp")
+    if importlib.util.find_spec("mlx_lm") is not None:
+        found.add("mlx")
+    return frozenset(found)
+
+
+def choose_engine(host: Host, formats: Collection[str], requested: str = "auto") -> Choice:
+    """``formats``: the forms the model exists in ("gguf", "mlx")."""
+    if requested not in ("auto", "mlx", "llama-cpp"):
+        raise EngineError(f"unknown backend {requested!r}: use auto, mlx or llama-cpp")
+    if requested != "auto":
+        fmt = FORMAT_OF[requested]
+        if requested not in host.engines:
+            hint = "pip install 'rbee[mlx]'" if requested == "mlx" else "pip install llama-cpp-python"
+            raise EngineError(f"backend {requested} was asked for, but it is not installed on this {host.os}/"
+                              f"{host.arch} host; {hint}")
+        if fmt not in formats:
+            raise EngineError(f"backend {requested} needs the model in {fmt} form; it is only in "
+                              f"{', '.join(sorted(formats)) or 'no known'} form")
+        return Choice(requested, fmt, f"{requested} was asked for")
+    apple = host.os == "darwin" and host.arch in ("arm64", "aarch64")
+    if apple and "mlx" in host.engines and "mlx" in formats:
+        return Choice("mlx", "mlx", "Apple Silicon with mlx-lm and an MLX form of the model")
+    if "llama-cpp" in host.engines and "gguf" in formats:
+        device = "CUDA" if host.nvidia else ("Metal" if apple else "CPU")
+        why = f"llama.cpp on {device}"
+        if apple and "mlx" not in formats:
+            why += " (no MLX form of the model)"
+        elif apple and "mlx" not in host.engines:
+            why += " (mlx-lm is not installed)"
+        return Choice("llama-cpp", "gguf", why)
+    if "mlx" in host.engines and "mlx" in formats:
+        return Choice("mlx", "mlx", "mlx-lm is the engine installed for the model's form")
+    raise EngineError(
+        f"no engine on this {host.os}/{host.arch} host can run the model: it is in "
+        f"{', '.join(sorted(formats)) or 'no known'} form and the host has "
+        f"{', '.join(sorted(host.engines)) or 'no engine'} installed"
+    )

@@ -1,0 +1,103 @@
+"""The MLX backend for real (mlx[cpu] on Linux) on a tiny random-weight model, through
+hive → queen → client, and one logical model served by either engine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rbee.config import QueenConfig, ServeOptions
+from rbee.keeper.session import start_queen
+from rbee.link.client import LinkClient
+from tests.helpers import eventually
+
+mlx_lm = pytest.importorskip("mlx_lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.mlx_model import write_tiny_mlx_model
+
+    return write_tiny_mlx_model(tmp_path_factory.mktemp("mlx") / "tiny-llama")
+
+
+@pytest.fixture
+async def mixed_queen(rbee_env: dict[str, str], tiny_mlx: Path, models_dir: Path, tmp_path: Path) -> AsyncIterator[str]:
+    """A queen whose inventory names one logical model in both forms."""
+    gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(
+        f'[models.both]\ngguf = "file:{gguf}"\nmlx = "file:{tiny_mlx}"\n\n[[hive]]\nname = "localhost"\n'
+    )
+    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
+                         serve=ServeOptions(), inventory=str(inventory))
+    child = await start_queen(config, ephemeral=True)
+    try:
+        yield child.url
+    finally:
+        await child.stop(grace=20.0)
+
+
+async def test_mlx_worker_streams_token_by_token(queen_url: str, tiny_mlx: Path) -> None:
+    body = {"prompt": "hello world", "model": f"file:{tiny_mlx}", "max_tokens": 40, "temperature": 0.8, "seed": 1}
+    arrivals = []
+    async with LinkClient(queen_url, "queen") as client:
+        events = []
+        async for event in client.run(body):  # run() requires the closing [DONE]
+            events.append(event)
+            if event.type == "token":
+                arrivals.append(time.monotonic())
+    assert events[-1].type == "end", events[-1]
+    assert any(e.type == "narration" and e["action"] == "engine" and "mlx" in e["message"] for e in events)
+    assert len(arrivals) >= 10 and arrivals[-1] > arrivals[0]
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        worker = (await http.get("/v1/workers")).json()["workers"][0]
+    assert worker["backend"] == "mlx" and "mlx" in worker["engine_reason"]
+
+
+async def test_mlx_generation_is_cancelled(queen_url: str, tiny_mlx: Path) -> None:
+    body = {"prompt": "count", "model": f"file:{tiny_mlx}", "max_tokens": 400, "temperature": 0.8, "seed": 2}
+    async with LinkClient(queen_url, "queen") as client:
+        handle = await client.create(body)
+        async for event in client.stream(handle):
+            if event.type == "token" and event["index"] == 3:
+                await client.cancel(handle)
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        worker_url = (await http.get("/v1/workers")).json()["workers"][0]["url"]
+
+    async def idle() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=worker_url) as http:
+            health = (await http.get("/health")).json()
+        return health if health["state"] == "ready" else None
+
+    settled = (await eventually(idle, timeout=5))["tokens_generated"]
+    await asyncio.sleep(0.3)
+    assert (await idle() or {}).get("tokens_generated") == settled < 100
+
+
+@pytest.mark.parametrize("backend, engine", [("mlx", "mlx"), ("llama-cpp", "llama-cpp"), (None, "llama-cpp")])
+async def test_one_logical_model_on_either_engine(mixed_queen: str, backend: str | None, engine: str) -> None:
+    body: dict[str, Any] = {"prompt": "hello", "model": "both", "max_tokens": 8, "temperature": 0.0}
+    if backend:
+        body["backend"] = backend
+    async with LinkClient(mixed_queen, "queen") as client:
+        events = [e async for e in client.run(body)]
+    assert events[-1].type == "end" and events[-1]["tokens"] > 0, events[-1]
+    chosen = next(e for e in events if e.type == "narration" and e["action"] == "engine")
+    assert chosen["message"].startswith(engine)
+
+
+async def test_mlx_dir_with_missing_files_is_refused(queen_url: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-mlx"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    async with LinkClient(queen_url, "queen") as client:
+        events = [e async for e in client.run({"prompt": "x", "model": f"file:{broken}"})]
+    assert events[-1].type == "error"
+    assert "safetensors" in events[-1]["message"] and str(broken) in events[-1]["message"]
