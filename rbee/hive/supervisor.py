@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 Narrate = Callable[[str, str], None]
 
 
+def worker_threads(cores: int, live_workers: int) -> int:
+    """CPU threads for a new worker: the cores not already given to live workers, at least one.
+    llama.cpp's threads spin while they wait, so two workers each using every core starve
+    each other (measured: a two-worker run on 2 cores slowed several-fold)."""
+    return max(1, cores // (live_workers + 1))
+
+
 class NoCapacityError(RbeeError):
     code = "no_capacity"
     status = 503
@@ -94,6 +101,9 @@ class Supervisor:
                 return record
         return None
 
+    def live_count(self) -> int:
+        return sum(1 for r in self.workers.values() if r.state in LIVE_STATES)
+
     @property
     def reserved(self) -> int:
         return sum(r.memory for r in self.workers.values() if r.state in LIVE_STATES)
@@ -130,6 +140,7 @@ class Supervisor:
             backend=backend,
             heartbeat_interval=self.config.heartbeat_interval,
             n_ctx=self.config.worker_n_ctx,
+            threads=worker_threads(os.cpu_count() or 1, self.live_count()),
             serve=ServeOptions(),
         )
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"

@@ -8,10 +8,12 @@ kill a hive, remove a host, down.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -211,6 +213,46 @@ def test_queen_restart_reattaches_without_reinstalling(fleet: Fleet) -> None:
     assert result.returncode == 0, result.stderr
     assert "reusing warm" in result.stderr and worker_pids(host) == workers
     assert (host.home / ".rbee" / "install.json").stat().st_mtime == installed
+
+
+@pytest.fixture
+def shared_models(models_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """Copies of the GGUF and of a tiny MLX model that the host users can read."""
+    pytest.importorskip("mlx_lm")
+    from tests.mlx_model import write_tiny_mlx_model
+
+    folder = Path(tempfile.mkdtemp(prefix="rbee-shared-models-"))
+    folder.chmod(0o755)
+    gguf = folder / "gemma.gguf"
+    shutil.copyfile(next(models_dir.glob("gemma3-270m/*.gguf")), gguf)
+    mlx_dir = write_tiny_mlx_model(folder / "tiny-mlx")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    try:
+        yield gguf, mlx_dir
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_one_logical_model_on_mlx_and_llama_cpp_hosts(fleet: Fleet, shared_models: tuple[Path, Path]) -> None:
+    gguf, mlx_dir = shared_models
+    mixed = fleet.workdir / "inventory-mixed.toml"
+    text = fleet.inventory.read_text()
+    text = text.replace('name = "h1"', 'name = "h1"\nbackend = "mlx"', 1)
+    text = text.replace('name = "h2"', 'name = "h2"\nbackend = "llama-cpp"', 1)
+    text += f'\n[models.tiny]\ngguf = "file:{gguf}"\nmlx = "file:{mlx_dir}"\n'
+    mixed.write_text(text)
+    up = fleet.rbee("fleet", "up", inventory=mixed, timeout=900)
+    assert up.returncode == 0, up.stderr + up.stdout
+    for node, engine in (("h1", "mlx"), ("h2", "llama-cpp")):
+        result = fleet.rbee("infer", "-m", "tiny", "--node", node, "--max-tokens", "12", "--temperature", "0",
+                            "hello", inventory=mixed)
+        assert result.returncode == 0, result.stderr
+        assert f" {engine}: " in result.stderr, result.stderr
+    status = fleet.rbee("fleet", "status", inventory=mixed).stdout
+    assert "on mlx" in status and "on llama-cpp" in status
+    back = fleet.rbee("fleet", "up", timeout=900)  # the plain inventory again
+    assert back.returncode == 0, back.stderr
 
 
 def test_changed_host_key_is_refused(fleet: Fleet) -> None:

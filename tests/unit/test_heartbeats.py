@@ -19,3 +19,11 @@ async def test_hive_registry_marks_down_with_reason_and_back_up() -> None:
     assert registry.get_up("mac") is None
     registry.heartbeat("mac", {"url": "http://h"}, now=104.0)
     assert registry.get_up("mac") is not None and hive.reason == "heartbeats resumed"
+
+
+def test_new_workers_share_the_cores() -> None:
+    from rbee.hive.supervisor import worker_threads
+
+    assert worker_threads(8, 0) == 8
+    assert worker_threads(8, 1) == 4
+    assert worker_threads(2, 3) == 1

@@ -145,7 +145,8 @@ class RemoteHost:
                       what=f"{self.actor}: creating the venv", timeout=300)
         narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
         rbee_wheel = next(p.name for p in wheels.wheels if p.name.startswith("rbee-"))
-        engines = "[mlx]" if probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64") else ""
+        apple = probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64")
+        engines = "[mlx]" if apple or self.entry.backend == "mlx" else ""
         offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         base = [python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir, "--quiet"]
         await run(conn, Command.of(*base, posixpath.join(wheel_dir, rbee_wheel) + engines, env=offline),

@@ -129,17 +129,19 @@ class Wheelhouse:
         self._lock = asyncio.Lock()
         self._built: dict[str, WheelSet] = {}
 
-    async def build(self, target: Platform, narrate: Narrate) -> WheelSet:
-        """Wheels for ``target``, from cache when present. Safe to call from many hosts at once."""
+    async def build(self, target: Platform, narrate: Narrate, mlx: bool = False) -> WheelSet:
+        """Wheels for ``target`` (plus mlx-lm when ``mlx`` or on Apple Silicon), from cache when
+        present. Safe to call from many hosts at once."""
+        key = f"{target.tag}{'+mlx' if mlx else ''}"
         async with self._lock:
-            if target.tag not in self._built:
-                self._built[target.tag] = await self._build(target, narrate)
-            return self._built[target.tag]
+            if key not in self._built:
+                self._built[key] = await self._build(target, narrate, mlx)
+            return self._built[key]
 
     def forget(self) -> None:
         self._built.clear()
 
-    async def _build(self, target: Platform, narrate: Narrate) -> WheelSet:
+    async def _build(self, target: Platform, narrate: Narrate, mlx: bool) -> WheelSet:
         local = Platform.local()
         folder = self.cache_dir / target.tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,9 @@ class Wheelhouse:
                 ]
             await _pip(args, f"collecting wheels for {target.tag}")
             have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
-        wheels = [rbee_wheel, *await self._engine_wheels(target, folder, narrate)]
+        wheels = [rbee_wheel]
+        if mlx or target.apple_silicon:
+            wheels += await self._mlx_wheels(target, folder, narrate)
         for req in wanted:
             name, version = req.split("==")
             path = have.get((canonicalize_name(name), version))
@@ -174,16 +178,15 @@ class Wheelhouse:
         cache_file.write_text(json.dumps(cache))
         return WheelSet(tuple(wheels), digest.hexdigest()[:24])
 
-    async def _engine_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
-        """Apple Silicon hosts also get mlx-lm and what it needs (resolved by pip for that
-        platform); everything else runs llama.cpp, which is in rbee's own closure."""
-        if not target.apple_silicon:
-            return []
+    async def _mlx_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
+        """mlx-lm and what it needs, resolved by pip for that platform (``mlx[cpu]`` on Linux).
+        llama.cpp needs nothing extra: it is in rbee's own closure."""
         mlx_dir = folder / "mlx"
         if not any(mlx_dir.glob("mlx_lm-*.whl")):
             narrate("wheelhouse", f"collecting mlx-lm for {target.tag}")
+            packages = ["mlx-lm"] if target.apple_silicon else ["mlx-lm", "mlx[cpu]"]
             await _pip(["download", "--only-binary=:all:", "--dest", str(mlx_dir), "--python-version",
-                        target.python, "--implementation", "cp", *platform_args(target), "mlx-lm"],
+                        target.python, "--implementation", "cp", *platform_args(target), *packages],
                        f"collecting mlx-lm for {target.tag}")
         return sorted(mlx_dir.glob("*.whl"))
 

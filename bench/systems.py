@@ -1,0 +1,305 @@
+"""How each system is driven and timed. Every function returns Samples measured the same
+way: TTFT from sending the request to the first non-empty text, decode tokens/s over the
+tokens after the first, wall time to the end of the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+SEED = 1234
+
+
+@dataclass
+class Sample:
+    system: str
+    prompt: str
+    phase: str  # cold | warm
+    tokens: int
+    ttft_s: float
+    wall_s: float
+
+    @property
+    def decode_tps(self) -> float:
+        span = self.wall_s - self.ttft_s
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
+
+
+async def timed(pieces: AsyncIterator[str]) -> tuple[int, float, float]:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    async for _ in pieces:
+        if first is None:
+            first = time.perf_counter() - started
+        tokens += 1
+    return tokens, first or 0.0, time.perf_counter() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+# 1. llama-cpp-python in-process -------------------------------------------------------------
+
+def in_process(
+    model: Path, prompts: dict[str, str], runs: int, max_tokens: int, extras: dict[str, Any]
+) -> list[Sample]:
+    from llama_cpp import Llama
+
+    started = time.perf_counter()
+    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    extras["in-process model load (s)"] = time.perf_counter() - started
+
+    def pieces(prompt: str) -> Iterator[str]:
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=SEED, stream=True):
+            if chunk["choices"][0]["text"]:
+                yield chunk["choices"][0]["text"]
+
+    samples = []
+    for phase, count in (("cold", 1), ("warm", runs)):
+        for name, prompt in prompts.items():
+            for _ in range(count):
+                t0 = time.perf_counter()
+                first, tokens = None, 0
+                for _piece in pieces(prompt):
+                    first = first if first is not None else time.perf_counter() - t0
+                    tokens += 1
+                samples.append(Sample("in-process", name, phase, tokens, first or 0.0, time.perf_counter() - t0))
+            if phase == "cold":
+                break
+    llm.close()
+    return samples
+
+
+# OpenAI-style streaming (llama_cpp.server and the queen) --------------------------------
+
+async def openai_pieces(http: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> AsyncIterator[str]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED,
+            "stream": True}
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text = json.loads(line[6:])["choices"][0].get("text")
+            if text:
+                yield text
+
+
+async def measure_openai(system: str, url: str, model: str, prompts: dict[str, str], runs: int,
+                         max_tokens: int) -> list[Sample]:
+    samples = []
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
+        for phase, count in (("cold", 1), ("warm", runs)):
+            for name, prompt in prompts.items():
+                for _ in range(count):
+                    tokens, ttft, wall = await timed(openai_pieces(http, prompt, max_tokens, model))
+                    samples.append(Sample(system, name, phase, tokens, ttft, wall))
+                if phase == "cold":
+                    break
+    return samples
+
+
+# 2. llama_cpp.server ------------------------------------------------------------------------
+
+async def llama_server(model: Path, prompts: dict[str, str], runs: int, max_tokens: int,
+                       extras: dict[str, Any]) -> list[Sample]:
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with polling below
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", "2048",
+         "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=1) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError("llama_cpp.server exited during startup")
+                try:
+                    if (await http.get("/v1/models")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("llama_cpp.server did not start")
+                await asyncio.sleep(0.1)
+        extras["llama_cpp.server start + load (s)"] = time.perf_counter() - started
+        return await measure_openai("llama_cpp.server", url, str(model), prompts, runs, max_tokens)
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+# 3-5. rbee ------------------------------------------------------------------------------
+
+class Rbee:
+    """A queen for the benchmark, started like the keeper starts an ephemeral one."""
+
+    def __init__(self, home: Path, inventory: Path | None = None) -> None:
+        self.home = home
+        self.inventory = inventory
+        self.url = ""
+        self.child: Any = None
+
+    async def __aenter__(self) -> Rbee:
+        from rbee.config import QueenConfig, ServeOptions
+        from rbee.keeper.session import start_queen
+
+        config = QueenConfig(home=self.home, ephemeral=True, serve=ServeOptions(),
+                             inventory=str(self.inventory or ""))
+        self.child = await start_queen(config, ephemeral=True)
+        self.url = self.child.url
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.child.stop(grace=30.0)
+
+    async def pieces(self, prompt: str, max_tokens: int, node: str | None = None,
+                     model: str | None = None) -> AsyncIterator[str]:
+        from rbee.link.client import LinkClient
+
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED}
+        if node:
+            body["node"] = node
+        if model:
+            body["model"] = model
+        async with LinkClient(self.url, "queen", stall_timeout=None) as client:
+            async for event in client.run(body):
+                if event.type == "token":
+                    yield event["text"]
+                elif event.type == "error":
+                    raise RuntimeError(event["message"])
+
+    async def hive(self, name: str) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=self.url) as http:
+            hives = (await http.get("/v1/hives")).json()["hives"]
+        return dict(next(h for h in hives if h["name"] == name))
+
+    async def fleet(self, action: str) -> float:
+        from rbee.link.client import LinkClient
+
+        started = time.perf_counter()
+        async with LinkClient(self.url, "queen", stall_timeout=None) as client:
+            async for event in client.run({"action": action, "inventory": str(self.inventory)},
+                                          path="/v1/fleet/jobs"):
+                if event.type == "error":
+                    raise RuntimeError(event["message"])
+                if event.type == "narration" and event["action"] == "report":
+                    failed = [r for r in event["report"] if r["action"] == "failed"]
+                    if failed:
+                        raise RuntimeError(f"fleet {action} failed: {failed}")
+        return time.perf_counter() - started
+
+
+async def rbee_chain(rbee: Rbee, system: str, prompts: dict[str, str], runs: int, max_tokens: int,
+                     extras: dict[str, Any], node: str | None = None) -> list[Sample]:
+    samples = []
+    first_name = next(iter(prompts))
+    tokens, ttft, wall = await timed(rbee.pieces(prompts[first_name], max_tokens, node))
+    samples.append(Sample(system, first_name, "cold", tokens, ttft, wall))
+    hive = await rbee.hive(node or "localhost")
+    pids = {"queen": rbee.child.pid, "hive": int(hive["pid"])}
+    local_hive = node is None
+    before = {role: cpu_seconds(pid) for role, pid in pids.items() if role == "queen" or local_hive}
+    total = 0
+    for name, prompt in prompts.items():
+        for _ in range(runs):
+            tokens, ttft, wall = await timed(rbee.pieces(prompt, max_tokens, node))
+            total += tokens
+            samples.append(Sample(system, name, "warm", tokens, ttft, wall))
+    for role, cpu in before.items():
+        extras[f"{system}: {role} CPU per token (µs)"] = (cpu_seconds(pids[role]) - cpu) / max(total, 1) * 1e6
+    return samples
+
+
+async def queen_openai(rbee: Rbee, prompts: dict[str, str], runs: int, max_tokens: int) -> list[Sample]:
+    return await measure_openai("queen OpenAI API", rbee.url, "gemma3-270m", prompts, runs, max_tokens)
+
+
+# concurrency ----------------------------------------------------------------------------
+
+async def concurrency(rbee: Rbee, prompt: str, max_tokens: int, levels: list[int],
+                      second_model: str) -> list[dict[str, Any]]:
+    rows = []
+    for workers in (1, 2):
+        for streams in levels:
+            models = [None if workers == 1 or i % 2 == 0 else second_model for i in range(streams)]
+            # warm both workers first
+            for model in set(models):
+                await timed(rbee.pieces(prompt, 4, model=model))
+            started = time.perf_counter()
+            results = await asyncio.gather(*(timed(rbee.pieces(prompt, max_tokens, model=m)) for m in models))
+            wall = time.perf_counter() - started
+            ttfts = sorted(r[1] for r in results)
+            rows.append({
+                "workers": workers, "streams": streams,
+                "aggregate_tps": sum(r[0] for r in results) / wall,
+                "ttft_p50_ms": ttfts[len(ttfts) // 2] * 1000,
+                "ttft_p95_ms": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] * 1000,
+            })
+    return rows
+
+
+def copy_model(model: Path, folder: Path) -> Path:
+    """The same weights under another path: a second worker for the two-worker runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "copy.gguf"
+    if not target.exists():
+        shutil.copyfile(model, target)
+    return target
+
+
+# SSH fleet ----------------------------------------------------------------------------------
+
+def sshd_available() -> str | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests import sshd_hosts
+
+    return sshd_hosts.available()
+
+
+async def fleet_timings(workdir: Path, counts: list[int], on_ready: Callable[[Rbee], Any] | None = None
+                        ) -> dict[str, float]:
+    from tests import sshd_hosts
+
+    timings: dict[str, float] = {}
+    hosts, key = sshd_hosts.start_hosts(workdir / "sshd", max(counts))
+    try:
+        for count in counts:
+            for host in hosts:
+                sshd_hosts.reset_home(host)
+            inventory = sshd_hosts.write_inventory(workdir / f"inventory-{count}.toml", hosts[:count], key,
+                                                   workdir / "known_hosts")
+            async with Rbee(workdir / f"queen-{count}", inventory) as rbee:
+                timings[f"fleet up, {count} host(s), from clean (s)"] = await rbee.fleet("up")
+                timings[f"fleet up, {count} host(s), idempotent re-run (s)"] = await rbee.fleet("up")
+                if count == 1 and on_ready is not None:
+                    await on_ready(rbee)
+                await rbee.fleet("down")
+    finally:
+        sshd_hosts.stop_hosts(hosts)
+    return timings
