@@ -69,6 +69,9 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
         extras["concurrency"] = await systems.concurrency(
             rbee, PROMPTS["short"], args.max_tokens, args.levels, f"file:{second}"
         )
+    say("models: first vs warm infer, download speed")
+    extras["models"] = await systems.first_vs_warm(workdir / "queen-first", PROMPTS["short"], args.max_tokens)
+    extras["models"].update(await asyncio.to_thread(systems.download_speeds, model, workdir / "downloads"))
     reason = systems.sshd_available()
     if reason is None:
         say("5/5 rbee over SSH and fleet up timings")
@@ -138,12 +141,17 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         for row in extras["concurrency"]:
             lines.append(f"| {row['workers']} | {row['streams']} | {row['aggregate_tps']:.1f} | "
                          f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
+    for section, title in (("models", "Models: first vs warm infer; download through the provisioner"),
+                           ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker")):
+        if isinstance(extras.get(section), dict):
+            lines += ["", f"## {title}", ""]
+            lines += [f"- {key}: {value:.3g}" for key, value in extras[section].items()]
     if isinstance(extras.get("fleet"), dict):
         lines += ["", "## fleet up (loopback sshd hosts, each its own unix user)", ""]
         lines += [f"- {key}: {value:.2f}" for key, value in extras["fleet"].items()]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet"):
+        if key in ("concurrency", "fleet", "models", "mlx"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"
@@ -195,6 +203,10 @@ def main(argv: list[str]) -> int:
     model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
         samples, extras = asyncio.run(collect(args, model, Path(tmp)))
+        try:
+            extras["mlx"] = systems.mlx_speeds(Path(tmp), args.max_tokens, args.runs)
+        except ImportError as exc:
+            extras["mlx"] = f"not measured: {exc}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = draw(samples, args.out.with_suffix(".png"))
     text = render(samples, extras, args, plot)

@@ -303,3 +303,85 @@ async def fleet_timings(workdir: Path, counts: list[int], on_ready: Callable[[Rb
     finally:
         sshd_hosts.stop_hosts(hosts)
     return timings
+
+
+# models: first vs warm infer, provisioner vs huggingface_hub ----------------------------------
+
+async def first_vs_warm(home: Path, prompt: str, max_tokens: int) -> dict[str, float]:
+    """Wall time of the first `infer` on a fresh queen (hive start, worker spawn, model load) and
+    of the second one (warm worker reused), in one run."""
+    async with Rbee(home) as rbee:
+        first = await timed(rbee.pieces(prompt, max_tokens))
+        second = await timed(rbee.pieces(prompt, max_tokens))
+    return {"first infer wall (s)": first[2], "warm second infer wall (s)": second[2],
+            "first infer TTFT (s)": first[1], "warm second infer TTFT (s)": second[1]}
+
+
+def download_speeds(model: Path, workdir: Path) -> dict[str, float]:
+    """The same file through rbee's provisioner and through hf_hub_download directly, both from a
+    local hub-compatible server (tests/hub_server.py)."""
+    from huggingface_hub import hf_hub_download
+
+    from rbee.hive.models import ModelCatalog
+    from rbee.hive.provision import HubDownloader
+    from tests.hub_server import HubServer, Repo
+
+    data = model.read_bytes()
+    results: dict[str, float] = {}
+    with HubServer() as server:
+        server.repos["bench/model-GGUF"] = Repo(files={"model-Q4_K_M.gguf": data})
+        os.environ["HF_HUB_DISABLE_XET"] = "1"
+        started = time.perf_counter()
+        hf_hub_download("bench/model-GGUF", "model-Q4_K_M.gguf", local_dir=workdir / "direct", endpoint=server.url)
+        results["huggingface_hub direct (MB/s)"] = len(data) / 1e6 / (time.perf_counter() - started)
+        catalog = ModelCatalog(workdir / "catalog", HubDownloader(endpoint=server.url))
+        started = time.perf_counter()
+        catalog.resolve("hf:bench/model-GGUF", lambda *a, **k: None)
+        results["rbee provisioner, incl. sha256 check and manifest (MB/s)"] = (
+            len(data) / 1e6 / (time.perf_counter() - started)
+        )
+    return results
+
+
+def mlx_speeds(workdir: Path, max_tokens: int, runs: int) -> dict[str, float]:
+    """Decode tokens/s on the tiny MLX model: mlx-lm called directly vs an rbee MLX worker
+    through the whole chain, in one run."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    from tests.mlx_model import write_tiny_mlx_model
+
+    path = write_tiny_mlx_model(workdir / "tiny-mlx")
+    model, tokenizer = mlx_lm.load(str(path))[:2]
+    prompt = "hello world"
+
+    def direct() -> float:
+        mx.random.seed(1)
+        times = []
+        for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                        sampler=make_sampler(temp=0.8)):
+            times.append(time.perf_counter())
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    direct()  # warm-up (compiles kernels)
+    direct_tps = statistics_median([direct() for _ in range(runs)])
+
+    async def through_rbee() -> float:
+        async with Rbee(workdir / "queen-mlx") as rbee:
+            body_model = f"file:{path}"
+            await timed(rbee.pieces(prompt, 4, model=body_model))
+            rates = []
+            for _ in range(runs):
+                tokens, ttft, wall = await timed(rbee.pieces(prompt, max_tokens, model=body_model))
+                rates.append((tokens - 1) / (wall - ttft))
+            return statistics_median(rates)
+
+    chain_tps = asyncio.run(through_rbee())
+    return {"mlx-lm direct, tiny model (tok/s)": direct_tps, "rbee MLX worker via the chain (tok/s)": chain_tps,
+            "MLX chain ÷ direct": chain_tps / direct_tps}
+
+
+def statistics_median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
