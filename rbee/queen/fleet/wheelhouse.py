@@ -185,8 +185,9 @@ class Wheelhouse:
         if not any(mlx_dir.glob("mlx_lm-*.whl")):
             narrate("wheelhouse", f"collecting mlx-lm for {target.tag}")
             packages = ["mlx-lm"] if target.apple_silicon else ["mlx-lm", "mlx[cpu]"]
-            await _pip(["download", "--only-binary=:all:", "--dest", str(mlx_dir), "--python-version",
-                        target.python, "--implementation", "cp", *platform_args(target), *packages],
+            cross = [] if target == Platform.local() else [
+                "--python-version", target.python, "--implementation", "cp", *platform_args(target)]
+            await _pip(["download", "--only-binary=:all:", "--dest", str(mlx_dir), *cross, *packages],
                        f"collecting mlx-lm for {target.tag}")
         return sorted(mlx_dir.glob("*.whl"))
 
@@ -214,8 +215,8 @@ def platform_args(target: Platform) -> list[str]:
         return [arg for tag in (f"macosx_11_0_{machine}", f"macosx_14_0_{machine}", "macosx_11_0_universal2")
                 for arg in ("--platform", tag)]
     if target.system == "linux":
-        return [arg for tag in (f"manylinux_2_28_{machine}", f"manylinux2014_{machine}", f"linux_{machine}")
-                for arg in ("--platform", tag)]
+        tags = [f"manylinux_2_{minor}_{machine}" for minor in range(39, 16, -1)] + [f"linux_{machine}"]
+        return [arg for tag in tags for arg in ("--platform", tag)]
     raise WheelhouseError(f"rbee cannot build a wheelhouse for {target.system}/{target.machine}")
 
 
