@@ -173,26 +173,28 @@ class Rbee:
                              inventory=str(self.inventory or ""))
         self.child = await start_queen(config, ephemeral=True)
         self.url = self.child.url
+        from rbee.link.client import LinkClient
+
+        # one client (one pooled connection) for all requests, as the OpenAI systems get one
+        self.client = LinkClient(self.url, "queen", stall_timeout=None)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
         await self.child.stop(grace=30.0)
 
     async def pieces(self, prompt: str, max_tokens: int, node: str | None = None,
                      model: str | None = None) -> AsyncIterator[str]:
-        from rbee.link.client import LinkClient
-
         body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED}
         if node:
             body["node"] = node
         if model:
             body["model"] = model
-        async with LinkClient(self.url, "queen", stall_timeout=None) as client:
-            async for event in client.run(body):
-                if event.type == "token":
-                    yield event["text"]
-                elif event.type == "error":
-                    raise RuntimeError(event["message"])
+        async for event in self.client.run(body):
+            if event.type == "token":
+                yield event["text"]
+            elif event.type == "error":
+                raise RuntimeError(event["message"])
 
     async def hive(self, name: str) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=self.url) as http:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from quart import Quart
 
@@ -47,3 +47,22 @@ async def eventually(check: Callable[[], Awaitable[T] | T], timeout: float = 10.
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
         await asyncio.sleep(interval)
+
+
+async def worker_stops(worker_url: str, most: int, settle: float = 0.3) -> float:
+    """Wait until the worker is idle again, then check it produced nothing more (it really
+    stopped generating, not just stopped sending). Returns when it was first seen idle."""
+    import httpx
+
+    async def idle() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=worker_url, timeout=2) as http:
+            health = dict((await http.get("/health")).json())
+        return health if health["state"] == "ready" else None
+
+    settled = int((await eventually(idle, timeout=5, interval=0.02))["tokens_generated"])
+    idle_at = time.monotonic()
+    await asyncio.sleep(settle)
+    after = await idle()
+    assert after is not None and after["tokens_generated"] == settled, "the worker kept generating"
+    assert settled < most, f"the worker generated {settled} tokens before it stopped"
+    return idle_at

@@ -23,8 +23,8 @@ from rbee.link.client import LinkClient, StallError
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
-from rbee.link.schemas import JobRequest, parse_job_request
-from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
+from rbee.link.schemas import JobRequest
+from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 
 RUNTIME_OVERHEAD = 64 * 1024 * 1024  # compute buffers and the process itself, beyond weights + KV cache
 
@@ -172,14 +172,6 @@ def create_app(hive: Hive) -> Quart:
     install_error_handlers(app, config.actor)
     install_auth(app, hive.token)
 
-    def make_producer(body: dict[str, Any]) -> Producer:
-        request = parse_job_request(body)
-
-        async def produce(job: Job) -> None:
-            await hive.run_job(job, request)
-
-        return produce
-
     def make_pull(body: dict[str, Any]) -> Producer:
         ref = body.get("ref")
         if not isinstance(ref, str) or not ref:
@@ -190,7 +182,7 @@ def create_app(hive: Hive) -> Quart:
 
         return produce
 
-    add_job_routes(app, hive.registry, make_producer)
+    add_job_routes(app, hive.registry, request_producer(hive.run_job))
     hive.metrics.mount(
         app, lambda: [("worker", w["worker_id"], w["state"], w["heartbeat_age_s"]) for w in hive.supervisor.describe()]
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from quart import Quart, Response, jsonify, request
@@ -17,7 +17,8 @@ from werkzeug.exceptions import HTTPException
 
 from rbee.errors import RbeeError, RequestError
 from rbee.link.events import DONE_FRAME, encode_frame
-from rbee.link.jobs import JobRegistry, Producer
+from rbee.link.jobs import Job, JobRegistry, Producer
+from rbee.link.schemas import JobRequest, parse_job_request
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,23 @@ async def sse_response(frames: AsyncIterator[bytes]) -> Response:
     response = Response(frames, status=200, headers=SSE_HEADERS)
     response.timeout = None  # a stream lasts as long as the generation
     return response
+
+
+def request_producer(
+    run: Callable[[Job, JobRequest], Awaitable[None]],
+) -> Callable[[dict[str, Any]], Producer]:
+    """``make_producer`` for routes that take a JobRequest: validate now (a bad body is a 400
+    before any job exists), run later."""
+
+    def make(body: dict[str, Any]) -> Producer:
+        request = parse_job_request(body)
+
+        async def produce(job: Job) -> None:
+            await run(job, request)
+
+        return produce
+
+    return make
 
 
 def add_job_routes(

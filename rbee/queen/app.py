@@ -21,8 +21,8 @@ from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
-from rbee.link.schemas import JobRequest, parse_job_request
-from rbee.link.server import add_job_routes, install_error_handlers, read_json_body
+from rbee.link.schemas import JobRequest
+from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HiveRegistry, HiveState, LocalHiveLauncher
@@ -206,13 +206,7 @@ def create_app(queen: Queen) -> Quart:
     install_error_handlers(app, queen.config.actor)
     install_auth(app, queen.token)
 
-    def make_producer(body: dict[str, Any]) -> Producer:
-        request = parse_job_request(body)
-
-        async def produce(job: Job) -> None:
-            await queen.run_job(job, request)
-
-        return produce
+    make_producer = request_producer(queen.run_job)
 
     def make_fleet_producer(body: dict[str, Any]) -> Producer:
         action = body.get("action")

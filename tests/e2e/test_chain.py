@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from rbee.link.client import LinkClient
-from tests.helpers import eventually
+from tests.helpers import eventually, worker_stops
 
 RBEE = [sys.executable, "-m", "rbee.keeper"]
 GREEDY = {"temperature": 0.0, "seed": 7}
@@ -87,11 +87,6 @@ async def worker_of(queen_url: str) -> dict[str, Any]:
     return hives[0]["workers"][0]
 
 
-async def worker_health(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url) as http:
-        return (await http.get("/health")).json()
-
-
 @pytest.mark.parametrize("how", ["delete", "close"])
 async def test_cancel_stops_generation_at_the_worker(queen_url: str, how: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
@@ -105,18 +100,7 @@ async def test_cancel_stops_generation_at_the_worker(queen_url: str, how: str) -
                 else:
                     break
     worker = await worker_of(queen_url)
-    idle = await eventually(
-        lambda: _idle(worker["url"]), timeout=5, interval=0.05
-    )
-    settled = idle["tokens_generated"]
-    await asyncio.sleep(0.3)
-    after = await worker_health(worker["url"])
-    assert after["tokens_generated"] == settled < 200, "the worker kept generating after the cancel"
-
-
-async def _idle(url: str) -> dict[str, Any] | None:
-    health = await worker_health(url)
-    return health if health["state"] == "ready" else None
+    await worker_stops(worker["url"], most=200)
 
 
 async def test_missing_model_file_fails_fast(rbee_env: dict[str, str], tmp_path: Path) -> None:
@@ -178,3 +162,15 @@ async def test_truncated_model_fails_fast_with_the_workers_own_error(
     assert code != 0
     assert str(truncated) in stderr and "could not load" in stderr, stderr
     assert time.monotonic() - started < 30
+
+
+async def test_prompt_longer_than_the_context_is_a_clear_400(queen_url: str) -> None:
+    too_long = "word " * 3000  # the worker's context holds 2048 tokens
+    async with LinkClient(queen_url, "queen") as client:
+        events = [e async for e in client.run({"prompt": too_long, "max_tokens": 8})]
+    error = events[-1]
+    assert error.type == "error" and error["code"] == "bad_request", error
+    assert "tokens" in error["message"] and "2048" in error["message"]
+    async with httpx.AsyncClient(base_url=queen_url, timeout=60) as http:
+        response = await http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": too_long})
+    assert response.status_code == 400 and "2048" in response.json()["error"]["message"]

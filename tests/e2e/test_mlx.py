@@ -3,7 +3,6 @@ hive → queen → client, and one logical model served by either engine."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from rbee.config import QueenConfig, ServeOptions
 from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
-from tests.helpers import eventually
+from tests.helpers import worker_stops
 
 mlx_lm = pytest.importorskip("mlx_lm")
 
@@ -71,14 +70,7 @@ async def test_mlx_generation_is_cancelled(queen_url: str, tiny_mlx: Path) -> No
     async with httpx.AsyncClient(base_url=queen_url) as http:
         worker_url = (await http.get("/v1/workers")).json()["workers"][0]["url"]
 
-    async def idle() -> dict[str, Any] | None:
-        async with httpx.AsyncClient(base_url=worker_url) as http:
-            health = (await http.get("/health")).json()
-        return health if health["state"] == "ready" else None
-
-    settled = (await eventually(idle, timeout=5))["tokens_generated"]
-    await asyncio.sleep(0.3)
-    assert (await idle() or {}).get("tokens_generated") == settled < 100
+    await worker_stops(worker_url, most=100)
 
 
 @pytest.mark.parametrize("backend, engine", [("mlx", "mlx"), ("llama-cpp", "llama-cpp"), (None, "llama-cpp")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -10,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import worker_stops
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 
@@ -102,11 +101,4 @@ async def test_disconnect_mid_stream_stops_the_worker(aclient: openai.AsyncOpenA
     async with httpx.AsyncClient(base_url=queen_url) as http:
         worker_url = (await http.get("/v1/hives")).json()["hives"][0]["workers"][0]["url"]
 
-    async def idle() -> dict[str, Any] | None:
-        async with httpx.AsyncClient(base_url=worker_url) as http:
-            health = (await http.get("/health")).json()
-        return health if health["state"] == "ready" else None
-
-    settled = (await eventually(idle, timeout=5))["tokens_generated"]
-    await asyncio.sleep(0.3)
-    assert (await idle() or {}).get("tokens_generated") == settled < 300
+    await worker_stops(worker_url, most=300)
