@@ -77,7 +77,8 @@ class Fleet:
             probe = await host.probe()
         except RbeeError as exc:
             return plans.plan_host(host.name, None, "", exc.message)
-        wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=host.entry.backend == "mlx")
+        wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=host.entry.backend == "mlx",
+                                             cuda=bool(probe.get("nvidia")))
         return plans.plan_host(host.name, probe, wheels.digest)
 
     async def up(self, narrate: Narrate) -> list[dict[str, Any]]:
@@ -107,7 +108,8 @@ class Fleet:
         async with self._locks.setdefault(entry.name, asyncio.Lock()):
             host = self.host(entry)
             probe = await host.probe()
-            wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=entry.backend == "mlx")
+            wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=entry.backend == "mlx",
+                                                 cuda=bool(probe.get("nvidia")))
             step = plans.plan_host(entry.name, probe, wheels.digest)
             say = lambda action, message: narrate(action, f"hive:{entry.name}: {message}")  # noqa: E731
             say("plan", f"{step.action} ({step.reason})")

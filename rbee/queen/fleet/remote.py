@@ -155,10 +155,31 @@ class RemoteHost:
         await run(conn, Command.of(*base, "--force-reinstall", "--no-deps",
                                    posixpath.join(wheel_dir, rbee_wheel), env=offline),
                   what=f"{self.actor}: installing rbee", timeout=300)
+        if probe.get("nvidia"):
+            await self._build_cuda(conn, wheels, probe, python, offline, narrate)
         record = json.dumps({"version": __version__, "digest": wheels.digest})
         async with conn.start_sftp_client() as sftp:
             async with sftp.open(self._path("install.json"), "w") as handle:
                 await handle.write(record)
+
+    async def _build_cuda(self, conn: asyncssh.SSHClientConnection, wheels: WheelSet, probe: dict[str, Any],
+                          python: str, offline: dict[str, str], narrate: Narrate) -> None:
+        """On an NVIDIA host, rebuild llama-cpp-python with CUDA from the pushed source, offline."""
+        sources = [p for p in wheels.wheels if p.name.startswith("llama_cpp_python-") and p.name.endswith(".tar.gz")]
+        if not sources:
+            narrate("install", "NVIDIA GPU found, but the wheelhouse has no llama-cpp-python source: CPU build kept")
+            return
+        if not probe.get("nvcc"):
+            narrate("install", "NVIDIA GPU found but no CUDA toolkit (nvcc): llama.cpp runs on the CPU. Install "
+                    "the CUDA toolkit on the host and run `rbee fleet up` again to build it with CUDA")
+            return
+        narrate("install", "building llama-cpp-python with CUDA on the host (takes minutes)")
+        wheel_dir = self._path("wheelhouse")
+        env = {**offline, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
+        await run(conn, Command.of(python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir,
+                                   "--force-reinstall", "--no-deps", "--quiet",
+                                   posixpath.join(wheel_dir, sources[0].name), env=env),
+                  what=f"{self.actor}: building llama-cpp-python with CUDA", timeout=3600)
 
     # launch, tunnel, stop -----------------------------------------------------------------
 

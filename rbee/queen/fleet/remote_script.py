@@ -37,6 +37,9 @@ def probe(home):
         "installed": read_json(os.path.join(home, "install.json")),
         "venv": os.path.isfile(os.path.join(home, "venv", "bin", "python")),
         "hive": hive_state(home),
+        "nvidia": os.path.exists("/proc/driver/nvidia/version"),
+        "nvcc": any(os.access(os.path.join(d, "nvcc"), os.X_OK)
+                    for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/cuda/bin"]),
     }
 
 def sizes(folder):
@@ -44,7 +47,7 @@ def sizes(folder):
         names = os.listdir(folder)
     except OSError:
         return {}
-    return {n: os.path.getsize(os.path.join(folder, n)) for n in names if n.endswith(".whl")}
+    return {n: os.path.getsize(os.path.join(folder, n)) for n in names if n.endswith((".whl", ".tar.gz"))}
 
 def stop(home, grace):
     hive = hive_state(home)

@@ -129,19 +129,20 @@ class Wheelhouse:
         self._lock = asyncio.Lock()
         self._built: dict[str, WheelSet] = {}
 
-    async def build(self, target: Platform, narrate: Narrate, mlx: bool = False) -> WheelSet:
-        """Wheels for ``target`` (plus mlx-lm when ``mlx`` or on Apple Silicon), from cache when
-        present. Safe to call from many hosts at once."""
-        key = f"{target.tag}{'+mlx' if mlx else ''}"
+    async def build(self, target: Platform, narrate: Narrate, mlx: bool = False, cuda: bool = False) -> WheelSet:
+        """Wheels for ``target`` (plus mlx-lm when ``mlx`` or on Apple Silicon, plus llama.cpp's
+        source for a CUDA build on NVIDIA hosts), from cache when present. Safe to call from many
+        hosts at once."""
+        key = f"{target.tag}{'+mlx' if mlx else ''}{'+cuda' if cuda else ''}"
         async with self._lock:
             if key not in self._built:
-                self._built[key] = await self._build(target, narrate, mlx)
+                self._built[key] = await self._build(target, narrate, mlx, cuda)
             return self._built[key]
 
     def forget(self) -> None:
         self._built.clear()
 
-    async def _build(self, target: Platform, narrate: Narrate, mlx: bool) -> WheelSet:
+    async def _build(self, target: Platform, narrate: Narrate, mlx: bool, cuda: bool) -> WheelSet:
         local = Platform.local()
         folder = self.cache_dir / target.tag
         folder.mkdir(parents=True, exist_ok=True)
@@ -164,6 +165,8 @@ class Wheelhouse:
         wheels = [rbee_wheel]
         if mlx or target.apple_silicon:
             wheels += await self._mlx_wheels(target, folder, narrate)
+        if cuda:
+            wheels += await self.cuda_sources(target, narrate)
         for req in wanted:
             name, version = req.split("==")
             path = have.get((canonicalize_name(name), version))
@@ -177,6 +180,21 @@ class Wheelhouse:
             digest.update(path.name.encode() + file_sha256(path, cache).encode())
         cache_file.write_text(json.dumps(cache))
         return WheelSet(tuple(wheels), digest.hexdigest()[:24])
+
+    async def cuda_sources(self, target: Platform, narrate: Narrate) -> list[Path]:
+        """For an NVIDIA host: llama-cpp-python's source and its build tools as wheels, so the host
+        can build it with CUDA (it has the toolkit, we do not) without reaching an index."""
+        version = metadata.version("llama-cpp-python")
+        folder = self.cache_dir / target.tag / "cuda"
+        if not any(folder.glob("llama_cpp_python-*.tar.gz")):
+            narrate("wheelhouse", f"collecting llama-cpp-python {version} source and build tools for CUDA")
+            await _pip(["download", "--no-deps", "--no-binary=:all:", "--dest", str(folder),
+                        f"llama-cpp-python=={version}"], "collecting llama-cpp-python's source")
+            cross = [] if target == Platform.local() else [
+                "--python-version", target.python, "--implementation", "cp", *platform_args(target)]
+            await _pip(["download", "--only-binary=:all:", "--dest", str(folder), *cross,
+                        "scikit-build-core[pyproject]", "cmake", "ninja"], "collecting build tools")
+        return sorted([*folder.glob("*.tar.gz"), *folder.glob("*.whl")])
 
     async def _mlx_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
         """mlx-lm and what it needs, resolved by pip for that platform (``mlx[cpu]`` on Linux).
