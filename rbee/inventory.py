@@ -11,7 +11,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -257,7 +256,3 @@ def locate(text: str, loc: list[str]) -> int:
             if re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", lines[i]):
                 return i + 1
     return start + 1
-
-
-def render_hive(entry: HiveEntry) -> dict[str, Any]:
-    return entry.model_dump(exclude_defaults=True)

@@ -219,9 +219,6 @@ class Supervisor:
                 await self.stop(record.worker_id, f"idle for more than {self.config.worker_idle_timeout:.0f} s")
             await asyncio.sleep(min(self.config.heartbeat_interval / 2, 1.0))
 
-    def forget_dead(self) -> None:
-        for worker_id in [w for w, r in self.workers.items() if r.state in ("dead", "stopped")]:
-            del self.workers[worker_id]
 
     async def stop(self, worker_id: str, reason: str) -> WorkerRecord:
         record = self.workers.get(worker_id)

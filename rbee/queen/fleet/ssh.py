@@ -132,17 +132,3 @@ async def run(
         raise RemoteCommandError(f"{what} failed (exit {result.exit_status}): {stderr or str(result.stdout)}")
     return str(result.stdout or "")
 
-
-async def fetch_host_key(entry: HiveEntry, section: SshSection) -> asyncssh.SSHKey:
-    target = entry.target
-    key = await asyncssh.get_server_host_key(target.host, target.port or 22)
-    if key is None:
-        raise SshError(f"hive {entry.name!r}: {target} offered no host key")
-    return key
-
-
-def trust_line(entry: HiveEntry, key: asyncssh.SSHKey) -> str:
-    target = entry.target
-    host = target.host if not target.port or target.port == 22 else f"[{target.host}]:{target.port}"
-    return f"{host} {key.export_public_key().decode().strip()}\n"
-
