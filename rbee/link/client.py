@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +106,11 @@ class LinkClient:
         raise LinkError(f"the stream from {self.peer} ended without [DONE]")
 
     async def cancel(self, handle: JobHandle) -> None:
-        """Best-effort DELETE; a job that already ended is not an error."""
-        with contextlib.suppress(JobNotFoundError, LinkError):
+        """Best-effort DELETE; a job that already ended (or a client already closed) is not an error."""
+        with contextlib.suppress(JobNotFoundError, LinkError, RuntimeError):
             await self.request_json("DELETE", handle.sse_url.rsplit("/stream", 1)[0])
 
-    async def run(self, body: dict[str, Any], path: str = "/v1/jobs") -> AsyncIterator[Event]:
+    async def run(self, body: dict[str, Any], path: str = "/v1/jobs") -> AsyncGenerator[Event, None]:
         """Create a job and stream it; if the caller stops early or is cancelled, the job is
         cancelled at the peer (so a cancel travels down the chain at once)."""
         handle = await self.create(body, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rbee.errors import LinkError
@@ -16,8 +17,9 @@ async def relay(job: Job, client: LinkClient, body: dict[str, Any], path: str = 
     The events keep their JSON text, so a token costs no re-encoding here. Returns the
     terminal event. Cancelling the caller cancels the downstream job (see LinkClient.run).
     """
-    async for event in client.run(body, path):
-        job.emit(event)
-        if event.terminal:
-            return event
+    async with contextlib.aclosing(client.run(body, path)) as events:
+        async for event in events:
+            job.emit(event)
+            if event.terminal:
+                return event
     raise LinkError(f"{client.peer} closed the job stream without an end or error event")
