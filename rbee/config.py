@@ -94,6 +94,7 @@ class WorkerConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     n_ctx: int = 2048
     threads: int = 0
+    ping_interval: float = field(default_factory=lambda: ping_interval())
     serve: ServeOptions = field(default_factory=ServeOptions)
 
     @property
@@ -111,6 +112,8 @@ class HiveConfig:
     worker_ready_timeout: float = 120.0
     worker_n_ctx: int = 2048
     backend: str = "auto"  # the inventory's per-hive `backend =`
+    ping_interval: float = field(default_factory=lambda: ping_interval())
+    stall_timeout: float = field(default_factory=lambda: stall_timeout())
     worker_idle_timeout: float = field(default_factory=lambda: _env_number("RBEE_WORKER_IDLE_TIMEOUT", 900.0))
     #: bytes rbee's workers may hold in all; 0 = whatever is free
     memory_budget: int = field(default_factory=lambda: int(_env_number("RBEE_MEMORY_BUDGET", 0)))
@@ -128,6 +131,8 @@ class QueenConfig:
     ephemeral: bool = False
     hive_ready_timeout: float = 60.0
     inventory: str = ""
+    ping_interval: float = field(default_factory=lambda: ping_interval())
+    stall_timeout: float = field(default_factory=lambda: stall_timeout())
     serve: ServeOptions = field(default_factory=lambda: ServeOptions(port=DEFAULT_QUEEN_PORT))
 
     actor = "queen"

@@ -10,7 +10,7 @@ from typing import Any
 from quart import Quart, Response, jsonify
 
 from rbee import __version__
-from rbee.config import HiveConfig, ping_interval, stall_timeout
+from rbee.config import HiveConfig
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import probe
 from rbee.hive.engine import Choice, choose_engine, installed_engines
@@ -40,8 +40,8 @@ class Hive:
         self.supervisor = supervisor
         self.catalog = catalog
         self.metrics = Metrics(config.actor)
-        self.registry = JobRegistry(config.actor, ping=ping_interval(), on_finish=self.metrics.job_finished)
-        self.stall_timeout = stall_timeout()
+        self.registry = JobRegistry(config.actor, ping=config.ping_interval, on_finish=self.metrics.job_finished)
+        self.stall_timeout = config.stall_timeout
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
         self.queen: LinkClient | None = None

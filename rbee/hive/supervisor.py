@@ -141,6 +141,7 @@ class Supervisor:
             heartbeat_interval=self.config.heartbeat_interval,
             n_ctx=self.config.worker_n_ctx,
             threads=worker_threads(os.cpu_count() or 1, self.live_count()),
+            ping_interval=self.config.ping_interval,
             serve=ServeOptions(),
         )
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"

@@ -13,7 +13,7 @@ import psutil
 from quart import Quart, Response, jsonify, request
 
 from rbee import __version__, inventory
-from rbee.config import DEFAULT_MODEL, LOCAL_NODE, QueenConfig, ping_interval, stall_timeout
+from rbee.config import DEFAULT_MODEL, LOCAL_NODE, QueenConfig
 from rbee.errors import ModelNotFoundError, RequestError, StartupError
 from rbee.link import events
 from rbee.link.auth import install_auth
@@ -47,7 +47,7 @@ class Queen:
         self.hives = HiveRegistry(config.heartbeat_interval)
         self.local = LocalHiveLauncher(config, url, self.hives)
         self.metrics = Metrics(config.actor)
-        self.registry = JobRegistry(config.actor, ping=ping_interval(), on_finish=self.metrics.job_finished)
+        self.registry = JobRegistry(config.actor, ping=config.ping_interval, on_finish=self.metrics.job_finished)
         self.clients: dict[str, LinkClient] = {}
         self.stop = asyncio.Event()
         self.catalog = HiveCatalog(config.home / "queen.db")
@@ -74,7 +74,7 @@ class Queen:
         client = self.clients.get(hive.name)
         if client is None or client.base_url != hive.url.rstrip("/"):
             client = self.clients[hive.name] = LinkClient(
-                hive.url, f"hive:{hive.name}", stall_timeout=stall_timeout(), token=self.token
+                hive.url, f"hive:{hive.name}", stall_timeout=self.config.stall_timeout, token=self.token
             )
         return client
 

@@ -118,6 +118,8 @@ class LocalHiveLauncher:
             queen_url=self.queen_url,
             home=self.config.home,
             heartbeat_interval=self.config.heartbeat_interval,
+            ping_interval=self.config.ping_interval,
+            stall_timeout=self.config.stall_timeout,
             serve=ServeOptions(),
         )
         narrate("launch", f"starting hive:{LOCAL_NODE} on this machine")

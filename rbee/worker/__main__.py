@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 
-from rbee.config import WorkerConfig, from_args, ping_interval
+from rbee.config import WorkerConfig, from_args
 from rbee.errors import RbeeError
 from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
@@ -25,7 +25,7 @@ async def main(config: WorkerConfig) -> int:
     stop = asyncio.Event()
     backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads)
     runner = ModelRunner(backend, config.model_path)
-    registry = JobRegistry(config.actor, ping=ping_interval())
+    registry = JobRegistry(config.actor, ping=config.ping_interval)
     token = load_token()
     app = create_app(config, runner, registry, stop, token)
     hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0, token=token)
