@@ -8,6 +8,7 @@ naming them, never ignored silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -21,7 +22,7 @@ from rbee.errors import RequestError
 from rbee.link import events
 from rbee.link.events import Event
 from rbee.link.jobs import Job, JobRegistry, Producer
-from rbee.link.schemas import MAX_TOKENS_LIMIT, parse_job_request
+from rbee.link.schemas import MAX_TOKENS_LIMIT
 from rbee.link.server import read_json_body, sse_response
 
 #: rbee error codes → HTTP status and OpenAI error type.
@@ -236,25 +237,34 @@ async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None
 async def _respond(registry: JobRegistry, make_producer: Callable[[dict[str, Any]], Producer],
                    job_body: dict[str, Any], req: SamplingFields, *, chat: bool) -> Response:
     try:
-        parse_job_request(job_body)
+        producer = make_producer(job_body)  # validates the body: a 400 before any job exists
     except RequestError as exc:
         raise OpenAIError(400, exc.message) from exc
-    job = registry.create(make_producer(job_body))
+    job = registry.create(producer)
     shape = Shape(job.id, req.model, chat)
     stream = _events(registry, job)
     # Wait for the first token (or the failure) before answering, so errors get their status code.
-    head: list[Event] = []
-    async for event in stream:
-        if event.type == events.ERROR:
+    async for first in stream:
+        if first.type == events.ERROR:
             await stream.aclose()
-            raise OpenAIError.from_event(event)
-        if event.type in (events.TOKEN, events.END):
-            head.append(event)
+            raise OpenAIError.from_event(first)
+        if first.type in (events.TOKEN, events.END):
             break
+    rest = _starting_with(first, stream)
     if not req.stream:
-        return await _collect(shape, head, stream)
+        return await _collect(shape, rest)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return await sse_response(_chunks(shape, head, stream, include_usage))
+    return await sse_response(_chunks(shape, rest, include_usage))
+
+
+async def _starting_with(first: Event, stream: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """``first``, then the rest of ``stream``; closing this closes the stream (and cancels the job)."""
+    try:
+        yield first
+        async for event in stream:
+            yield event
+    finally:
+        await stream.aclose()
 
 
 class Shape:
@@ -304,43 +314,28 @@ def finish_of(end: Event) -> str:
     return reason if reason in ("stop", "length") else "stop"
 
 
-async def _collect(shape: Shape, head: list[Event], stream: AsyncIterator[Event]) -> Response:
+async def _collect(shape: Shape, stream: AsyncGenerator[Event, None]) -> Response:
     text: list[str] = []
     end: Event | None = None
-
-    async def all_events() -> AsyncIterator[Event]:
-        for event in head:
-            yield event
+    async with contextlib.aclosing(stream):
         async for event in stream:
-            yield event
-
-    async for event in all_events():
-        if event.type == events.TOKEN:
-            text.append(event["text"])
-        elif event.type == events.END:
-            end = event
-        elif event.type == events.ERROR:
-            raise OpenAIError.from_event(event)
+            if event.type == events.TOKEN:
+                text.append(event["text"])
+            elif event.type == events.END:
+                end = event
+            elif event.type == events.ERROR:
+                raise OpenAIError.from_event(event)
     assert end is not None
     return jsonify(shape.whole("".join(text), finish_of(end), usage_of(end)))
 
 
-async def _chunks(shape: Shape, head: list[Event], stream: AsyncGenerator[Event, None],
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks(shape: Shape, stream: AsyncGenerator[Event, None], include_usage: bool) -> AsyncIterator[bytes]:
     def frame(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
     first = True
-    pending = list(head)
     try:
-        while True:
-            if pending:
-                event = pending.pop(0)
-            else:
-                try:
-                    event = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
+        async for event in stream:
             if event.type == events.TOKEN:
                 yield frame(shape.chunk(event["text"], None, first=first))
                 first = False

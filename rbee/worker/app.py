@@ -12,9 +12,9 @@ from quart import Quart, Response, jsonify
 from rbee.config import WorkerConfig
 from rbee.link import events
 from rbee.link.auth import install_auth
-from rbee.link.jobs import Job, JobRegistry, Producer
-from rbee.link.schemas import parse_job_request
-from rbee.link.server import add_job_routes, install_error_handlers
+from rbee.link.jobs import Job, JobRegistry
+from rbee.link.schemas import JobRequest
+from rbee.link.server import add_job_routes, install_error_handlers, request_producer
 from rbee.worker.chat import render as render_chat
 from rbee.worker.runner import ModelRunner
 
@@ -26,35 +26,29 @@ def create_app(
     install_error_handlers(app, config.actor)
     install_auth(app, token)
 
-    def make_producer(body: dict[str, Any]) -> Producer:
-        request = parse_job_request(body)
+    async def generate(job: Job, request: JobRequest) -> None:
+        if request.messages is not None:
+            chat = render_chat(request.messages, runner.backend.metadata)
+            job.narrate("template", f"chat formatted with {chat.template}")
+            request = request.model_copy(
+                update={"prompt": chat.prompt, "messages": None, "stop": [*request.stop, *chat.stop]}
+            )
+        if runner.busy:
+            job.narrate("queue", f"waiting for the model ({runner.waiting + 1} in line)")
+        started = time.perf_counter()
+        index = 0
+        finish = "stop"
+        prompt_tokens = None
+        async with contextlib.aclosing(runner.generate(request)) as pieces:
+            async for piece in pieces:
+                if piece.text:
+                    job.emit(events.token(index, piece.text))
+                    index += 1
+                if piece.finish_reason is not None:
+                    finish, prompt_tokens = piece.finish_reason, piece.prompt_tokens
+        job.emit(events.end(index, time.perf_counter() - started, finish, prompt_tokens=prompt_tokens))
 
-        async def produce(job: Job) -> None:
-            nonlocal request
-            if request.messages is not None:
-                chat = render_chat(request.messages, runner.backend.metadata)
-                job.narrate("template", f"chat formatted with {chat.template}")
-                request = request.model_copy(
-                    update={"prompt": chat.prompt, "messages": None, "stop": [*request.stop, *chat.stop]}
-                )
-            if runner.busy:
-                job.narrate("queue", f"waiting for the model ({runner.waiting + 1} in line)")
-            started = time.perf_counter()
-            index = 0
-            finish = "stop"
-            prompt_tokens = None
-            async with contextlib.aclosing(runner.generate(request)) as pieces:
-                async for piece in pieces:
-                    if piece.text:
-                        job.emit(events.token(index, piece.text))
-                        index += 1
-                    if piece.finish_reason is not None:
-                        finish, prompt_tokens = piece.finish_reason, piece.prompt_tokens
-            job.emit(events.end(index, time.perf_counter() - started, finish, prompt_tokens=prompt_tokens))
-
-        return produce
-
-    add_job_routes(app, registry, make_producer)
+    add_job_routes(app, registry, request_producer(generate))
 
     @app.get("/health")
     async def health() -> Response:
