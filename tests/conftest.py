@@ -39,28 +39,23 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def rbee_env(tmp_path: Path, models_dir: Path) -> Iterator[dict[str, str]]:
+def rbee_env(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Environment for rbee processes of one test; at teardown, none of them may be left."""
     home = tmp_path / "rbee-home"
-    env = dict(os.environ)
-    env.update(
-        RBEE_HOME=str(home),
-        RBEE_MODELS_DIR=str(models_dir),
-        RBEE_HEARTBEAT_INTERVAL="0.5",
-        RBEE_QUEEN_URL="http://127.0.0.1:9",  # nothing listens: each test gets its own queen
-        PYTHONUNBUFFERED="1",
-    )
-    saved = {key: os.environ.get(key) for key in ("RBEE_HOME", "RBEE_MODELS_DIR", "RBEE_HEARTBEAT_INTERVAL")}
-    os.environ.update({key: env[key] for key in saved})
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        assert_no_orphans(home)
+    settings = {
+        "RBEE_HOME": str(home),
+        "RBEE_MODELS_DIR": str(models_dir),
+        "RBEE_HEARTBEAT_INTERVAL": "0.5",
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)  # for children this test process starts itself
+    env = {
+        **os.environ,
+        "RBEE_QUEEN_URL": "http://127.0.0.1:9",  # nothing listens: each test gets its own queen
+        "PYTHONUNBUFFERED": "1",
+    }
+    yield env
+    assert_no_orphans(home)
 
 
 def assert_no_orphans(home: Path, timeout: float = 15.0) -> None:

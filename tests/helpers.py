@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from quart import Quart
 
+from rbee.link.client import LinkClient
+from rbee.link.events import Event
 from rbee.link.serving import Listen, run_server
 from rbee.link.spawn import bind_loopback
 
 T = TypeVar("T")
+
+RBEE = [sys.executable, "-m", "rbee.keeper"]
 
 
 @contextlib.asynccontextmanager
@@ -66,3 +71,27 @@ async def worker_stops(worker_url: str, most: int, settle: float = 0.3) -> float
     assert after is not None and after["tokens_generated"] == settled, "the worker kept generating"
     assert settled < most, f"the worker generated {settled} tokens before it stopped"
     return idle_at
+
+
+async def warm_up(client: LinkClient) -> list[Event]:
+    """A two-token job: brings the hive and a worker up (or reuses them)."""
+    return [event async for event in client.run({"prompt": "Hi", "max_tokens": 2, "temperature": 0.0, "seed": 7})]
+
+
+async def run_rbee(
+    args: list[str], env: dict[str, str], timeout: float = 90
+) -> tuple[int, list[tuple[float, bytes]], str]:
+    """Run the CLI; return its exit code, stdout chunks with arrival times, and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *RBEE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stderr is not None
+    chunks: list[tuple[float, bytes]] = []
+
+    async def read_stdout() -> None:
+        while chunk := await process.stdout.read(64):  # type: ignore[union-attr]
+            chunks.append((time.monotonic(), chunk))
+
+    stderr_task = asyncio.ensure_future(process.stderr.read())
+    await asyncio.wait_for(asyncio.gather(read_stdout(), process.wait()), timeout)
+    return process.returncode or 0, chunks, (await stderr_task).decode()

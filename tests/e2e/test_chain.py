@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,29 +13,9 @@ import httpx
 import pytest
 
 from rbee.link.client import LinkClient
-from tests.helpers import eventually, worker_stops
+from tests.helpers import RBEE, eventually, run_rbee, warm_up, worker_stops
 
-RBEE = [sys.executable, "-m", "rbee.keeper"]
 GREEDY = {"temperature": 0.0, "seed": 7}
-
-
-async def run_rbee(
-    args: list[str], env: dict[str, str], timeout: float = 90
-) -> tuple[int, list[tuple[float, bytes]], str]:
-    """Run the CLI; return its exit code, stdout chunks with arrival times, and stderr."""
-    process = await asyncio.create_subprocess_exec(
-        *RBEE, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stdout is not None and process.stderr is not None
-    chunks: list[tuple[float, bytes]] = []
-
-    async def read_stdout() -> None:
-        while chunk := await process.stdout.read(64):  # type: ignore[union-attr]
-            chunks.append((time.monotonic(), chunk))
-
-    stderr_task = asyncio.ensure_future(process.stderr.read())
-    await asyncio.wait_for(asyncio.gather(read_stdout(), process.wait()), timeout)
-    return process.returncode or 0, chunks, (await stderr_task).decode()
 
 
 async def test_infer_streams_real_tokens_and_leaves_nothing(rbee_env: dict[str, str]) -> None:
@@ -124,7 +103,7 @@ async def test_corrupt_model_file_fails_fast_naming_the_file(rbee_env: dict[str,
 
 async def test_killed_worker_is_marked_dead_by_its_hive(queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
     worker = await worker_of(queen_url)
     os.kill(worker["pid"], signal.SIGKILL)
     # 3 heartbeat intervals of 0.5 s; the hive's view reaches the queen with the next hive beat.

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +12,8 @@ import pytest
 
 from rbee.hive.gguf_meta import read_info
 from rbee.link.client import LinkClient
-from tests.helpers import eventually
+from tests.helpers import eventually, run_rbee, warm_up
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
-
-GREEDY = {"temperature": 0.0, "seed": 7}
-RBEE = [sys.executable, "-m", "rbee.keeper"]
 
 
 def test_gguf_metadata_of_the_real_default_model(models_dir: Path) -> None:
@@ -37,9 +32,9 @@ async def workers(queen_url: str) -> list[dict[str, Any]]:
 
 async def test_second_infer_reuses_the_warm_worker(queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        first = [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        first = await warm_up(client)
         spawned = await workers(queen_url)
-        second = [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        second = await warm_up(client)
     assert first[-1].type == second[-1].type == "end"
     assert len(spawned) == 1
     assert [w["worker_id"] for w in await workers(queen_url)] == [spawned[0]["worker_id"]]
@@ -48,12 +43,8 @@ async def test_second_infer_reuses_the_warm_worker(queen_url: str) -> None:
 
 
 @pytest.fixture
-def small_budget(rbee_env: dict[str, str]) -> Iterator[None]:
-    os.environ["RBEE_MEMORY_BUDGET"] = str(100 * 1024 * 1024)  # 100 MB: the default model needs more
-    try:
-        yield
-    finally:
-        os.environ.pop("RBEE_MEMORY_BUDGET", None)
+def small_budget(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RBEE_MEMORY_BUDGET", str(100 * 1024 * 1024))  # 100 MB: the default model needs more
 
 
 async def test_admission_refuses_a_model_too_large_for_the_budget(small_budget: None, queen_url: str) -> None:
@@ -66,17 +57,13 @@ async def test_admission_refuses_a_model_too_large_for_the_budget(small_budget: 
 
 
 @pytest.fixture
-def short_idle(rbee_env: dict[str, str]) -> Iterator[None]:
-    os.environ["RBEE_WORKER_IDLE_TIMEOUT"] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop("RBEE_WORKER_IDLE_TIMEOUT", None)
+def short_idle(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RBEE_WORKER_IDLE_TIMEOUT", "1")
 
 
 async def test_idle_workers_are_stopped(short_idle: None, queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
     pid = (await workers(queen_url))[0]["pid"]
 
     async def stopped() -> bool:
@@ -105,10 +92,8 @@ def hub(rbee_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[HubServer, d
 
 
 async def rbee(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(*RBEE, *args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    return process.returncode or 0, out.decode(), err.decode()
+    code, chunks, err = await run_rbee(list(args), env, timeout=120)
+    return code, b"".join(chunk for _, chunk in chunks).decode(), err
 
 
 async def test_models_pull_list_rm_through_the_chain(hub: tuple[HubServer, dict[str, str]]) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,10 +19,10 @@ import pytest
 from rbee.config import QueenConfig, ServeOptions
 from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
+from rbee.link.events import Event
 from tests.conftest import processes_of
-from tests.helpers import eventually, worker_stops
+from tests.helpers import RBEE, eventually, warm_up, worker_stops
 
-RBEE = [sys.executable, "-m", "rbee.keeper"]
 GREEDY = {"temperature": 0.0, "seed": 11}
 LONG = {"prompt": "Count from one to one thousand: one, two, three,", "max_tokens": 1500, **GREEDY}
 
@@ -43,9 +42,10 @@ async def worker_health(url: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def fast_queen(rbee_env: dict[str, str]) -> AsyncIterator[str]:
+async def fast_queen(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     """A queen whose links call a silent peer hung after 2 s (keep-alives every 0.5 s)."""
-    os.environ.update(RBEE_STALL_TIMEOUT="2", RBEE_PING_INTERVAL="0.5")
+    monkeypatch.setenv("RBEE_STALL_TIMEOUT", "2")
+    monkeypatch.setenv("RBEE_PING_INTERVAL", "0.5")
     config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
                          serve=ServeOptions())
     child = await start_queen(config, ephemeral=True)
@@ -53,21 +53,26 @@ async def fast_queen(rbee_env: dict[str, str]) -> AsyncIterator[str]:
         yield child.url
     finally:
         await child.stop(grace=20.0)
-        for key in ("RBEE_STALL_TIMEOUT", "RBEE_PING_INTERVAL"):
-            os.environ.pop(key, None)
+
+
+async def signal_mid_stream(client: LinkClient, pid: int, signum: int) -> tuple[list[Event], float]:
+    """Run a long job and send ``signum`` to ``pid`` at its fourth token; return the job's
+    events and when the signal went."""
+    received = []
+    sent_at = 0.0
+    async for event in client.run(LONG):
+        received.append(event)
+        if event.type == "token" and event["index"] == 3:
+            os.kill(pid, signum)
+            sent_at = time.monotonic()
+    return received, sent_at
 
 
 async def test_worker_killed_mid_stream(queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]  # warm
+        await warm_up(client)
         first = await the_worker(queen_url)
-        received = []
-        killed_at = 0.0
-        async for event in client.run(LONG):
-            received.append(event)
-            if event.type == "token" and event["index"] == 3:
-                os.kill(first["pid"], signal.SIGKILL)
-                killed_at = time.monotonic()
+        received, killed_at = await signal_mid_stream(client, first["pid"], signal.SIGKILL)
         detected = time.monotonic() - killed_at
         error = received[-1]
         assert error.type == "error" and error["code"] == "worker_died", error
@@ -81,22 +86,16 @@ async def test_worker_killed_mid_stream(queen_url: str) -> None:
             return any(w["worker_id"] == first["worker_id"] and w["state"] == "dead" for w in rows)
 
         await eventually(marked_dead, timeout=2)  # the queen sees it with the hive's next heartbeat
-        again = [e async for e in client.run({"prompt": "Hi", "max_tokens": 3, **GREEDY})]
+        again = await warm_up(client)
     assert again[-1].type == "end"
     assert (await the_worker(queen_url))["worker_id"] != first["worker_id"], "a fresh worker serves the next job"
 
 
 async def test_hung_worker_hits_the_stall_deadline(fast_queen: str) -> None:
     async with LinkClient(fast_queen, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
         worker = await the_worker(fast_queen)
-        received = []
-        stopped_at = 0.0
-        async for event in client.run(LONG):
-            received.append(event)
-            if event.type == "token" and event["index"] == 3:
-                os.kill(worker["pid"], signal.SIGSTOP)
-                stopped_at = time.monotonic()
+        received, stopped_at = await signal_mid_stream(client, worker["pid"], signal.SIGSTOP)
         waited = time.monotonic() - stopped_at
     error = received[-1]
     assert error.type == "error" and error["code"] == "worker_stalled", error
@@ -107,14 +106,9 @@ async def test_hung_worker_hits_the_stall_deadline(fast_queen: str) -> None:
 
 async def test_killed_hive_is_marked_down_and_its_job_ends_with_an_error(queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
         hive_pid = (await hives(queen_url))[0]["pid"]
-        received = []
-        async for event in client.run(LONG):
-            received.append(event)
-            if event.type == "token" and event["index"] == 3:
-                os.kill(hive_pid, signal.SIGKILL)
-                killed_at = time.monotonic()
+        received, killed_at = await signal_mid_stream(client, hive_pid, signal.SIGKILL)
     assert received[-1].type == "error" and "hive:localhost" in received[-1]["message"], received[-1]
 
     async def down() -> dict[str, Any] | None:
@@ -130,7 +124,7 @@ async def test_killed_hive_is_marked_down_and_its_job_ends_with_an_error(queen_u
 async def test_cancel_reaches_the_worker_within_a_second(rbee_env: dict[str, str], queen_url: str, how: str) -> None:
     env = {**rbee_env, "RBEE_QUEEN_URL": queen_url}
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
     worker = await the_worker(queen_url)
     if how == "sigint":
         process = await asyncio.create_subprocess_exec(
@@ -172,7 +166,7 @@ async def test_two_jobs_at_once_on_one_worker_do_not_mix(queen_url: str) -> None
 
 async def test_every_server_listens_on_loopback_only(rbee_env: dict[str, str], queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
-        [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, **GREEDY})]
+        await warm_up(client)
     listening = []
     for process in processes_of(Path(rbee_env["RBEE_HOME"])):
         for conn in process.net_connections(kind="inet"):
