@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee import __version__
-from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
+from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
 from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.models_cli import models_app, workers_app
 from rbee.keeper.render import JobPrinter
-from rbee.keeper.session import queen_answers, start_persistent, stop_persistent
+from rbee.keeper.session import start_persistent, stop_persistent
 from rbee.link.schemas import parse_job_request
 
 app = typer.Typer(
@@ -101,11 +101,7 @@ def queen_status(url: QueenUrl = None) -> None:
 
 
 async def _queen_status(settings: Settings) -> None:
-    if not await queen_answers(settings.queen_url, token=settings.token):
-        err.print(f"no queen answers at {settings.queen_url}; start one with `rbee queen start`")
-        raise SystemExit(1)
-    async with settings.client(settings.queen_url) as client:
-        hives = (await client.request_json("GET", "/v1/hives"))["hives"]
+    hives = await running_hives(settings, "start one with `rbee queen start`")
     table = Table("hive", "state", "reason", "workers", title=f"queen at {settings.queen_url}")
     for hive in hives:
         workers = ", ".join(f"{w['worker_id']} ({w['state']})" for w in hive["workers"]) or "-"

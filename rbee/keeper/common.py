@@ -15,7 +15,7 @@ from rich.markup import escape
 from rbee import inventory
 from rbee.config import heartbeat_interval, queen_url, rbee_home
 from rbee.errors import RbeeError
-from rbee.keeper.session import QueenHandle, queen_session
+from rbee.keeper.session import QueenHandle, queen_answers, queen_session
 from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
 
@@ -59,6 +59,15 @@ class Settings:
         if self.inventory_path is None:
             return inventory.Inventory.local_only()
         return inventory.load(self.inventory_path)
+
+
+async def running_hives(settings: Settings, fix: str) -> list[dict[str, Any]]:
+    """The hives the running queen knows; without a queen, say so with ``fix`` and exit 1."""
+    if not await queen_answers(settings.queen_url, token=settings.token):
+        err.print(f"no queen answers at {settings.queen_url}; {fix}")
+        raise typer.Exit(1)
+    async with settings.client(settings.queen_url) as client:
+        return list((await client.request_json("GET", "/v1/hives"))["hives"])
 
 
 def run(coro: Any) -> Any:

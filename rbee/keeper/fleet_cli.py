@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
+from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
 from rbee.keeper.render import JobPrinter
 from rbee.keeper.session import queen_answers, start_persistent
 
@@ -102,7 +102,7 @@ async def _plan(settings: Settings) -> list[dict[str, str]]:
 def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
     """Every hive: up/down (and why), last heartbeat, devices, workers, version."""
     settings = run_sync(Settings.load, url, inventory_path)
-    hives = run(_status(settings))
+    hives = run(running_hives(settings, "the fleet is not running (`rbee fleet up`)"))
     table = Table("hive", "state", "reason", "heartbeat", "version", "devices", "workers", title="fleet status")
     for hive in hives:
         age = hive.get("heartbeat_age_s")
@@ -116,14 +116,6 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
             ) or "-",
         )
     out.print(table)
-
-
-async def _status(settings: Settings) -> list[dict[str, Any]]:
-    if not await queen_answers(settings.queen_url, token=settings.token):
-        err.print(f"no queen answers at {settings.queen_url}; the fleet is not running (`rbee fleet up`)")
-        raise typer.Exit(1)
-    async with settings.client(settings.queen_url) as client:
-        return list((await client.request_json("GET", "/v1/hives"))["hives"])
 
 
 def describe_devices(devices: dict[str, Any]) -> str:
