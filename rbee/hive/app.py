@@ -12,7 +12,7 @@ from quart import Quart, Response, jsonify
 from rbee import __version__
 from rbee.config import HiveConfig
 from rbee.errors import LinkError, PeerError, RequestError
-from rbee.hive.devices import probe
+from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, installed_engines
 from rbee.hive.engine import Host as EngineHost
 from rbee.hive.models import ModelCatalog, ModelEntry
@@ -62,11 +62,14 @@ class Hive:
         return client
 
     def status(self) -> dict[str, Any]:
+        devices = probe()
         return {
             "name": self.config.name,
             "version": __version__,
             "workers": self.supervisor.describe(),
-            "devices": probe(),
+            "devices": devices,
+            # what admission would grant a new worker now, so the queen's scheduler uses the same rule
+            "free_memory": free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
             "models": [{"name": e.name, "ref": e.ref, "size": e.size, "path": str(e.path)}
                        for e in self.catalog.entries()],
         }

@@ -97,11 +97,8 @@ class Queen:
                 if worker.get("state") in ("ready", "busy"):
                     warm |= by_path.get(worker.get("model_path"), set())
             on_disk = set().union(*(model_keys(m["name"], m["ref"]) for m in models)) if models else set()
-            devices = report.get("devices") or {}
-            if devices:
-                pools = [devices.get("cpu", {}).get("ram_free", 0)]
-                pools += [g.get("memory_free", 0) for g in devices.get("gpus", []) if g.get("kind") == "cuda"]
-                free = max(pools)
+            if "free_memory" in report:
+                free = report["free_memory"]  # the hive's own admission rule: largest pool, budget applied
             else:
                 free = psutil.virtual_memory().available if local else 0
             result.append(HiveView(name, up or local, frozenset(warm), frozenset(on_disk), int(free)))
