@@ -184,17 +184,15 @@ class RemoteHost:
     # launch, tunnel, stop -----------------------------------------------------------------
 
     async def launch(self, narrate: Narrate) -> None:
-        """Open the forwards, start the hive detached, point the local forward at it."""
+        """Start the hive detached, then attach: the forwards open and the hive learns where its
+        heartbeats go (it sends none before that)."""
         conn = await self.connected()
-        remote = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.queen_port)
-        self._forwards.append(remote)
-        self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
         env = {}
         if self.token:
             env["RBEE_TOKEN_FILE"] = await self._push_token(conn)
         command = Command.of(
             self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach",
-            "--name", self.name, "--queen-url", self.queen_url_there, "--home", self.home,
+            "--name", self.name, "--home", self.home,
             "--models-dir", self._path("models"), "--heartbeat-interval", str(self.heartbeat_interval),
             "--host", "127.0.0.1", "--port", "0", env=env,
         )
