@@ -6,6 +6,7 @@ tested on captured outputs from hosts we do not have.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -17,22 +18,34 @@ SYSCTL_KEYS = ("hw.memsize", "machdep.cpu.brand_string", "hw.perflevel0.physical
 
 
 def probe() -> dict[str, Any]:
+    """The host now. What cannot change while the hive runs (OS, chip, whether NVML loads)
+    is probed once; free memory is read on every call (each job and heartbeat asks)."""
     memory = psutil.virtual_memory()
-    system = platform.system().lower()
+    fixed = _fixed()
     devices: dict[str, Any] = {
-        "os": system,
-        "arch": platform.machine().lower(),
-        "cpu": {"cores": os.cpu_count() or 1, "ram_total": memory.total, "ram_free": memory.available},
+        "os": fixed["os"],
+        "arch": fixed["arch"],
+        "cpu": {"cores": fixed["cores"], "ram_total": memory.total, "ram_free": memory.available},
         "gpus": nvidia_gpus(),
     }
-    if system == "darwin":
-        apple = parse_sysctl(_run(["sysctl", *SYSCTL_KEYS]))
-        if apple.get("apple_silicon"):
-            devices["gpus"].append(
-                {"kind": "metal", "name": apple.get("chip", "Apple Silicon"), "memory_total": apple.get("memory", 0),
-                 "memory_free": memory.available, "unified": True}
-            )
+    apple = fixed["apple"]
+    if apple.get("apple_silicon"):
+        devices["gpus"].append(
+            {"kind": "metal", "name": apple.get("chip", "Apple Silicon"), "memory_total": apple.get("memory", 0),
+             "memory_free": memory.available, "unified": True}
+        )
     return devices
+
+
+@functools.cache
+def _fixed() -> dict[str, Any]:
+    system = platform.system().lower()
+    return {
+        "os": system,
+        "arch": platform.machine().lower(),
+        "cores": os.cpu_count() or 1,
+        "apple": parse_sysctl(_run(["sysctl", *SYSCTL_KEYS])) if system == "darwin" else {},
+    }
 
 
 def _run(argv: list[str]) -> str:
@@ -59,24 +72,30 @@ def parse_sysctl(output: str) -> dict[str, Any]:
 
 def nvidia_gpus() -> list[dict[str, Any]]:
     """NVIDIA GPUs through NVML; none when the library or a driver is missing."""
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    gpus = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        gpus.append(parse_nvml(index, nvml.nvmlDeviceGetName(handle), memory.total, memory.free))
+    return gpus
+
+
+@functools.cache
+def _nvml() -> Any:
+    """pynvml, initialised once for the process (loading the driver library per call cost
+    more than the rest of a job's setup), or None without library or driver."""
     try:
         import pynvml
     except ImportError:
-        return []
+        return None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return []
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            gpus.append(parse_nvml(index, name, memory.total, memory.free))
-        return gpus
-    finally:
-        pynvml.nvmlShutdown()
+        return None
+    return pynvml
 
 
 def parse_nvml(index: int, name: str | bytes, total: int, free: int) -> dict[str, Any]:

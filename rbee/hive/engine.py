@@ -8,6 +8,7 @@ and a choice that cannot be met is an error naming what is missing.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ class Choice:
     reason: str
 
 
+@functools.cache
 def installed_engines() -> frozenset[str]:
+    """Engines importable here; looked up once (a lookup walks sys.path)."""
     found = set()
     if importlib.util.find_spec("llama_cpp") is not None:
         found.add("llama-cpp")

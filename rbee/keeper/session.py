@@ -17,6 +17,7 @@ from rbee.config import QueenConfig, ServeOptions, to_args
 from rbee.errors import LinkError, StartupError
 from rbee.link.auth import bearer
 from rbee.link.spawn import Child, bind_loopback, spawn
+from rbee.link.transport import async_client
 
 
 @dataclass
@@ -26,7 +27,7 @@ class QueenHandle:
 
 
 async def queen_answers(url: str, timeout: float = 1.0, token: str | None = None) -> bool:
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False, headers=bearer(token)) as http:
+    async with async_client(timeout=timeout, headers=bearer(token)) as http:
         try:
             response = await http.get(f"{url}/health")
         except httpx.HTTPError:
@@ -92,7 +93,7 @@ async def start_persistent(
 
 async def stop_persistent(url: str, timeout: float = 30.0, token: str | None = None) -> bool:
     """Ask the queen at ``url`` to stop; wait until it no longer answers. False if none ran."""
-    async with httpx.AsyncClient(timeout=5.0, trust_env=False, headers=bearer(token)) as http:
+    async with async_client(timeout=5.0, headers=bearer(token)) as http:
         try:
             await http.post(f"{url}/v1/admin/shutdown")
         except httpx.HTTPError:

@@ -20,6 +20,7 @@ from httpx_sse import aconnect_sse
 from rbee.errors import JobNotFoundError, LinkError, PeerError, RequestError
 from rbee.link.auth import bearer
 from rbee.link.events import DONE_DATA, Event, EventFormatError
+from rbee.link.transport import async_client
 
 
 class StallError(LinkError):
@@ -47,8 +48,8 @@ class LinkClient:
         self.base_url = base_url.rstrip("/")
         self.peer = peer
         self.stall_timeout = stall_timeout
-        self._http = http or httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout), trust_env=False,
+        self._http = http or async_client(
+            base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout),
             headers=bearer(token),
         )
         self._owns_http = http is None
@@ -81,29 +82,49 @@ class LinkClient:
             raise LinkError(f"{self.peer} answered the job creation without job_id/sse_url") from exc
 
     async def stream(self, handle: JobHandle, last_event_id: int = 0) -> AsyncIterator[Event]:
-        """Yield the job's events until the terminal one; the stream must end with `[DONE]`."""
+        """Yield the job's events until the terminal one; the stream must end with `[DONE]`.
+
+        The terminal event is held back until the body has ended (``[DONE]`` follows it at
+        once): a consumer stops at the terminal event, and a body read to its end puts the
+        connection back in the pool instead of dropping it (a new TCP connection per job).
+        """
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id else {}
+        terminal: Event | None = None
+        done = False
         try:
             async with aconnect_sse(self._http, "GET", handle.sse_url, headers=headers) as source:
                 if source.response.status_code >= 400:
                     await source.response.aread()
                     raise _status_error(self.peer, source.response.status_code, source.response.content)
                 async for sse in source.aiter_sse():
-                    if not sse.data:
-                        continue  # a keep-alive comment
+                    if not sse.data or done:
+                        continue  # a keep-alive comment, or anything after [DONE]
                     if sse.data == DONE_DATA:
-                        return
+                        done = True
+                        continue
                     try:
-                        yield Event.from_json(sse.data)
+                        event = Event.from_json(sse.data)
                     except EventFormatError as exc:
                         raise LinkError(f"{self.peer} sent a malformed event: {exc}") from exc
-        except httpx.ReadTimeout as exc:
-            raise StallError(
-                f"{self.peer} sent nothing for {self.stall_timeout:g} s (not even a keep-alive): it is stalled or hung"
-            ) from exc
+                    if event.terminal:
+                        terminal = event
+                    else:
+                        yield event
         except httpx.HTTPError as exc:
-            raise LinkError(f"the stream from {self.peer} broke: {_describe(exc)}") from exc
-        raise LinkError(f"the stream from {self.peer} ended without [DONE]")
+            if terminal is None:
+                raise self._broken(exc) from exc
+            # the job's end arrived; only the stream's tail was lost
+        if terminal is not None:
+            yield terminal
+        elif not done:
+            raise LinkError(f"the stream from {self.peer} ended without [DONE]")
+
+    def _broken(self, exc: httpx.HTTPError) -> LinkError:
+        if isinstance(exc, httpx.ReadTimeout):
+            return StallError(
+                f"{self.peer} sent nothing for {self.stall_timeout:g} s (not even a keep-alive): it is stalled or hung"
+            )
+        return LinkError(f"the stream from {self.peer} broke: {_describe(exc)}")
 
     async def cancel(self, handle: JobHandle) -> None:
         """Best-effort DELETE; a job that already ended (or a client already closed) is not an error."""

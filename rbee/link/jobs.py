@@ -26,8 +26,8 @@ from rbee.link.events import Event
 log = logging.getLogger(__name__)
 
 Producer = Callable[["Job"], Awaitable[None]]
-
-_CLOSED = object()
+#: Events numbered by their id (1, 2, …), as a stream hands them out.
+Batch = list[tuple[int, Event]]
 
 
 def new_job_id() -> str:
@@ -46,7 +46,8 @@ class Job:
         self.finished = False
         self.cancelled = False
         self.task: asyncio.Task[None] | None = None
-        self._subscribers: list[asyncio.Queue[object]] = []
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._streams = 0
         self._timer: asyncio.TimerHandle | None = None
         self.claimed = False
         self.cancel_reason = ""
@@ -64,50 +65,49 @@ class Job:
         self.history.append(event)
         if event.terminal:
             self.finished = True
-        for queue in self._subscribers:
-            queue.put_nowait(event)
-            if self.finished:
-                queue.put_nowait(_CLOSED)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     def narrate(self, action: str, message: str, **extra: object) -> None:
         self.emit(events.narration(self.actor, action, message, **extra))
 
-    async def subscribe(self, after: int = 0, ping: float | None = None) -> AsyncIterator[tuple[int, Event | None]]:
-        """Yield ``(event_id, event)`` from ``after + 1`` until the terminal event; with ``ping``,
-        ``(0, None)`` after each ``ping`` seconds without an event (a keep-alive: a live peer
-        with a slow step is not taken for a hung one)."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        backlog = list(enumerate(self.history[after:], start=after + 1))
-        next_id = after + len(backlog) + 1
-        if not self.finished:
-            self._subscribers.append(queue)
+    async def subscribe(self, after: int = 0, ping: float | None = None) -> AsyncIterator[Batch]:
+        """Yield the events from ``after + 1`` to the terminal one as ``(event_id, event)``
+        batches: each wake-up takes everything emitted since the last, so behind a fast
+        producer a stream sends many events in one write instead of one write each. With
+        ``ping``, an empty batch after each ``ping`` seconds without an event (a keep-alive:
+        a live peer with a slow step is not taken for a hung one)."""
+        sent = after
+        loop = asyncio.get_running_loop()
+        self._streams += 1
         try:
-            for numbered in backlog:
-                yield numbered
-            while not (self.finished and queue.empty()) and queue in self._subscribers:
-                if queue.empty():
-                    try:
-                        # asyncio.timeout, not wait_for: no extra task per event (py-spy: wait_for was
-                        # half of a relay's CPU per token). A cancelled get() never loses an item.
-                        async with asyncio.timeout(ping):
-                            item = await queue.get()
-                    except TimeoutError:
-                        yield 0, None
-                        continue
-                else:
-                    item = queue.get_nowait()
-                if item is _CLOSED:
-                    break
-                assert isinstance(item, Event)
-                yield next_id, item
-                next_id += 1
+            while True:
+                if sent < len(self.history):
+                    batch = list(enumerate(self.history[sent:], start=sent + 1))
+                    sent += len(batch)
+                    yield batch
+                    continue
+                if self.finished:
+                    return
+                waiter = loop.create_future()
+                self._waiters.add(waiter)
+                try:
+                    # asyncio.timeout, not wait_for: no extra task per wake-up (py-spy: wait_for
+                    # was half of a relay's CPU per token).
+                    async with asyncio.timeout(ping):
+                        await waiter
+                except TimeoutError:
+                    yield []
+                finally:
+                    self._waiters.discard(waiter)
         finally:
-            if queue in self._subscribers:
-                self._subscribers.remove(queue)
+            self._streams -= 1
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        return self._streams
 
 
 class JobRegistry:
@@ -150,14 +150,15 @@ class JobRegistry:
                 f"no job {job_id!r} here: it never existed, expired unclaimed, or ended long ago"
             ) from None
 
-    async def stream(self, job_id: str, after: int = 0) -> AsyncIterator[tuple[int, Event | None]]:
-        """Stream a job; a stream that closes before the end may cancel the job (see module doc)."""
+    async def stream(self, job_id: str, after: int = 0) -> AsyncIterator[Batch]:
+        """Stream a job in batches (see Job.subscribe); a stream that closes before the end
+        may cancel the job (see module doc)."""
         job = self.get(job_id)
         job.claimed = True
         self._unschedule(job)
         try:
-            async for item in job.subscribe(after, self.ping):
-                yield item
+            async for batch in job.subscribe(after, self.ping):
+                yield batch
         finally:
             if not job.finished and job.subscriber_count == 0:
                 self._schedule(job, self.resume_grace, self._cancel_abandoned)

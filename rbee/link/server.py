@@ -112,9 +112,13 @@ def add_job_routes(
         registry.get(job_id)  # 404 now, before the stream starts
 
         async def frames() -> AsyncIterator[bytes]:
-            async for event_id, event in registry.stream(job_id, after):
-                yield PING_FRAME if event is None else encode_frame(event, event_id)
-            yield DONE_FRAME
+            ended = False
+            async for batch in registry.stream(job_id, after):
+                chunk = b"".join(encode_frame(event, event_id) for event_id, event in batch) or PING_FRAME
+                ended = bool(batch) and batch[-1][1].terminal
+                yield chunk + DONE_FRAME if ended else chunk  # the end and [DONE] in one write
+            if not ended:
+                yield DONE_FRAME
 
         return await sse_response(frames())
 

@@ -24,6 +24,7 @@ import httpx
 
 from rbee.errors import StartupError
 from rbee.link.auth import bearer
+from rbee.link.transport import async_client
 
 
 def bind_loopback(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -86,7 +87,7 @@ class Child:
         """Poll ``path`` until 200; fail at once if the child exits, or at the deadline."""
         deadline = time.monotonic() + timeout
         delay = 0.02
-        async with httpx.AsyncClient(base_url=self.url, timeout=2.0, trust_env=False, headers=bearer(token)) as http:
+        async with async_client(base_url=self.url, timeout=2.0, headers=bearer(token)) as http:
             while True:
                 if not self.alive:
                     raise StartupError(self.exit_message())

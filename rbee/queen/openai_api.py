@@ -226,8 +226,8 @@ async def _body() -> dict[str, Any]:
 async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None]:
     """The job's events; if the client leaves early, the job is cancelled at once (down to the worker)."""
     try:
-        async for _, event in registry.stream(job.id):
-            if event is not None:
+        async for batch in registry.stream(job.id):
+            for _, event in batch:
                 yield event
     finally:
         if not job.finished:

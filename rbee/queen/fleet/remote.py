@@ -22,6 +22,7 @@ import httpx
 from rbee import __version__
 from rbee.inventory import HiveEntry, SshSection
 from rbee.link.auth import bearer
+from rbee.link.transport import async_client
 from rbee.queen.fleet.remote_script import SCRIPT
 from rbee.queen.fleet.ssh import Command, RemoteCommandError, SshError, connect, run
 from rbee.queen.fleet.wheelhouse import WheelSet
@@ -230,7 +231,7 @@ class RemoteHost:
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
 
     async def _tell_hive_queen_url(self) -> None:
-        async with httpx.AsyncClient(base_url=self.hive_url, timeout=10, trust_env=False,
+        async with async_client(base_url=self.hive_url, timeout=10,
                                      headers=bearer(self.token)) as http:
             response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
             response.raise_for_status()

@@ -1,0 +1,134 @@
+"""httpx on plain asyncio streams: the link's HTTP client transport.
+
+httpcore reaches sockets through a pluggable network backend; on asyncio it
+picks anyio's, which wraps every read in an anyio cancel scope. On a token
+stream that is one scope per token, and the profile showed it: a relay spent
+half its CPU per token in the anyio read path (docs/benchmarks.md). This
+backend implements httpcore's documented ``AsyncNetworkBackend`` interface on
+asyncio's own streams and ``asyncio.timeout``; HTTP itself stays httpcore/h11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+import httpx
+
+#: Most one read hands back; SSE frames are far smaller, a model list may be larger.
+READ_LIMIT = 1 << 20
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._reader.read(max_bytes)
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(f"nothing to read for {timeout:g} s") from exc
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            self._writer.write(buffer)
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(f"could not write for {timeout:g} s") from exc
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except OSError:
+            pass  # the peer went first; closing is all we wanted
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(ssl_context, server_hostname=server_hostname)
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            await self.aclose()
+            raise httpcore.ConnectError(f"TLS handshake failed: {exc or type(exc).__name__}") from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            # httpcore asks before reusing an idle keep-alive connection: readable means the
+            # peer closed it (or sent something unasked), so it must not be reused.
+            return self._reader.at_eof() or _socket_readable(self._writer.get_extra_info("socket"))
+        key = {"client_addr": "sockname", "server_addr": "peername"}.get(info, info)
+        return self._writer.get_extra_info(key)
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        local = (local_address, 0) if local_address else None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, local_addr=local, limit=READ_LIMIT)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout:g} s") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        sock = writer.get_extra_info("socket")
+        for option in socket_options or ():
+            sock.setsockopt(*option)
+        return AsyncioStream(reader, writer)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
+        except TimeoutError as exc:
+            raise httpcore.ConnectTimeout(f"no connection to {path} within {timeout:g} s") from exc
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        return AsyncioStream(reader, writer)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _socket_readable(sock: Any) -> bool:
+    if sock is None or sock.fileno() < 0:
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def async_client(**kwargs: Any) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` (same arguments) whose connections use :class:`AsyncioBackend`.
+
+    Proxy variables are ignored: rbee only talks to its own tiers, on loopback or through
+    the SSH forward, and an HTTP(S)_PROXY meant for downloads must not capture that."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    # httpx builds the httpcore pool itself and offers no argument for its backend.
+    transport._pool._network_backend = AsyncioBackend()
+    return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
