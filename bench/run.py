@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench import systems
+from bench import link_chain, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,9 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     say("1/5 llama-cpp-python in-process")
     samples += systems.in_process(model, PROMPTS, args.runs, args.max_tokens, extras)
+    say("the link alone: fake worker → relay → client, at the engine's rate and flat out")
+    engine_rate = median([s.decode_tps for s in samples if s.phase == "warm"])
+    extras["link"] = await link_chain.link_costs(engine_rate)
     say("2/5 llama_cpp.server")
     try:
         samples += await systems.llama_server(model, PROMPTS, args.runs, args.max_tokens, extras)
@@ -144,7 +147,8 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         for row in extras["concurrency"]:
             lines.append(f"| {row['workers']} | {row['streams']} | {row['aggregate_tps']:.1f} | "
                          f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
-    for section, title in (("models", "Models: first vs warm infer; download through the provisioner"),
+    for section, title in (("link", "The link alone, no engine: fake worker → relay (as a hive runs it) → client"),
+                           ("models", "Models: first vs warm infer; download through the provisioner"),
                            ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker")):
         if isinstance(extras.get(section), dict):
             lines += ["", f"## {title}", ""]
@@ -154,7 +158,7 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         lines += [f"- {key}: {value:.2f}" for key, value in extras["fleet"].items()]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet", "models", "mlx"):
+        if key in ("concurrency", "fleet", "models", "mlx", "link"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"

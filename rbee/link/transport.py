@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import select
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import httpcore
@@ -88,39 +88,37 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         local = (local_address, 0) if local_address else None
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, local_addr=local, limit=READ_LIMIT)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout:g} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        sock = writer.get_extra_info("socket")
+        stream = await _connect(
+            asyncio.open_connection(host, port, local_addr=local, limit=READ_LIMIT), f"{host}:{port}", timeout
+        )
+        sock = stream.get_extra_info("socket")
         for option in socket_options or ():
             sock.setsockopt(*option)
-        return AsyncioStream(reader, writer)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
-        except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"no connection to {path} within {timeout:g} s") from exc
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
-        return AsyncioStream(reader, writer)
+        return stream
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+async def _connect(
+    opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]], where: str, timeout: float | None
+) -> AsyncioStream:
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await opening
+    except TimeoutError as exc:
+        raise httpcore.ConnectTimeout(f"no connection to {where} within {timeout:g} s") from exc
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+    return AsyncioStream(reader, writer)
+
+
 def _socket_readable(sock: Any) -> bool:
     if sock is None or sock.fileno() < 0:
         return True
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
+    poller = select.poll()  # not select.select: that fails on descriptors past 1024
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def async_client(**kwargs: Any) -> httpx.AsyncClient:
