@@ -142,29 +142,38 @@ class RemoteHost:
         python = self._path("venv", "bin", "python")
         if not probe.get("venv"):
             narrate("install", f"creating the venv {self._path('venv')}")
-            await run(conn, Command.of(self.entry.python, "-m", "venv", self._path("venv")),
+            await run(conn, Command.of(self.entry.python, "-m", "venv", "--without-pip", self._path("venv")),
                       what=f"{self.actor}: creating the venv", timeout=300)
         narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
-        rbee_wheel = next(p.name for p in wheels.wheels if p.name.startswith("rbee-"))
+        rbee_wheel = posixpath.join(wheel_dir, next(p.name for p in wheels.wheels if p.name.startswith("rbee-")))
         apple = probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64")
         engines = "[mlx]" if apple or self.entry.backend == "mlx" else ""
         offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        base = [python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir, "--quiet"]
-        await run(conn, Command.of(*base, posixpath.join(wheel_dir, rbee_wheel) + engines, env=offline),
+        # pip runs from its own wheel (a way pip documents), so the venv needs no copy of it; no
+        # byte-compiling of every file pip installs, only of what the hive and a worker import (below).
+        pip_wheel = next(p.name for p in wheels.wheels if p.name.startswith("pip-"))
+        pip = [python, posixpath.join(wheel_dir, pip_wheel, "pip")]
+        base = [*pip, "install", "--no-index", "--find-links", wheel_dir, "--quiet", "--no-compile"]
+        await run(conn, Command.of(*base, rbee_wheel + engines, env=offline),
                   what=f"{self.actor}: installing rbee", timeout=900)
-        # Same version, new code (the digest moved): replace rbee itself.
-        await run(conn, Command.of(*base, "--force-reinstall", "--no-deps",
-                                   posixpath.join(wheel_dir, rbee_wheel), env=offline),
-                  what=f"{self.actor}: installing rbee", timeout=300)
+        if probe.get("venv"):
+            # Same version, new code (the digest moved): replace rbee itself.
+            await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", rbee_wheel, env=offline),
+                      what=f"{self.actor}: installing rbee", timeout=300)
+        engine = "mlx_lm" if engines else "llama_cpp"
+        await run(conn, Command.of(python, "-c", f"import rbee.hive.__main__, rbee.worker.__main__, {engine}",
+                                   env={"PYTHONDONTWRITEBYTECODE": ""}),
+                  what=f"{self.actor}: importing rbee and {engine} once (checks them, writes their bytecode)",
+                  timeout=300)
         if probe.get("nvidia"):
-            await self._build_cuda(conn, wheels, probe, python, offline, narrate)
+            await self._build_cuda(conn, wheels, probe, pip, offline, narrate)
         record = json.dumps({"version": __version__, "digest": wheels.digest})
         async with conn.start_sftp_client() as sftp:
             async with sftp.open(self._path("install.json"), "w") as handle:
                 await handle.write(record)
 
     async def _build_cuda(self, conn: asyncssh.SSHClientConnection, wheels: WheelSet, probe: dict[str, Any],
-                          python: str, offline: dict[str, str], narrate: Narrate) -> None:
+                          pip: list[str], offline: dict[str, str], narrate: Narrate) -> None:
         """On an NVIDIA host, rebuild llama-cpp-python with CUDA from the pushed source, offline."""
         sources = [p for p in wheels.wheels if p.name.startswith("llama_cpp_python-") and p.name.endswith(".tar.gz")]
         if not sources:
@@ -177,7 +186,7 @@ class RemoteHost:
         narrate("install", "building llama-cpp-python with CUDA on the host (takes minutes)")
         wheel_dir = self._path("wheelhouse")
         env = {**offline, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
-        await run(conn, Command.of(python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir,
+        await run(conn, Command.of(*pip, "install", "--no-index", "--find-links", wheel_dir,
                                    "--force-reinstall", "--no-deps", "--quiet",
                                    posixpath.join(wheel_dir, sources[0].name), env=env),
                   what=f"{self.actor}: building llama-cpp-python with CUDA", timeout=3600)

@@ -147,7 +147,8 @@ class Wheelhouse:
         folder = self.cache_dir / target.tag
         folder.mkdir(parents=True, exist_ok=True)
         rbee_wheel = await self._rbee_wheel(narrate)
-        wanted = requirement_closure()
+        # pip itself too: hosts run it from its wheel, so a venv needs no ensurepip (~3 s a host)
+        wanted = [*requirement_closure(), f"pip=={metadata.version('pip')}"]
         have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
         missing = [req for req in wanted if (canonicalize_name(req.split("==")[0]), req.split("==")[1]) not in have]
         if missing:
