@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from bench import link_chain, systems
@@ -52,26 +54,38 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
     samples: list[Sample] = []
     extras: dict[str, Any] = {}
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    say("1/5 llama-cpp-python in-process")
-    samples += systems.in_process(model, PROMPTS, args.runs, args.max_tokens, extras)
-    say("the link alone: fake worker → relay → client, at the engine's rate and flat out")
-    engine_rate = median([s.decode_tps for s in samples if s.phase == "warm"])
-    extras["link"] = await link_chain.link_costs(engine_rate)
-    say("2/5 llama_cpp.server")
+    say("1-4/5 in-process, llama_cpp.server, rbee chain, queen OpenAI API: interleaved, round by round")
+    in_process = systems.InProcess(model, args.max_tokens, extras)
     try:
-        samples += await systems.llama_server(model, PROMPTS, args.runs, args.max_tokens, extras)
-    except (ImportError, RuntimeError) as exc:
-        extras["llama_cpp.server"] = f"not measured: {exc}"
-    say("3/5 rbee chain, 4/5 queen OpenAI API, concurrency")
-    started = time.perf_counter()
-    async with systems.Rbee(workdir / "queen") as rbee:
-        extras["rbee queen start (s)"] = time.perf_counter() - started
-        samples += await systems.rbee_chain(rbee, "rbee chain", PROMPTS, args.runs, args.max_tokens, extras)
-        samples += await systems.queen_openai(rbee, PROMPTS, args.runs, args.max_tokens)
-        second = systems.copy_model(model, workdir / "second")
-        extras["concurrency"] = await systems.concurrency(
-            rbee, PROMPTS["short"], args.max_tokens, args.levels, f"file:{second}"
-        )
+        async with contextlib.AsyncExitStack() as stack:
+            contenders: dict[str, systems.Pieces] = {"in-process": in_process.pieces}
+            try:
+                server = await stack.enter_async_context(systems.LlamaServer(model, args.max_tokens, extras))
+                contenders["llama_cpp.server"] = server.pieces
+            except RuntimeError as exc:
+                extras["llama_cpp.server"] = f"not measured: {exc}"
+            started = time.perf_counter()
+            rbee = await stack.enter_async_context(systems.Rbee(workdir / "queen"))
+            extras["rbee queen start (s)"] = time.perf_counter() - started
+            queen_http = await stack.enter_async_context(httpx.AsyncClient(base_url=rbee.url, timeout=None))
+            contenders["rbee chain"] = lambda prompt: rbee.pieces(prompt, args.max_tokens)
+            contenders["queen OpenAI API"] = lambda prompt: systems.openai_pieces(
+                queen_http, prompt, args.max_tokens, "gemma3-270m")
+
+            async def rbee_processes() -> dict[str, dict[str, int]]:
+                return {"rbee chain": await systems.rbee_pids(rbee, "localhost")}
+
+            samples += await systems.measure(contenders, PROMPTS, args.runs, extras, rbee_processes)
+            say("concurrency")
+            second = systems.copy_model(model, workdir / "second")
+            extras["concurrency"] = await systems.concurrency(
+                rbee, PROMPTS["short"], args.max_tokens, args.levels, f"file:{second}"
+            )
+    finally:
+        in_process.close()
+    say("the link alone: fake worker → relay → client, at the engine's rate and flat out")
+    engine_rate = median([s.decode_tps for s in warm(samples, "in-process")])
+    extras["link"] = await link_chain.link_costs(engine_rate)
     say("models: first vs warm infer, download speed")
     extras["models"] = await systems.first_vs_warm(workdir / "queen-first", PROMPTS["short"], args.max_tokens)
     extras["models"].update(await asyncio.to_thread(systems.download_speeds, model, workdir / "downloads"))
@@ -80,8 +94,11 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
         say("5/5 rbee over SSH and fleet up timings")
 
         async def over_ssh(rbee: systems.Rbee) -> None:
-            samples.extend(await systems.rbee_chain(rbee, "rbee over SSH", PROMPTS, args.runs, args.max_tokens,
-                                                    extras, node="h1"))
+            async def queen_pid() -> dict[str, dict[str, int]]:
+                return {"rbee over SSH": await systems.rbee_pids(rbee, "h1")}
+
+            ssh = {"rbee over SSH": lambda prompt: rbee.pieces(prompt, args.max_tokens, node="h1")}
+            samples.extend(await systems.measure(ssh, PROMPTS, args.runs, extras, queen_pid))
 
         extras["fleet"] = await systems.fleet_timings(workdir / "fleet", args.hosts, over_ssh)
     else:
@@ -109,6 +126,9 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "- TTFT: request sent → first non-empty text at the client; decode tok/s: tokens after the first "
         "÷ time after the first; wall: request → end of stream",
+        "- order: in-process, llama_cpp.server, rbee chain and the queen's OpenAI API take turns, round by "
+        "round, so drift of this shared VM's speed moves them alike; rbee over SSH runs later, with the "
+        "fleet timings",
         "",
     ]
     if plot is not None:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,34 +62,26 @@ def cpu_seconds(pid: int) -> float:
 
 # 1. llama-cpp-python in-process -------------------------------------------------------------
 
-def in_process(
-    model: Path, prompts: dict[str, str], runs: int, max_tokens: int, extras: dict[str, Any]
-) -> list[Sample]:
-    from llama_cpp import Llama
+class InProcess:
+    """llama-cpp-python in this process: the limit for this stack."""
 
-    started = time.perf_counter()
-    llm = Llama(model_path=str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    extras["in-process model load (s)"] = time.perf_counter() - started
+    def __init__(self, model: Path, max_tokens: int, extras: dict[str, Any]) -> None:
+        from llama_cpp import Llama
 
-    def pieces(prompt: str) -> Iterator[str]:
-        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=SEED, stream=True):
+        started = time.perf_counter()
+        self.llm = Llama(model_path=str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+        extras["in-process model load (s)"] = time.perf_counter() - started
+        self.max_tokens = max_tokens
+
+    async def pieces(self, prompt: str) -> AsyncIterator[str]:
+        # Generation blocks the loop, as in a plain script; nothing else runs in this process meanwhile.
+        for chunk in self.llm.create_completion(prompt, max_tokens=self.max_tokens, temperature=0.0, seed=SEED,
+                                                stream=True):
             if chunk["choices"][0]["text"]:
                 yield chunk["choices"][0]["text"]
 
-    samples = []
-    for phase, count in (("cold", 1), ("warm", runs)):
-        for name, prompt in prompts.items():
-            for _ in range(count):
-                t0 = time.perf_counter()
-                first, tokens = None, 0
-                for _piece in pieces(prompt):
-                    first = first if first is not None else time.perf_counter() - t0
-                    tokens += 1
-                samples.append(Sample("in-process", name, phase, tokens, first or 0.0, time.perf_counter() - t0))
-            if phase == "cold":
-                break
-    llm.close()
-    return samples
+    def close(self) -> None:
+        self.llm.close()
 
 
 # OpenAI-style streaming (llama_cpp.server and the queen) --------------------------------
@@ -107,51 +99,47 @@ async def openai_pieces(http: httpx.AsyncClient, prompt: str, max_tokens: int, m
                 yield text
 
 
-async def measure_openai(system: str, url: str, model: str, prompts: dict[str, str], runs: int,
-                         max_tokens: int) -> list[Sample]:
-    samples = []
-    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
-        for phase, count in (("cold", 1), ("warm", runs)):
-            for name, prompt in prompts.items():
-                for _ in range(count):
-                    tokens, ttft, wall = await timed(openai_pieces(http, prompt, max_tokens, model))
-                    samples.append(Sample(system, name, phase, tokens, ttft, wall))
-                if phase == "cold":
+class LlamaServer:
+    """llama-cpp-python's own OpenAI server, over HTTP."""
+
+    def __init__(self, model: Path, max_tokens: int, extras: dict[str, Any]) -> None:
+        self.model, self.max_tokens, self.extras = model, max_tokens, extras
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def __aenter__(self) -> LlamaServer:
+        started = time.perf_counter()
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with polling below
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--n_ctx", "2048",
+             "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=None)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                await self.__aexit__()
+                raise RuntimeError("llama_cpp.server exited during startup")
+            try:
+                if (await self.http.get("/v1/models", timeout=1)).status_code == 200:
                     break
-    return samples
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                await self.__aexit__()
+                raise RuntimeError("llama_cpp.server did not start")
+            await asyncio.sleep(0.1)
+        self.extras["llama_cpp.server start + load (s)"] = time.perf_counter() - started
+        return self
 
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        if self.process is not None:
+            self.process.terminate()
+            await asyncio.to_thread(self.process.wait, 20)
 
-# 2. llama_cpp.server ------------------------------------------------------------------------
-
-async def llama_server(model: Path, prompts: dict[str, str], runs: int, max_tokens: int,
-                       extras: dict[str, Any]) -> list[Sample]:
-    port = free_port()
-    started = time.perf_counter()
-    process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with polling below
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", "2048",
-         "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=1) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError("llama_cpp.server exited during startup")
-                try:
-                    if (await http.get("/v1/models")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("llama_cpp.server did not start")
-                await asyncio.sleep(0.1)
-        extras["llama_cpp.server start + load (s)"] = time.perf_counter() - started
-        return await measure_openai("llama_cpp.server", url, str(model), prompts, runs, max_tokens)
-    finally:
-        process.terminate()
-        process.wait(20)
+    def pieces(self, prompt: str) -> AsyncIterator[str]:
+        return openai_pieces(self.http, prompt, self.max_tokens, str(self.model))
 
 
 # 3-5. rbee ------------------------------------------------------------------------------
@@ -217,29 +205,47 @@ class Rbee:
         return time.perf_counter() - started
 
 
-async def rbee_chain(rbee: Rbee, system: str, prompts: dict[str, str], runs: int, max_tokens: int,
-                     extras: dict[str, Any], node: str | None = None) -> list[Sample]:
+Pieces = Callable[[str], AsyncIterator[str]]
+
+
+async def measure(systems: dict[str, Pieces], prompts: dict[str, str], runs: int, extras: dict[str, Any],
+                  cpu_of: Callable[[], Awaitable[dict[str, dict[str, int]]]] | None = None) -> list[Sample]:
+    """Each system's first request (cold), then for every prompt ``runs`` rounds in which every
+    system takes its turn: a machine that speeds up or slows down during the run (a shared VM
+    does) moves all systems alike, so the ratios between them hold.
+
+    ``cpu_of``, asked after the cold round (when every process exists), names processes per
+    system (``{"rbee chain": {"queen": pid, ...}}``); their CPU time over that system's warm
+    requests, per token, goes into ``extras``."""
     samples = []
     first_name = next(iter(prompts))
-    tokens, ttft, wall = await timed(rbee.pieces(prompts[first_name], max_tokens, node))
-    samples.append(Sample(system, first_name, "cold", tokens, ttft, wall))
-    hive = await rbee.hive(node or "localhost")
-    pids = {"queen": rbee.child.pid, "hive": int(hive["pid"])}
-    local_hive = node is None
-    before = {role: cpu_seconds(pid) for role, pid in pids.items() if role == "queen" or local_hive}
-    total = 0
+    for system, pieces in systems.items():
+        tokens, ttft, wall = await timed(pieces(prompts[first_name]))
+        samples.append(Sample(system, first_name, "cold", tokens, ttft, wall))
+    watched = await cpu_of() if cpu_of else {}
+    spent = {system: dict.fromkeys(pids, 0.0) for system, pids in watched.items()}
+    counted = dict.fromkeys(watched, 0)
     for name, prompt in prompts.items():
         for _ in range(runs):
-            tokens, ttft, wall = await timed(rbee.pieces(prompt, max_tokens, node))
-            total += tokens
-            samples.append(Sample(system, name, "warm", tokens, ttft, wall))
-    for role, cpu in before.items():
-        extras[f"{system}: {role} CPU per token (µs)"] = (cpu_seconds(pids[role]) - cpu) / max(total, 1) * 1e6
+            for system, pieces in systems.items():
+                pids = watched.get(system, {})
+                before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                tokens, ttft, wall = await timed(pieces(prompt))
+                for role, pid in pids.items():
+                    spent[system][role] += cpu_seconds(pid) - before[role]
+                if pids:
+                    counted[system] += tokens
+                samples.append(Sample(system, name, "warm", tokens, ttft, wall))
+    for system, roles in spent.items():
+        for role, seconds in roles.items():
+            extras[f"{system}: {role} CPU per token (µs)"] = seconds / max(counted[system], 1) * 1e6
     return samples
 
 
-async def queen_openai(rbee: Rbee, prompts: dict[str, str], runs: int, max_tokens: int) -> list[Sample]:
-    return await measure_openai("queen OpenAI API", rbee.url, "gemma3-270m", prompts, runs, max_tokens)
+async def rbee_pids(rbee: Rbee, node: str) -> dict[str, int]:
+    """The queen's pid, and the hive's when it runs on this machine."""
+    hive = await rbee.hive(node)
+    return {"queen": rbee.child.pid, **({"hive": int(hive["pid"])} if node == "localhost" else {})}
 
 
 # concurrency ----------------------------------------------------------------------------
