@@ -12,7 +12,6 @@ it next to the machine's floor: what one bare asyncio timer wake-up costs.
 from __future__ import annotations
 
 import asyncio
-import resource
 import subprocess
 import sys
 import time
@@ -20,12 +19,7 @@ from typing import Any
 
 import httpx
 
-from bench.systems import free_port
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from bench.systems import free_port, wait_answering
 
 
 async def _serve(app: Any, port: int) -> None:
@@ -48,7 +42,7 @@ def _app(name: str, make: Any) -> Any:
 
     @app.get("/cpu")
     async def cpu() -> dict[str, float]:
-        return {"cpu": cpu_seconds()}
+        return {"cpu": time.process_time()}
 
     add_job_routes(app, JobRegistry(f"{name}:bench"), make)
     return app
@@ -88,10 +82,10 @@ async def relay_server(port: int, worker_port: int) -> None:
 
 
 async def _wakeup_cost(gap: float, count: int) -> float:
-    before = cpu_seconds()
+    before = time.process_time()
     for _ in range(count):
         await asyncio.sleep(gap)
-    return (cpu_seconds() - before) / count
+    return (time.process_time() - before) / count
 
 
 async def _relay_cost(gap: float, tokens: int, jobs: int) -> tuple[float, float]:
@@ -104,25 +98,18 @@ async def _relay_cost(gap: float, tokens: int, jobs: int) -> tuple[float, float]
                 for args in (("worker", str(worker_port), str(gap)), ("relay", str(relay_port), str(worker_port)))]
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay_port}") as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    await http.get("/cpu")
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline or any(c.returncode is not None for c in children):
-                        raise RuntimeError("the link benchmark's servers did not start") from None
-                    await asyncio.sleep(0.05)
+            await wait_answering(http, "/cpu", lambda: any(c.returncode is not None for c in children),
+                                 "the link benchmark's relay or fake worker", 30)
             async with LinkClient(f"http://127.0.0.1:{relay_port}", "relay:bench", stall_timeout=None) as client:
                 async def run(count: int) -> int:
                     return sum([event.type == "token" async for event in client.run({"max_tokens": count})])
 
                 await run(5)  # warm: connections open, code paths taken
-                relay_before, client_before = (await http.get("/cpu")).json()["cpu"], cpu_seconds()
+                relay_before, client_before = (await http.get("/cpu")).json()["cpu"], time.process_time()
                 total = 0
                 for _ in range(jobs):
                     total += await run(tokens // jobs)
-                relay_after, client_after = (await http.get("/cpu")).json()["cpu"], cpu_seconds()
+                relay_after, client_after = (await http.get("/cpu")).json()["cpu"], time.process_time()
     finally:
         for child in children:
             child.terminate()

@@ -55,6 +55,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def wait_answering(http: httpx.AsyncClient, path: str, exited: Callable[[], bool], what: str,
+                         timeout: float) -> None:
+    """Poll ``GET path`` until 200; fail at once if the server's process exited, or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if exited():
+            raise RuntimeError(f"{what} exited during startup")
+        try:
+            if (await http.get(path, timeout=1)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start within {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
@@ -115,20 +132,12 @@ class LlamaServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=None)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.process.poll() is not None:
-                await self.__aexit__()
-                raise RuntimeError("llama_cpp.server exited during startup")
-            try:
-                if (await self.http.get("/v1/models", timeout=1)).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                await self.__aexit__()
-                raise RuntimeError("llama_cpp.server did not start")
-            await asyncio.sleep(0.1)
+        process = self.process
+        try:
+            await wait_answering(self.http, "/v1/models", lambda: process.poll() is not None, "llama_cpp.server", 120)
+        except RuntimeError:
+            await self.__aexit__()
+            raise
         self.extras["llama_cpp.server start + load (s)"] = time.perf_counter() - started
         return self
 

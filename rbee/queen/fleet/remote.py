@@ -145,14 +145,13 @@ class RemoteHost:
             await run(conn, Command.of(self.entry.python, "-m", "venv", "--without-pip", self._path("venv")),
                       what=f"{self.actor}: creating the venv", timeout=300)
         narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
-        rbee_wheel = posixpath.join(wheel_dir, next(p.name for p in wheels.wheels if p.name.startswith("rbee-")))
+        rbee_wheel = posixpath.join(wheel_dir, wheels.named("rbee-").name)
         apple = probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64")
         engines = "[mlx]" if apple or self.entry.backend == "mlx" else ""
         offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        # pip runs from its own wheel (a way pip documents), so the venv needs no copy of it; no
+        # pip runs from its own wheel (pip runs from a zip), so the venv needs no copy of it; no
         # byte-compiling of every file pip installs, only of what the hive and a worker import (below).
-        pip_wheel = next(p.name for p in wheels.wheels if p.name.startswith("pip-"))
-        pip = [python, posixpath.join(wheel_dir, pip_wheel, "pip")]
+        pip = [python, posixpath.join(wheel_dir, wheels.named("pip-").name, "pip")]
         base = [*pip, "install", "--no-index", "--find-links", wheel_dir, "--quiet", "--no-compile"]
         await run(conn, Command.of(*base, rbee_wheel + engines, env=offline),
                   what=f"{self.actor}: installing rbee", timeout=900)
@@ -240,8 +239,7 @@ class RemoteHost:
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
 
     async def _tell_hive_queen_url(self) -> None:
-        async with async_client(base_url=self.hive_url, timeout=10,
-                                     headers=bearer(self.token)) as http:
+        async with async_client(base_url=self.hive_url, timeout=10, headers=bearer(self.token)) as http:
             response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
             response.raise_for_status()
 

@@ -68,6 +68,10 @@ class WheelSet:
     def size(self) -> int:
         return sum(path.stat().st_size for path in self.wheels)
 
+    def named(self, prefix: str) -> Path:
+        """The one wheel whose file name starts with ``prefix`` (``"rbee-"``, ``"pip-"``)."""
+        return next(path for path in self.wheels if path.name.startswith(prefix))
+
 
 def project_root() -> Path | None:
     root = Path(rbee.__file__).resolve().parent.parent
