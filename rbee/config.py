@@ -94,6 +94,10 @@ class WorkerConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     n_ctx: int = 2048
     threads: int = 0
+    #: layers llama.cpp puts on the GPU: -1 all, 0 none, N
+    gpu_layers: int = 0
+    #: fractions per visible GPU, comma-separated ("0.6,0.4"); empty = one GPU
+    tensor_split: str = ""
     ping_interval: float = field(default_factory=lambda: ping_interval())
     serve: ServeOptions = field(default_factory=ServeOptions)
 
@@ -110,7 +114,6 @@ class HiveConfig:
     models_dir: Path = field(default_factory=models_dir)
     heartbeat_interval: float = DEFAULT_HEARTBEAT_S
     worker_ready_timeout: float = 120.0
-    worker_n_ctx: int = 2048
     backend: str = "auto"  # the inventory's per-hive `backend =`
     ping_interval: float = field(default_factory=lambda: ping_interval())
     stall_timeout: float = field(default_factory=lambda: stall_timeout())

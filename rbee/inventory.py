@@ -78,6 +78,10 @@ class HiveEntry(BaseModel):
     home: str = "~/.rbee"
     models: tuple[str, ...] = ()
     backend: str = "auto"
+    #: layers llama.cpp offloads on this host: -1 all (default where the build can), 0 none, N
+    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    #: split a model no single GPU holds over several (tensor_split)
+    gpu_split: bool = False
 
     @field_validator("name")
     @classmethod
@@ -134,6 +138,10 @@ class LogicalModel(BaseModel):
 
     gguf: str | None = None
     mlx: str | None = None
+    #: context length in tokens; omitted = the model's trained length, as far as memory allows
+    ctx: int | None = Field(default=None, ge=256, le=1_048_576)
+    #: layers llama.cpp offloads for this model, over the hive's setting
+    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
 
     @field_validator("gguf", "mlx")
     @classmethod

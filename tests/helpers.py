@@ -73,9 +73,10 @@ async def worker_stops(worker_url: str, most: int, settle: float = 0.3) -> float
     return idle_at
 
 
-async def warm_up(client: LinkClient) -> list[Event]:
+async def warm_up(client: LinkClient, extra: dict[str, Any] | None = None) -> list[Event]:
     """A two-token job: brings the hive and a worker up (or reuses them)."""
-    return [event async for event in client.run({"prompt": "Hi", "max_tokens": 2, "temperature": 0.0, "seed": 7})]
+    body = {"prompt": "Hi", "max_tokens": 2, "temperature": 0.0, "seed": 7, **(extra or {})}
+    return [event async for event in client.run(body)]
 
 
 async def run_rbee(

@@ -70,6 +70,13 @@ class HubServer:
                     repo = server.repos.get(repo_id)
                     if repo is None:
                         return self.reply(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+                    if len(parts) > 4 and parts[4] == "tree":  # list_repo_tree: sizes and LFS sha256
+                        tree = [{"type": "file", "path": name, "size": len(data), "oid": "0" * 40,
+                                 **({"lfs": {"oid": hashlib.sha256(data + (b"x" if repo.wrong_sha else b""))
+                                             .hexdigest(), "size": len(data), "pointerSize": 130}}
+                                    if name.endswith((".gguf", ".safetensors")) else {})}
+                                for name, data in repo.files.items()]
+                        return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
                     body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": COMMIT,
                                        "siblings": [{"rfilename": name} for name in repo.files]}).encode()
                     return self.reply(200, body, {"Content-Type": "application/json"})

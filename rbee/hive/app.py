@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from quart import Quart, Response, jsonify
@@ -13,10 +14,11 @@ from rbee import __version__
 from rbee.config import HiveConfig
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import free_memory, probe
-from rbee.hive.engine import Choice, choose_engine, installed_engines
+from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
 from rbee.hive.engine import Host as EngineHost
 from rbee.hive.models import ModelCatalog, ModelEntry
-from rbee.hive.supervisor import Supervisor, WorkerRecord
+from rbee.hive.placement import Memory, Sized, size_worker
+from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
 from rbee.link import events
 from rbee.link.auth import install_auth
 from rbee.link.client import LinkClient, StallError
@@ -25,8 +27,6 @@ from rbee.link.metrics import Metrics
 from rbee.link.relay import relay
 from rbee.link.schemas import JobRequest
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
-
-RUNTIME_OVERHEAD = 64 * 1024 * 1024  # compute buffers and the process itself, beyond weights + KV cache
 
 
 class Hive:
@@ -83,39 +83,56 @@ class Hive:
 
         return narrate
 
-    async def provision(self, job: Job, ref: str | None) -> ModelEntry:
-        return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job))
+    async def provision(self, job: Job, ref: str | None, form: str | None = None) -> ModelEntry:
+        return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job), form)
 
-    def host(self) -> EngineHost:
+    async def host(self) -> EngineHost:
         devices = probe()
         nvidia = any(g.get("kind") == "cuda" for g in devices["gpus"])
-        return EngineHost(devices["os"], devices["arch"], installed_engines(), nvidia)
+        offload = await asyncio.to_thread(gpu_offload_supported)  # cached after the first call
+        return EngineHost(devices["os"], devices["arch"], installed_engines(), nvidia, offload)
 
-    async def choose(self, job: Job, request: JobRequest) -> tuple[ModelEntry, Choice]:
+    async def choose(self, job: Job, request: JobRequest) -> tuple[ModelEntry, Choice, EngineHost]:
         """The engine for this host and the model form it needs, then that form on disk."""
         requested = request.backend or self.config.backend
+        host = await self.host()
         if request.forms:
-            choice = choose_engine(self.host(), set(request.forms), requested)
-            entry = await self.provision(job, request.forms[choice.format])  # type: ignore[index]
+            choice = choose_engine(host, set(request.forms), requested)
+            entry = await self.provision(job, request.forms[choice.format], choice.format)  # type: ignore[index]
         else:
             entry = await self.provision(job, request.model)
-            choice = choose_engine(self.host(), {entry.format}, requested)
+            choice = choose_engine(host, {entry.format}, requested)
         job.narrate("engine", f"{choice.engine}: {choice.reason}")
-        return entry, choice
+        return entry, choice, host
+
+    def sizer(self, entry: ModelEntry, engine: str, host: EngineHost, request: JobRequest,
+              gpu_layers: int) -> Callable[[], Sized]:
+        """Admission for a new worker, run when (and only when) one must be spawned."""
+
+        def size() -> Sized:
+            memory = Memory.from_probe(probe(), self.config.memory_budget, self.supervisor.reserved)
+            return size_worker(
+                memory, weights=entry.size, kv_per_token=entry.info.kv_cache_bytes(1), layers=entry.info.layers,
+                trained_ctx=entry.info.context_length, requested_ctx=request.ctx, engine=engine,
+                gpu_layers=gpu_layers, offload=host.offload if engine == "llama-cpp" else True,
+                allow_split=bool(request.gpu_split), name=f"{entry.name} on {self.config.actor}",
+            )
+
+        return size
 
     async def run_job(self, job: Job, request: JobRequest) -> None:
-        entry, choice = await self.choose(job, request)
+        entry, choice, host = await self.choose(job, request)
         backend = choice.engine
-        body = request.downstream(model=None, node=None, backend=None, forms=None)
-        n_ctx = self.config.worker_n_ctx
-        need = entry.size + entry.info.kv_cache_bytes(n_ctx) + RUNTIME_OVERHEAD
-        if self.supervisor.find(entry.path, backend) is None:
-            self.supervisor.admit(
-                entry.name, need,
-                f"{entry.size / 1e6:.0f} MB weights + {entry.info.kv_cache_bytes(n_ctx) / 1e6:.0f} MB KV cache "
-                f"for {n_ctx} tokens + {RUNTIME_OVERHEAD / 1e6:.0f} MB runtime",
-            )
-        worker = await self.supervisor.worker_for(entry.path, backend, job.narrate, need, choice.reason)
+        body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
+                                  gpu_split=None)
+        if request.gpu_layers is not None:
+            gpu_layers = request.gpu_layers
+        else:
+            gpu_layers = -1 if host.offload or backend == "mlx" else 0
+        spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers)
+        worker = await self.supervisor.worker_for(
+            spec, job.narrate, self.sizer(entry, backend, host, request, gpu_layers), choice.reason
+        )
         worker.active_jobs += 1
         try:
             await relay(job, self.client_for(worker), body)

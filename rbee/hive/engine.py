@@ -1,9 +1,10 @@
 """Which engine a worker runs: one small pure function of the host and the model.
 
 MLX on Apple Silicon when the model has an MLX form and mlx-lm is installed;
-llama.cpp otherwise (CUDA when the host has an NVIDIA GPU and the build has it,
-else CPU). An explicit choice (``--backend`` or the hive's ``backend =``) wins,
-and a choice that cannot be met is an error naming what is missing.
+llama.cpp otherwise (on the GPU when the host has one and llama-cpp-python was built
+for it, else CPU; a GPU the build cannot use is said so, with the fix). An explicit
+choice (``--backend`` or the hive's ``backend =``) wins, and a choice that cannot be
+met is an error naming what is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Host:
     arch: str  # arm64 | x86_64 | aarch64
     engines: frozenset[str]  # engines importable on the host
     nvidia: bool
+    offload: bool = False  # llama-cpp-python here was built with GPU offload (CUDA, Metal, …)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,22 @@ def installed_engines() -> frozenset[str]:
     return frozenset(found)
 
 
+#: what to run on a host whose llama-cpp-python cannot use its NVIDIA GPU
+CUDA_REBUILD = ("CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "
+                "llama-cpp-python (needs the CUDA toolkit; `rbee fleet up` does this on hosts with nvcc)")
+
+
+@functools.cache
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama-cpp-python can put layers on a GPU; asked once (it loads the
+    native library, so call it off the event loop the first time)."""
+    if "llama-cpp" not in installed_engines():
+        return False
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def choose_engine(host: Host, formats: Collection[str], requested: str = "auto") -> Choice:
     """``formats``: the forms the model exists in ("gguf", "mlx")."""
     if requested not in ("auto", "mlx", "llama-cpp"):
@@ -66,8 +84,13 @@ def choose_engine(host: Host, formats: Collection[str], requested: str = "auto")
     if apple and "mlx" in host.engines and "mlx" in formats:
         return Choice("mlx", "mlx", "Apple Silicon with mlx-lm and an MLX form of the model")
     if "llama-cpp" in host.engines and "gguf" in formats:
-        device = "CUDA" if host.nvidia else ("Metal" if apple else "CPU")
-        why = f"llama.cpp on {device}"
+        if host.offload and (host.nvidia or apple):
+            why = f"llama.cpp on {'CUDA' if host.nvidia else 'Metal'}"
+        elif host.nvidia:
+            why = ("llama.cpp on CPU: this host has an NVIDIA GPU, but its llama-cpp-python was built without "
+                   f"GPU support; rebuild it: {CUDA_REBUILD}")
+        else:
+            why = "llama.cpp on CPU"
         if apple and "mlx" not in formats:
             why += " (no MLX form of the model)"
         elif apple and "mlx" not in host.engines:

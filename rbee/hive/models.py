@@ -136,22 +136,27 @@ class ModelCatalog:
             data = json.loads(manifest.read_text())
             info = GgufInfo(**data["metadata"])
             path = manifest.parent / data["file"]
-            if not path.is_file():
+            present = path.is_dir() if data["format"] == "mlx" else path.is_file()
+            if not present:
                 return None
             return ModelEntry(data["name"], data["ref"], path, data["size"], data["sha256"], data["format"], info)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def admit(self, name: str, ref: str, staged: Path, sha256: str) -> ModelEntry:
-        """Move a complete, checked file into the catalog with its manifest (rename, not copy)."""
+        """Move a complete, checked file (GGUF) or directory (an MLX snapshot) into the catalog
+        with its manifest (rename, not copy)."""
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / staged.name
-        info = read_info(staged)
+        mlx = staged.is_dir()
+        info = mlx_info(staged) if mlx else read_info(staged)
+        target = folder / ("mlx" if mlx else staged.name)
+        if mlx and target.exists():
+            shutil.rmtree(target)
         os.replace(staged, target)
         manifest = {
-            "name": name, "ref": ref, "file": target.name, "size": target.stat().st_size, "sha256": sha256,
-            "format": "gguf", "metadata": info.as_dict(),
+            "name": name, "ref": ref, "file": target.name, "size": dir_size(target) if mlx else target.stat().st_size,
+            "sha256": sha256, "format": "mlx" if mlx else "gguf", "metadata": info.as_dict(),
         }
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -167,8 +172,10 @@ class ModelCatalog:
         shutil.rmtree(entry.path.parent)
         return entry
 
-    def resolve(self, ref_text: str | None, narrate: Narrate) -> ModelEntry:
-        """The local model for a reference, provisioning it when missing.
+    def resolve(self, ref_text: str | None, narrate: Narrate, form: str | None = None) -> ModelEntry:
+        """The local model for a reference, provisioning it when missing. ``form`` ("gguf" or
+        "mlx") is what the chosen engine needs; a whole-repo ``hf:org/repo`` ref is then
+        provisioned in that form (a GGUF file, or an MLX snapshot).
 
         Blocking (it may download or write hundreds of MB): call it off the event loop.
         """
@@ -177,18 +184,19 @@ class ModelCatalog:
             return self._file(ref)
         name = entry_name(ref) if ref.kind != "name" else ref.value
         if ref.kind == "hf" and ref.file is None:
-            existing = next((e for e in self.entries() if e.ref.startswith(f"hf:{ref.value}:")), None)
+            existing = next((e for e in self.entries() if (e.ref == str(ref) or e.ref.startswith(f"hf:{ref.value}:"))
+                             and form in (None, e.format)), None)
             if existing is not None:
                 return existing
         entry = self.get(name)
-        if entry is not None:
+        if entry is not None and (form is None or ref.kind != "hf" or entry.format == form):
             return entry
         if ref.kind == "default":
             return self._provision_default(narrate)
         if ref.kind == "hf":
             if self.downloader is None:
                 raise ModelError("this hive cannot download models (no downloader configured)")
-            return self.downloader.provision(self, ref, narrate)
+            return self.downloader.provision(self, ref, narrate, form)
         known = ", ".join(e.name for e in self.entries()) or "none yet"
         raise ModelNotFoundError(
             f"no model {ref.value!r} in the catalog at {self.root} (it has: {known}); pull it with "

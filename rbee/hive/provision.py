@@ -1,11 +1,13 @@
-"""Download GGUF models from a Hugging Face Hub (or any server speaking its API)
-with ``huggingface_hub``: HF_ENDPOINT and HF_TOKEN are honoured (the token is never
-printed), progress is narrated, an interrupted download resumes, the checksum is
-verified, and only a complete file is renamed into the catalog.
+"""Download models from a Hugging Face Hub (or any server speaking its API) with
+``huggingface_hub``: a GGUF file, or an MLX repository as a snapshot of just the files
+mlx-lm needs. HF_ENDPOINT and HF_TOKEN are honoured (the token is never printed),
+progress is narrated, an interrupted download resumes, checksums are verified where
+the Hub gives them, and only a complete model is renamed into the catalog.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import shutil
@@ -14,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from rbee.errors import ModelError, ModelNotFoundError
 from rbee.hive.models import ModelCatalog, ModelEntry, sha256_of
-from rbee.hive.refs import ModelRef, entry_name, pick_gguf
+from rbee.hive.refs import ModelRef, entry_name, is_mlx_repo, mlx_files, pick_gguf
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +60,24 @@ class Progress:
 
 
 def progress_tqdm(report: Progress) -> type:
-    """A tqdm class for huggingface_hub that reports to ``report`` and prints nothing."""
+    """A tqdm class for huggingface_hub that reports bytes to ``report`` and prints nothing.
+
+    snapshot_download also opens a files-count bar and a network-transfer bar with the same
+    class; only the bar of bytes written (its ``name`` ends in ``snapshot_download``, or a
+    single file's bar) is reported."""
 
     class _Tqdm(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            name = kwargs.pop("name", None) or ""
+            self._reports = kwargs.get("unit") == "B" and not name.endswith(".transfer")
             kwargs["disable"] = False
             kwargs["file"] = io.StringIO()
-            kwargs.pop("name", None)
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
             result = super().update(n)
-            report(int(self.n), int(self.total) if self.total else None)
+            if self._reports:
+                report(int(self.n), int(self.total) if self.total else None)
             return result
 
     return _Tqdm
@@ -79,19 +88,81 @@ class HubDownloader:
         self.endpoint = endpoint  # None: HF_ENDPOINT or the public Hub
         self.token = token  # None: HF_TOKEN or the cached login
 
-    def pick_file(self, ref: ModelRef) -> str:
+    def list_files(self, ref: ModelRef) -> dict[str, RepoFile]:
+        """The repo's files with sizes and, for LFS files, the Hub's sha256."""
         try:
-            info = HfApi(endpoint=self.endpoint, token=self.token).model_info(ref.value)
+            tree = HfApi(endpoint=self.endpoint, token=self.token).list_repo_tree(ref.value, recursive=True)
+            return {item.path: item for item in tree if isinstance(item, RepoFile)}
         except HfHubHTTPError as exc:
             raise ModelNotFoundError(f"cannot list {ref}: {_brief(exc)}") from exc
-        files = [sibling.rfilename for sibling in info.siblings or []]
-        chosen = pick_gguf(files)
-        if chosen is None:
-            raise ModelNotFoundError(f"{ref} holds no .gguf file; name one with hf:{ref.value}:FILE.gguf")
-        return chosen
 
-    def provision(self, catalog: ModelCatalog, ref: ModelRef, narrate: Narrate) -> ModelEntry:
-        filename = ref.file or self.pick_file(ref)
+    def provision(self, catalog: ModelCatalog, ref: ModelRef, narrate: Narrate, form: str | None = None) -> ModelEntry:
+        """``form``: what the engine needs ("gguf" or "mlx"); None = whatever the repo holds, GGUF first."""
+        if ref.file is None:
+            files = self.list_files(ref)
+            names = list(files)
+            chosen = pick_gguf(names) if form != "mlx" else None
+            if chosen is None:
+                if form != "gguf" and is_mlx_repo(names):
+                    return self._provision_snapshot(catalog, ref, files, narrate)
+                wanted = {"gguf": "a .gguf file", "mlx": "an MLX model (config.json and *.safetensors)"}
+                raise ModelNotFoundError(
+                    f"{ref} holds {wanted[form] if form else 'neither a .gguf file nor an MLX model'}"
+                    f"{'' if form == 'mlx' else f'; name a file with hf:{ref.value}:FILE.gguf'}"
+                )
+            ref = ModelRef("hf", ref.value, chosen)
+        return self._provision_file(catalog, ref, narrate)
+
+    def _provision_snapshot(self, catalog: ModelCatalog, ref: ModelRef, files: dict[str, RepoFile],
+                            narrate: Narrate) -> ModelEntry:
+        """An MLX repo: snapshot_download of only what mlx-lm needs into staging, each LFS file
+        checked against the Hub's sha256, then one rename into the catalog."""
+        name = entry_name(ref)
+        wanted = mlx_files(list(files))
+        size = sum(files[path].size or 0 for path in wanted)
+        self._check_disk(catalog, ref, size)
+        stage_dir = catalog.staging / f"{name}.mlx"
+        narrate("download", f"downloading {ref} (MLX, {len(wanted)} files, {size / 1e6:.1f} MB)", bytes=0, total=size)
+        report = Progress(narrate, ref.value.rsplit("/", 1)[-1])
+        self._retry(lambda: snapshot_download(
+            ref.value, local_dir=stage_dir, allow_patterns=wanted, endpoint=self.endpoint, token=self.token,
+            tqdm_class=progress_tqdm(report),
+        ), str(ref), stage_dir)
+        report(size, size, final=True)
+        narrate("verify", f"checking the sha256 of {sum(1 for p in wanted if files[p].lfs)} LFS files")
+        digest = hashlib.sha256()
+        for path in sorted(wanted):
+            lfs = files[path].lfs
+            if lfs is not None:
+                actual = sha256_of(stage_dir / path)
+                if actual != lfs.sha256:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                    raise ModelError(
+                        f"checksum mismatch for {ref} file {path}: the Hub says sha256 {lfs.sha256[:16]}…, the "
+                        f"download is {actual[:16]}…. Nothing was kept; pull again"
+                    )
+                digest.update(f"{path}:{actual}\n".encode())
+        shutil.rmtree(stage_dir / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
+        try:
+            entry = catalog.admit(name, str(ref), stage_dir, digest.hexdigest())
+        finally:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        narrate("provision", f"{name} is ready (MLX, {entry.info.quantization}, {entry.size / 1e6:.0f} MB)")
+        return entry
+
+    @staticmethod
+    def _check_disk(catalog: ModelCatalog, ref: ModelRef, size: int) -> None:
+        catalog.staging.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(catalog.staging).free
+        if size and free < size * 1.02:
+            raise ModelError(
+                f"not enough disk space for {ref}: it needs {size / 1e6:.0f} MB, {catalog.root} has "
+                f"{free / 1e6:.0f} MB free. Free some space (`rbee models rm`) and pull again"
+            )
+
+    def _provision_file(self, catalog: ModelCatalog, ref: ModelRef, narrate: Narrate) -> ModelEntry:
+        filename = ref.file
+        assert filename is not None
         full = ModelRef("hf", ref.value, filename)
         name = entry_name(full)
         existing = catalog.get(name)
@@ -104,13 +175,7 @@ class HubDownloader:
             raise ModelNotFoundError(f"cannot reach {full}: {_brief(exc)}") from exc
         size = meta.size or 0
         expected = (meta.etag or "").strip('"').lower()
-        catalog.staging.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(catalog.staging).free
-        if size and free < size * 1.02:
-            raise ModelError(
-                f"not enough disk space for {full}: it needs {size / 1e6:.0f} MB, {catalog.root} has "
-                f"{free / 1e6:.0f} MB free. Free some space (`rbee models rm`) and pull again"
-            )
+        self._check_disk(catalog, full, size)
         stage_dir = catalog.staging / name
         narrate("download", f"downloading {full} ({size / 1e6:.1f} MB)", bytes=0, total=size)
         report = Progress(narrate, filename.rsplit("/", 1)[-1])
@@ -135,29 +200,31 @@ class HubDownloader:
         return entry
 
     def _download(self, repo: str, filename: str, stage_dir: Path, report: Progress) -> Path:
-        """hf_hub_download into the staging dir; after a dropped connection the next attempt
-        resumes from the bytes already there (huggingface_hub keeps an .incomplete file)."""
+        return Path(self._retry(lambda: hf_hub_download(
+            repo, filename, local_dir=stage_dir, endpoint=self.endpoint, token=self.token,
+            tqdm_class=progress_tqdm(report),
+        ), f"{repo}:{filename}", stage_dir))
+
+    @staticmethod
+    def _retry(download: Callable[[], str], what: str, stage_dir: Path) -> str:
+        """Run a huggingface_hub download into the staging dir; after a dropped connection the
+        next attempt resumes from the bytes already there (it keeps .incomplete files)."""
         last: Exception | None = None
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return Path(
-                    hf_hub_download(
-                        repo, filename, local_dir=stage_dir, endpoint=self.endpoint, token=self.token,
-                        tqdm_class=progress_tqdm(report),
-                    )
-                )
+                return download()
             except OSError as exc:
                 if getattr(exc, "errno", None) == 28:  # ENOSPC
                     shutil.rmtree(stage_dir, ignore_errors=True)
-                    raise ModelError(f"the disk filled up while downloading {filename}; nothing was kept") from exc
+                    raise ModelError(f"the disk filled up while downloading {what}; nothing was kept") from exc
                 last = exc
             except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
                 last = exc
             except Exception as exc:  # httpx transport errors surface as several types
                 last = exc
-            log.warning("download of %s failed (attempt %d/%d): %s", filename, attempt, ATTEMPTS, _brief(last))
+            log.warning("download of %s failed (attempt %d/%d): %s", what, attempt, ATTEMPTS, _brief(last))
             time.sleep(min(0.5 * attempt, 2.0))
-        raise ModelError(f"download of {repo}:{filename} failed {ATTEMPTS} times: {_brief(last)}")
+        raise ModelError(f"download of {what} failed {ATTEMPTS} times: {_brief(last)}")
 
 
 def _brief(exc: BaseException | None) -> str:

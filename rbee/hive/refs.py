@@ -1,7 +1,8 @@
 """Model references, parsed and checked before anything touches the disk.
 
     gemma3-270m | default           the built-in default model
-    hf:org/repo                     a GGUF file of that Hub repo, picked by quantization preference
+    hf:org/repo                     a GGUF file of that Hub repo, picked by quantization preference,
+                                    or, for an MLX repo (config.json + *.safetensors), a snapshot of it
     hf:org/repo:path/file.gguf      that file of that repo
     file:/absolute/path.gguf        a file already on the host
     NAME                            an entry of the host's catalog (`rbee models list`)
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -86,6 +88,24 @@ def pick_gguf(files: list[str]) -> str | None:
             if quant.lower() in PurePosixPath(name).name.lower():
                 return name
     return sorted(ggufs)[0] if ggufs else None
+
+
+#: What mlx-lm reads from a model repo; everything else (READMEs, other formats) stays on the Hub.
+MLX_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja",
+                "*.tiktoken")
+
+
+def mlx_files(files: list[str]) -> list[str]:
+    """The files of a repo an MLX snapshot takes (top level only: mlx-lm reads nothing deeper)."""
+    return sorted(f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in MLX_PATTERNS))
+
+
+def is_mlx_repo(files: list[str]) -> bool:
+    top = {f for f in files if "/" not in f}
+    has_tokenizer = bool(top & {"tokenizer.json", "tokenizer.model"}) or any(f.endswith(".tiktoken") for f in top)
+    return "config.json" in top and any(f.endswith(".safetensors") for f in top) and has_tokenizer
 
 
 def entry_name(ref: ModelRef) -> str:

@@ -1,8 +1,9 @@
 """Spawn, watch and stop this hive's workers; keep their registry.
 
 A worker is one child process holding one model. It is reused by every job
-for the same model; it is marked ``dead`` the moment its process exits and
-``down`` once it misses its heartbeats, each time with the reason.
+for the same :class:`WorkerSpec` (model, engine, asked-for context, offload); it
+is marked ``dead`` the moment its process exits and ``down`` once it misses its
+heartbeats, each time with the reason.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import HiveConfig, ServeOptions, WorkerConfig, to_args
-from rbee.errors import ModelNotFoundError, RbeeError, StartupError
-from rbee.hive.devices import free_memory, probe
+from rbee.errors import ModelNotFoundError, StartupError
+from rbee.hive.placement import Sized
 from rbee.link.heartbeat import is_overdue
 from rbee.link.spawn import Child, bind_loopback, spawn
+from rbee.worker.backends.engine_report import EngineReport
 
 log = logging.getLogger(__name__)
 
-Narrate = Callable[[str, str], None]
+Narrate = Callable[..., None]
 
 
 def worker_threads(cores: int, live_workers: int) -> int:
@@ -36,19 +38,25 @@ def worker_threads(cores: int, live_workers: int) -> int:
     return max(1, cores // (live_workers + 1))
 
 
-class NoCapacityError(RbeeError):
-    code = "no_capacity"
-    status = 503
-
 LIVE_STATES = frozenset({"starting", "ready", "busy"})
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What makes two jobs able to share a worker."""
+
+    model_path: Path
+    backend: str
+    ctx: int | None = None  # as asked; None = the automatic choice
+    gpu_layers: int = 0
 
 
 @dataclass
 class WorkerRecord:
     worker_id: str
-    model_path: Path
-    backend: str
+    spec: WorkerSpec
     child: Child
+    sized: Sized
     state: str = "starting"
     reason: str = "spawned"
     last_heartbeat: float = field(default_factory=time.monotonic)
@@ -57,6 +65,15 @@ class WorkerRecord:
     last_used: float = field(default_factory=time.monotonic)
     active_jobs: int = 0
     engine_reason: str = ""
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine's own load report
+
+    @property
+    def model_path(self) -> Path:
+        return self.spec.model_path
+
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
 
     @property
     def url(self) -> str:
@@ -77,6 +94,10 @@ class WorkerRecord:
             "model_path": str(self.model_path),
             "backend": self.backend,
             "engine_reason": self.engine_reason,
+            "n_ctx": self.sized.n_ctx,
+            "gpu_layers": self.sized.placement.gpu_layers,
+            "placement": self.sized.placement.device,
+            "engine": self.engine or self.report.get("engine") or {},
             "pid": self.child.pid,
             "url": self.url,
             "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
@@ -86,18 +107,26 @@ class WorkerRecord:
         }
 
 
+def engine_summary(report: dict[str, Any]) -> str:
+    """One line from a worker's engine report; tolerant of an older or partial report."""
+    try:
+        return EngineReport(**report).summary
+    except TypeError:
+        return ""
+
+
 class Supervisor:
     def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None) -> None:
         self.config = config
         self.token = token
         self.hive_url = hive_url
         self.workers: dict[str, WorkerRecord] = {}
-        self._spawning: dict[tuple[Path, str], asyncio.Lock] = {}
+        self._spawning: dict[WorkerSpec, asyncio.Lock] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
-    def find(self, model_path: Path, backend: str) -> WorkerRecord | None:
+    def find(self, spec: WorkerSpec) -> WorkerRecord | None:
         for record in self.workers.values():
-            if record.model_path == model_path and record.backend == backend and record.state in ("ready", "busy"):
+            if record.spec == spec and record.state in ("ready", "busy"):
                 return record
         return None
 
@@ -108,66 +137,66 @@ class Supervisor:
     def reserved(self) -> int:
         return sum(r.memory for r in self.workers.values() if r.state in LIVE_STATES)
 
-    def admit(self, name: str, need: int, detail: str) -> None:
-        """Refuse a model that does not fit, naming need and free, instead of letting it OOM."""
-        free, where = free_memory(probe(), self.config.memory_budget, self.reserved)
-        if need > free:
-            raise NoCapacityError(
-                f"{self.config.actor} cannot load {name}: it needs {need / 1e9:.2f} GB ({detail}) and "
-                f"{free / 1e9:.2f} GB is free in {where}. Stop a worker (`rbee workers stop`) or use a "
-                "smaller model"
-            )
-
     async def worker_for(
-        self, model_path: Path, backend: str, narrate: Narrate, need: int = 0, reason: str = ""
+        self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = ""
     ) -> WorkerRecord:
-        """A ready worker for the model: a warm one if there is one, else a new one."""
-        key = (model_path, backend)
-        async with self._spawning.setdefault(key, asyncio.Lock()):
-            record = self.find(model_path, backend)
-            if record is not None:
-                narrate("reuse", f"reusing warm {record.actor} for {model_path.name}")
-                return record
-            record = await self._spawn(model_path, backend, narrate, need, reason)
-            return record
+        """A ready worker for ``spec``: a warm one if there is one, else a new one.
 
-    async def _spawn(self, model_path: Path, backend: str, narrate: Narrate, need: int, reason: str) -> WorkerRecord:
+        Admission (``size``: context and placement, or NoCapacityError) runs under the same
+        lock as the spawn, so a second job for a model still loading waits for it instead
+        of being refused for the memory the first one reserved."""
+        async with self._spawning.setdefault(spec, asyncio.Lock()):
+            record = self.find(spec)
+            if record is not None:
+                narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
+                return record
+            return await self._spawn(spec, narrate, size(), reason)
+
+    async def _spawn(self, spec: WorkerSpec, narrate: Narrate, sized: Sized, reason: str) -> WorkerRecord:
         worker_id = "w-" + secrets.token_hex(3)
+        placement = sized.placement
         config = WorkerConfig(
             worker_id=worker_id,
-            model_path=model_path,
+            model_path=spec.model_path,
             hive_url=self.hive_url,
-            backend=backend,
+            backend=spec.backend,
             heartbeat_interval=self.config.heartbeat_interval,
-            n_ctx=self.config.worker_n_ctx,
+            n_ctx=sized.n_ctx,
             threads=worker_threads(os.cpu_count() or 1, self.live_count()),
+            gpu_layers=placement.gpu_layers,
+            tensor_split=",".join(str(part) for part in placement.tensor_split),
             ping_interval=self.config.ping_interval,
             serve=ServeOptions(),
         )
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"
-        narrate("spawn", f"starting worker:{worker_id} ({backend}) for {model_path.name}")
+        narrate("spawn", f"starting worker:{worker_id} ({spec.backend}) for {spec.model_path.name} on "
+                         f"{placement.device}, context {sized.n_ctx} ({sized.why}), needs "
+                         f"{placement.need / 1e9:.2f} GB of {placement.free / 1e9:.2f} GB free in {placement.pool}")
         child = await spawn(
             f"worker:{worker_id}", "rbee.worker", to_args(config), sock=bind_loopback(), log_path=log_path,
-            env=dict(os.environ),
+            env={**os.environ, **placement.env()},
         )
-        record = WorkerRecord(worker_id, model_path, backend, child, memory=need, engine_reason=reason)
+        record = WorkerRecord(worker_id, spec, child, sized, memory=sized.need.total, engine_reason=reason)
         self.workers[worker_id] = record
         self._watch(record)
         started = time.monotonic()
         try:
-            await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=self.token)
+            ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=self.token)
         except StartupError as exc:
             record.mark("dead", "failed to start")
             await child.stop(grace=1.0)
             self.workers.pop(worker_id, None)
-            raise StartupError(f"worker:{worker_id} could not load {model_path}: {exc.message}") from exc
+            raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
         except BaseException:
             await child.stop(grace=1.0)
             self.workers.pop(worker_id, None)
             raise
         record.mark("ready", "model loaded")
         record.last_heartbeat = time.monotonic()
-        narrate("ready", f"worker:{worker_id} loaded {model_path.name} in {time.monotonic() - started:.1f} s")
+        record.engine = dict((ready or {}).get("engine") or {})
+        where = f" {engine_summary(record.engine)}" if record.engine else ""
+        narrate("ready", f"worker:{worker_id} loaded {spec.model_path.name} in {time.monotonic() - started:.1f} s"
+                         f"{where}", engine=record.engine)
         return record
 
     def _watch(self, record: WorkerRecord) -> None:

@@ -39,6 +39,10 @@ def infer(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Engine: auto, mlx or llama-cpp.")] = "auto",
+    ctx: Annotated[int | None, typer.Option(help="Context length in tokens [default: the model's trained length, "
+                                                 "as far as memory allows].")] = None,
+    gpu_layers: Annotated[int | None, typer.Option(help="Layers llama.cpp offloads to the GPU: -1 all, 0 none, N "
+                                                        "[default: all where the build supports it].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only tokens and errors.")] = False,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
@@ -49,7 +53,7 @@ def infer(
         {
             "prompt": prompt, "model": model, "node": node, "max_tokens": max_tokens,
             "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or [],
-            "backend": None if backend == "auto" else backend,
+            "backend": None if backend == "auto" else backend, "ctx": ctx, "gpu_layers": gpu_layers,
         },
     )
     settings = run_sync(Settings.load, url, inventory_path)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
+from rbee.keeper.models_cli import offload_text
 from rbee.keeper.render import JobPrinter
 from rbee.keeper.session import queen_answers, start_persistent
 
@@ -111,6 +112,7 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
             hive.get("version") or "-", describe_devices(hive.get("devices") or {}),
             "; ".join(
                 f"{w['worker_id']} {w['state']} {Path(w['model_path']).name} on {w['backend']}"
+                + (f", {w['engine']['device']} {offload_text(w['engine'])}" if w.get("engine") else "")
                 + (f" ({w['engine_reason']})" if w.get("engine_reason") else "")
                 for w in hive["workers"]
             ) or "-",

@@ -71,10 +71,14 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     """Every worker of every live hive: state, model, memory, idle time."""
     settings = run_sync(Settings.load, url, inventory_path)
     result = run(_call(settings, "GET", "/v1/workers"))
-    table = Table("hive", "worker", "state", "reason", "backend", "model", "memory", "idle", title="workers")
+    table = Table("hive", "worker", "state", "reason", "backend", "model", "device", "offload", "ctx", "memory",
+                  "idle", title="workers")
     for w in result["workers"]:
+        engine = w.get("engine") or {}
         table.add_row(w["node"], w["worker_id"], w["state"], w["reason"], w["backend"],
-                      w["model_path"].rsplit("/", 1)[-1], f"{w.get('memory', 0) / 1e6:.0f} MB", f"{w['idle_s']:.0f} s")
+                      w["model_path"].rsplit("/", 1)[-1], engine.get("device") or w.get("placement") or "-",
+                      offload_text(engine), str(w.get("n_ctx") or "-"), memory_text(w, engine),
+                      f"{w['idle_s']:.0f} s")
     out.print(table)
 
 
@@ -87,3 +91,19 @@ def workers_stop(
     settings = run_sync(Settings.load, url, inventory_path)
     run(_call(settings, "POST", f"/v1/workers/{node}/{worker_id}/stop"))
     err.print(f"stopped worker {worker_id} on hive:{node}")
+
+
+def offload_text(engine: dict[str, Any]) -> str:
+    """``19/19 layers`` as the engine reported it; ``-`` before its first report."""
+    if "layers_total" not in engine:
+        return "-"
+    return f"{engine['layers_offloaded']}/{engine['layers_total']} layers"
+
+
+def memory_text(worker: dict[str, Any], engine: dict[str, Any]) -> str:
+    """Device memory the engine says it took (weights + KV cache), else what admission reserved."""
+    on_device = int(engine.get("weights_on_device", 0)) + int(engine.get("kv_on_device", 0))
+    if on_device:
+        return f"{on_device / 1e6:.0f} MB VRAM"
+    in_ram = int(engine.get("weights_in_ram", 0)) + int(engine.get("kv_in_ram", 0))
+    return f"{(in_ram or worker.get('memory', 0)) / 1e6:.0f} MB RAM"

@@ -36,6 +36,12 @@ class JobRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8)
     #: engine: auto (the hive decides), mlx or llama-cpp
     backend: Literal["auto", "mlx", "llama-cpp"] | None = None
+    #: context length in tokens; omitted = the model's trained length, as far as memory allows
+    ctx: int | None = Field(default=None, ge=256, le=1_048_576)
+    #: layers llama.cpp offloads to the GPU: -1 all (the default where the build supports it), 0 none, N
+    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    #: may a model too big for any one GPU be split over several (the hive's `gpu_split =`)
+    gpu_split: bool | None = None
     #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
     forms: dict[Literal["gguf", "mlx"], str] | None = None
 

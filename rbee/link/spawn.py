@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -83,8 +84,9 @@ class Child:
         tail = log_tail(self.log_path)
         return f"{self.name} {self.exit_reason()}" + (f"; its last output ({self.log_path}):\n{tail}" if tail else "")
 
-    async def wait_ready(self, path: str = "/health", timeout: float = 60.0, token: str | None = None) -> None:
-        """Poll ``path`` until 200; fail at once if the child exits, or at the deadline."""
+    async def wait_ready(self, path: str = "/health", timeout: float = 60.0, token: str | None = None) -> Any:
+        """Poll ``path`` until 200 and return its JSON body (None if it has none); fail at once
+        if the child exits, or at the deadline."""
         deadline = time.monotonic() + timeout
         delay = 0.02
         async with async_client(base_url=self.url, timeout=2.0, headers=bearer(token)) as http:
@@ -92,8 +94,11 @@ class Child:
                 if not self.alive:
                     raise StartupError(self.exit_message())
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(path)).status_code == 200:
-                        return
+                    answer = await http.get(path)
+                    if answer.status_code == 200:
+                        with contextlib.suppress(ValueError):
+                            return answer.json()
+                        return None
                 if time.monotonic() > deadline:
                     raise StartupError(
                         f"{self.name} did not become ready within {timeout:.0f} s; see {self.log_path}:\n"

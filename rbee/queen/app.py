@@ -146,15 +146,25 @@ class Queen:
         await relay(job, self.client_for(hive), self.body_for(request, hive.name))
 
     def body_for(self, request: JobRequest, node: str) -> dict[str, Any]:
-        """What the hive gets: a logical model's forms, and the hive's own `backend =` unless the job chose."""
+        """What the hive gets: a logical model's forms and settings, and the hive's own settings,
+        each unless the job chose (job > model > hive > the hive's defaults)."""
         inventory = self.fleet.inventory
         changes: dict[str, Any] = {"node": None}
         logical = inventory.models.get(request.model) if request.model else None
+        entry = inventory.get(node)
         if logical is not None:
             changes["forms"] = logical.forms()
-        entry = inventory.get(node)
+            if request.ctx is None and logical.ctx is not None:
+                changes["ctx"] = logical.ctx
         if entry is not None and entry.backend != "auto" and request.backend in (None, "auto"):
             changes["backend"] = entry.backend
+        if request.gpu_layers is None:
+            for source in (logical, entry):
+                if source is not None and source.gpu_layers is not None:
+                    changes["gpu_layers"] = source.gpu_layers
+                    break
+        if request.gpu_split is None and entry is not None and entry.gpu_split:
+            changes["gpu_split"] = True
         return request.downstream(**changes)
 
     async def run_fleet_job(self, job: Job, action: str) -> None:

@@ -23,7 +23,9 @@ log = logging.getLogger("rbee.worker")
 
 async def main(config: WorkerConfig) -> int:
     stop = asyncio.Event()
-    backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads)
+    split = [float(part) for part in config.tensor_split.split(",") if part]
+    backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads,
+                             gpu_layers=config.gpu_layers, tensor_split=split)
     runner = ModelRunner(backend, config.model_path)
     registry = JobRegistry(config.actor, ping=config.ping_interval)
     token = load_token()

@@ -73,6 +73,8 @@ def info(config: WorkerConfig, runner: ModelRunner) -> dict[str, Any]:
         "state": "busy" if runner.busy else runner.state,
         "model_path": str(config.model_path),
         "backend": config.backend,
+        "n_ctx": config.n_ctx,
+        "engine": runner.backend.report,
         "tokens_generated": runner.tokens_generated,
         "jobs_done": runner.jobs_done,
         "waiting": runner.waiting,

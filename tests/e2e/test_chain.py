@@ -144,12 +144,25 @@ async def test_truncated_model_fails_fast_with_the_workers_own_error(
 
 
 async def test_prompt_longer_than_the_context_is_a_clear_400(queen_url: str) -> None:
-    too_long = "word " * 3000  # the worker's context holds 2048 tokens
+    too_long = "word " * 3000
     async with LinkClient(queen_url, "queen") as client:
-        events = [e async for e in client.run({"prompt": too_long, "max_tokens": 8})]
+        events = [e async for e in client.run({"prompt": too_long, "max_tokens": 8, "ctx": 2048})]
     error = events[-1]
     assert error.type == "error" and error["code"] == "bad_request", error
     assert "tokens" in error["message"] and "2048" in error["message"]
+    far_too_long = "word " * 35_000  # past the default model's trained context, 32768
     async with httpx.AsyncClient(base_url=queen_url, timeout=60) as http:
-        response = await http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": too_long})
-    assert response.status_code == 400 and "2048" in response.json()["error"]["message"]
+        response = await http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": far_too_long})
+    assert response.status_code == 400 and "32768" in response.json()["error"]["message"]
+
+
+async def test_default_model_answers_a_3000_token_prompt(queen_url: str) -> None:
+    """The worker's context is the model's trained length (32768), not a fixed 2048."""
+    prompt = "The sky is blue. " * 600 + "The colour of the sky is"
+    async with LinkClient(queen_url, "queen") as client:
+        events = [e async for e in client.run({"prompt": prompt, "max_tokens": 4, "temperature": 0})]
+    end = events[-1]
+    assert end.type == "end", end
+    assert end["prompt_tokens"] >= 3000 and end["tokens"] >= 1
+    spawned = [e for e in events if e.type == "narration" and e["action"] == "spawn"]
+    assert not spawned or "context 32768 (the model's trained length)" in spawned[0]["message"]

@@ -42,6 +42,35 @@ async def test_second_infer_reuses_the_warm_worker(queen_url: str) -> None:
     assert not any(e.type == "narration" and e["action"] == "spawn" for e in second)
 
 
+async def test_worker_reports_where_the_engine_put_the_model(queen_url: str, rbee_env: dict[str, str]) -> None:
+    """What llama.cpp itself logged at load, not a guess: on this CPU-only build, no layer offloaded."""
+    async with LinkClient(queen_url, "queen") as client:
+        events = await warm_up(client)
+    ready = next(e for e in events if e.type == "narration" and e["action"] == "ready")
+    assert "on CPU: 0/19 layers offloaded" in ready["message"] and "context 32768" in ready["message"]
+    assert ready["engine"]["gpu_offload_supported"] is False
+    (worker,) = await workers(queen_url)
+    engine = worker["engine"]
+    assert engine["device"] == "CPU" and (engine["layers_offloaded"], engine["layers_total"]) == (0, 19)
+    assert engine["kv_in_ram"] == 2 * 18 * 32768 * 1 * 256 * 2  # f16 K+V, every layer, the trained context
+    assert 200e6 < engine["weights_in_ram"] < 300e6
+    assert worker["n_ctx"] == 32768 and worker["gpu_layers"] == 0 and worker["placement"] == "CPU"
+    code, chunks, _ = await run_rbee(["workers", "list"], {**rbee_env, "RBEE_QUEEN_URL": queen_url})
+    stdout = b"".join(chunk for _, chunk in chunks).decode()
+    assert code == 0 and "0/19" in stdout and "32768" in stdout, stdout
+
+
+async def test_workers_are_shared_only_for_the_same_context_and_offload(queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen") as client:
+        await warm_up(client, {"ctx": 4096})
+        again = await warm_up(client, {"ctx": 4096})
+        other = await warm_up(client, {"ctx": 8192})
+    assert any(e.type == "narration" and e["action"] == "reuse" for e in again)
+    assert any(e.type == "narration" and e["action"] == "spawn" and "context 8192 (asked for)" in e["message"]
+               for e in other)
+    assert sorted(w["n_ctx"] for w in await workers(queen_url)) == [4096, 8192]
+
+
 @pytest.fixture
 def small_budget(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RBEE_MEMORY_BUDGET", str(100 * 1024 * 1024))  # 100 MB: the default model needs more

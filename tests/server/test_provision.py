@@ -139,3 +139,60 @@ def test_unknown_repo_is_a_clear_error(hub: Any, tmp_path: Path) -> None:
     server, _ = hub
     with pytest.raises(ModelNotFoundError, match="acme/nope"):
         ModelCatalog(tmp_path, HubDownloader(endpoint=server.url)).resolve("hf:acme/nope", Recorder())
+
+
+@pytest.fixture(scope="module")
+def mlx_repo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    pytest.importorskip("mlx_lm")
+    from tests.mlx_model import write_tiny_mlx_model
+
+    folder = write_tiny_mlx_model(tmp_path_factory.mktemp("mlx") / "tiny")
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    return {**files, "README.md": b"# tiny", "weights/extra.bin": b"not for mlx-lm", "model.gguf.txt": b"x"}
+
+
+def test_mlx_repo_is_provisioned_as_a_snapshot_of_what_mlx_lm_needs(
+    hub: Any, tmp_path: Path, mlx_repo_files: dict[str, bytes]
+) -> None:
+    server, _ = hub
+    repo = server.repos["acme/tiny-mlx"] = Repo(files=mlx_repo_files)
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    narrate = Recorder()
+    entry = catalog.resolve("hf:acme/tiny-mlx", narrate, "mlx")
+    assert entry.format == "mlx" and entry.path.is_dir() and entry.ref == "hf:acme/tiny-mlx"
+    assert sorted(p.name for p in entry.path.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert entry.info.architecture == "llama" and entry.info.context_length == 512 and entry.info.layers == 2
+    assert {name for method, name, _ in repo.requests if method == "GET"} == {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    progress = narrate.of("download")
+    total = sum(len(mlx_repo_files[n]) for n in ("config.json", "model.safetensors", "tokenizer.json",
+                                                 "tokenizer_config.json"))
+    assert progress[-1][2]["bytes"] == progress[-1][2]["total"] == total
+    assert any("sha256" in message for _, message, _ in narrate.of("verify"))
+    assert catalog_files(tmp_path / "models") == [
+        "tiny-mlx/manifest.json", "tiny-mlx/mlx/config.json", "tiny-mlx/mlx/model.safetensors",
+        "tiny-mlx/mlx/tokenizer.json", "tiny-mlx/mlx/tokenizer_config.json"]
+    # found again in the catalog, by ref and by name, with no request
+    before = len(repo.requests)
+    assert catalog.resolve("hf:acme/tiny-mlx", Recorder(), "mlx").path == entry.path
+    assert catalog.resolve("tiny-mlx", Recorder()).path == entry.path
+    assert len(repo.requests) == before
+
+
+def test_mlx_snapshot_with_a_bad_checksum_keeps_nothing(
+    hub: Any, tmp_path: Path, mlx_repo_files: dict[str, bytes]
+) -> None:
+    server, _ = hub
+    server.repos["acme/tiny-mlx"] = Repo(files=mlx_repo_files, wrong_sha=True)
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    with pytest.raises(ModelError, match=r"checksum mismatch .* model.safetensors"):
+        catalog.resolve("hf:acme/tiny-mlx", Recorder(), "mlx")
+    assert catalog_files(tmp_path / "models") == []
+
+
+def test_a_repo_without_the_asked_form_says_which_form_is_missing(hub: Any, tmp_path: Path) -> None:
+    server, _ = hub
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    with pytest.raises(ModelNotFoundError, match=r"acme/tiny-GGUF holds an MLX model \(config.json"):
+        catalog.resolve("hf:acme/tiny-GGUF", Recorder(), "mlx")

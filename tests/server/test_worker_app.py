@@ -29,6 +29,7 @@ class FakeEngine:
 
     name = "fake"
     metadata: ClassVar[dict[str, str]] = {"general.architecture": "gemma3"}
+    report: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, step: float = 0.005, fail_at: int | None = None) -> None:
         self.step = step

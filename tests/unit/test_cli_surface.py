@@ -10,7 +10,7 @@ from rbee.keeper.cli import app
 
 EXPECTED = {
     "rbee infer": ["prompt", "--model", "--node", "--max-tokens", "--temperature", "--top-p", "--seed", "--stop",
-                   "--backend", "--quiet", "--queen-url", "--inventory"],
+                   "--backend", "--ctx", "--gpu-layers", "--quiet", "--queen-url", "--inventory"],
     "rbee version": [],
     "rbee queen start": ["--queen-url", "--inventory"],
     "rbee queen stop": ["--queen-url"],

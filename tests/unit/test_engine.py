@@ -6,10 +6,11 @@ from rbee.hive.engine import Choice, EngineError, Host, choose_engine
 
 BOTH = frozenset({"mlx", "llama-cpp"})
 LLAMA = frozenset({"llama-cpp"})
-MAC_ARM = Host("darwin", "arm64", BOTH, nvidia=False)
-MAC_ARM_NO_MLX = Host("darwin", "arm64", LLAMA, nvidia=False)
+MAC_ARM = Host("darwin", "arm64", BOTH, nvidia=False, offload=True)
+MAC_ARM_NO_MLX = Host("darwin", "arm64", LLAMA, nvidia=False, offload=True)
 MAC_X86 = Host("darwin", "x86_64", LLAMA, nvidia=False)
-LINUX_GPU = Host("linux", "x86_64", LLAMA, nvidia=True)
+LINUX_GPU = Host("linux", "x86_64", LLAMA, nvidia=True, offload=True)
+LINUX_GPU_CPU_BUILD = Host("linux", "x86_64", LLAMA, nvidia=True, offload=False)
 LINUX_CPU = Host("linux", "x86_64", LLAMA, nvidia=False)
 LINUX_MLX_CPU = Host("linux", "x86_64", BOTH, nvidia=False)
 
@@ -22,6 +23,8 @@ TABLE = [
     (MAC_X86, {"gguf"}, "llama-cpp", "CPU"),
     (LINUX_GPU, {"gguf", "mlx"}, "llama-cpp", "CUDA"),
     (LINUX_GPU, {"gguf"}, "llama-cpp", "CUDA"),
+    (LINUX_GPU_CPU_BUILD, {"gguf"}, "llama-cpp", "built without GPU support; rebuild it: CMAKE_ARGS=-DGGML_CUDA=on"),
+    (MAC_ARM_NO_MLX, {"gguf"}, "llama-cpp", "Metal"),
     (LINUX_CPU, {"gguf"}, "llama-cpp", "CPU"),
     (LINUX_CPU, {"gguf", "mlx"}, "llama-cpp", "CPU"),
     (LINUX_MLX_CPU, {"mlx"}, "mlx", "installed"),

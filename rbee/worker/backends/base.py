@@ -4,10 +4,10 @@ so a host without llama.cpp (or MLX) can still run the other one."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from rbee.errors import ConfigError
 from rbee.link.schemas import JobRequest
@@ -29,6 +29,9 @@ class Backend(Protocol):
     #: The model's metadata (GGUF keys such as ``general.architecture`` and
     #: ``tokenizer.chat_template``), plus ``rbee.eos_text``: the end-of-sequence text.
     metadata: dict[str, str]
+    #: Where the engine put the model, in its own words, after ``load``
+    #: (:class:`rbee.worker.backends.engine_report.EngineReport` as a dict).
+    report: dict[str, Any]
 
     def load(self, path: Path) -> None:
         """Load the model; raise ModelLoadError naming the file when it cannot."""
@@ -46,12 +49,14 @@ BACKENDS = {
 }
 
 
-def create_backend(name: str, *, n_ctx: int, threads: int) -> Backend:
+def create_backend(
+    name: str, *, n_ctx: int, threads: int, gpu_layers: int = 0, tensor_split: Sequence[float] = ()
+) -> Backend:
     try:
         target = BACKENDS[name]
     except KeyError:
         raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
     module_name, class_name = target.split(":")
     backend_cls = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend = backend_cls(n_ctx=n_ctx, threads=threads)
+    backend: Backend = backend_cls(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, tensor_split=tensor_split)
     return backend

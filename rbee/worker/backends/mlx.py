@@ -7,13 +7,14 @@ thread-local, so loading and generating on that one thread is also what MLX need
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rbee.errors import ModelLoadError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
+from rbee.worker.backends.engine_report import EngineReport
 from rbee.worker.stops import StopMatcher
 
 REQUIRED = ("config.json",)
@@ -22,11 +23,14 @@ REQUIRED = ("config.json",)
 class MlxBackend:
     name = "mlx"
 
-    def __init__(self, *, n_ctx: int = 2048, threads: int = 0) -> None:
-        self.n_ctx = n_ctx
+    def __init__(
+        self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = -1, tensor_split: Sequence[float] = ()
+    ) -> None:
+        self.n_ctx = n_ctx  # MLX has no layer offload or split: it runs where MLX's default device is
         self._model: Any = None
         self._tokenizer: Any = None
         self.metadata: dict[str, str] = {}
+        self.report: dict[str, Any] = {}
 
     def load(self, path: Path) -> None:
         import mlx_lm  # lazy: only hosts that run MLX have it
@@ -52,6 +56,26 @@ class MlxBackend:
         eos = getattr(self._tokenizer, "eos_token", None)
         if eos:
             self.metadata["rbee.eos_text"] = str(eos)
+        self.report = self._report(config)
+
+    def _report(self, config: dict[str, Any]) -> dict[str, Any]:
+        """MLX puts everything on its default device: the GPU (unified memory) on Apple Silicon."""
+        import mlx.core as mx
+
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        layers = int(config.get("num_hidden_layers", 0) or 0)
+        weights = int(mx.get_active_memory()) if hasattr(mx, "get_active_memory") else 0
+        return EngineReport(
+            device="Metal (unified memory)" if on_gpu else "CPU",
+            layers_offloaded=layers if on_gpu else 0,
+            layers_total=layers,
+            weights_on_device=weights if on_gpu else 0,
+            kv_on_device=0,  # MLX grows its KV cache per request
+            weights_in_ram=0 if on_gpu else weights,
+            kv_in_ram=0,
+            n_ctx=self.n_ctx,
+            gpu_offload_supported=bool(mx.metal.is_available()),
+        ).as_dict()
 
     def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
         import mlx.core as mx
