@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -82,6 +83,8 @@ class HiveEntry(BaseModel):
     gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
     #: split a model no single GPU holds over several (tensor_split)
     gpu_split: bool = False
+    #: "source": build llama-cpp-python on the host even where the queen could push a wheel
+    build: Literal["auto", "source"] = "auto"
 
     @field_validator("name")
     @classmethod

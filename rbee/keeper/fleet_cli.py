@@ -87,9 +87,9 @@ def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> No
     """Show what `fleet up` would do on each host (install, upgrade, start, nothing, stop), doing nothing."""
     settings = _settings(url, inventory_path)
     steps = run(_plan(settings))
-    table = Table("hive", "would", "because", title="fleet plan")
+    table = Table("hive", "would", "because", "install path", title="fleet plan")
     for step in steps:
-        table.add_row(step["name"], step["action"], step["reason"])
+        table.add_row(step["name"], step["action"], step["reason"], step.get("path") or "-")
     out.print(table)
 
 

@@ -7,6 +7,7 @@ kill a hive, remove a host, down.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -253,6 +254,34 @@ def test_one_logical_model_on_mlx_and_llama_cpp_hosts(fleet: Fleet, shared_model
     assert "on mlx" in status and "on llama-cpp" in status
     back = fleet.rbee("fleet", "up", timeout=900)  # the plain inventory again
     assert back.returncode == 0, back.stderr
+
+
+@pytest.mark.timeout(1800)
+def test_a_host_told_to_build_from_source_builds_llama_cpp_there(fleet: Fleet) -> None:
+    """The path a host of another platform takes (PyPI has no llama-cpp-python wheels), forced here
+    with `build = "source"`: its source and build tools are pushed, the host's compiler builds it."""
+    host = fleet.hosts[1]
+    source = fleet.workdir / "inventory-source.toml"
+    source.write_text(fleet.inventory.read_text().replace(f'name = "{host.name}"',
+                                                          f'name = "{host.name}"\nbuild = "source"', 1))
+    wide = {**fleet.env, "COLUMNS": "400"}
+    plan = subprocess.run([*RBEE, "fleet", "plan", "-i", str(source)], env=wide, capture_output=True, text=True,
+                          timeout=900)
+    assert plan.returncode == 0, plan.stderr
+    line = next(line for line in plan.stdout.splitlines() if f" {host.name} " in line)
+    assert "llama-cpp-python built on the host for the CPU only" in line, plan.stdout
+    up = fleet.rbee("fleet", "up", inventory=source, timeout=1700)
+    assert up.returncode == 0, up.stderr + up.stdout
+    assert f"hive:{host.name}: building llama-cpp-python on the host from the pushed source (cpu" in up.stderr
+    assert "llama-cpp-python built on the host in" in up.stderr
+    record = json.loads((host.home / ".rbee" / "install.json").read_text())
+    assert record["llama_cpp"] == "source+cpu"
+    result = fleet.rbee("infer", "--node", host.name, "--max-tokens", "8", "--temperature", "0", "Hello",
+                        inventory=source)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    back = fleet.rbee("fleet", "up", timeout=900)  # the plain inventory: no second build
+    assert back.returncode == 0, back.stderr
+    assert "building llama-cpp-python" not in back.stderr
 
 
 def test_changed_host_key_is_refused(fleet: Fleet) -> None:

@@ -15,6 +15,7 @@ from rbee.config import QueenConfig, ServeOptions
 from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
 from tests.helpers import worker_stops
+from tests.hub_server import HubServer, Repo
 
 mlx_lm = pytest.importorskip("mlx_lm")
 
@@ -93,3 +94,42 @@ async def test_mlx_dir_with_missing_files_is_refused(queen_url: str, tmp_path: P
         events = [e async for e in client.run({"prompt": "x", "model": f"file:{broken}"})]
     assert events[-1].type == "error"
     assert "safetensors" in events[-1]["message"] and str(broken) in events[-1]["message"]
+
+
+@pytest.fixture
+async def hub_mlx_queen(rbee_env: dict[str, str], tiny_mlx: Path, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, Repo]]:
+    """A queen whose inventory names an MLX repo on a local hub; its own empty catalog."""
+    repo = Repo(files={**{p.name: p.read_bytes() for p in tiny_mlx.iterdir()}, "README.md": b"# tiny"})
+    with HubServer() as server:
+        server.repos["acme/tiny-mlx"] = repo
+        for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"),
+                           "RBEE_MODELS_DIR": str(tmp_path / "catalog")}.items():
+            monkeypatch.setenv(key, value)
+        inventory = tmp_path / "inventory.toml"
+        inventory.write_text('[models.tiny]\nmlx = "hf:acme/tiny-mlx"\n\n[[hive]]\nname = "localhost"\n'
+                             'backend = "mlx"\n')
+        config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
+                             serve=ServeOptions(), inventory=str(inventory))
+        child = await start_queen(config, ephemeral=True)
+        try:
+            yield child.url, repo
+        finally:
+            await child.stop(grace=20.0)
+
+
+async def test_mlx_repo_from_the_hub_through_a_logical_model(hub_mlx_queen: tuple[str, Repo], tmp_path: Path) -> None:
+    queen, repo = hub_mlx_queen
+    body = {"prompt": "hello world", "model": "tiny", "max_tokens": 12, "temperature": 0.0}
+    async with LinkClient(queen, "queen") as client:
+        events = [e async for e in client.run(body)]
+    assert events[-1].type == "end" and events[-1]["tokens"] > 0, events[-1]
+    narrated = [e["message"] for e in events if e.type == "narration"]
+    assert any("downloading hf:acme/tiny-mlx (MLX, 4 files" in m for m in narrated), narrated
+    assert any(m.startswith("mlx") for m in narrated)
+    assert "README.md" not in {name for _, name, _ in repo.requests}
+    assert (tmp_path / "catalog" / "tiny-mlx" / "mlx" / "model.safetensors").is_file()
+    async with LinkClient(queen, "queen") as client:  # the second job finds it in the catalog
+        again = [e async for e in client.run(body)]
+    assert not any(e.type == "narration" and e["action"] == "download" for e in again)
+    assert [e["text"] for e in again if e.type == "token"] == [e["text"] for e in events if e.type == "token"]

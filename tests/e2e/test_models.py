@@ -138,3 +138,26 @@ async def test_models_pull_list_rm_through_the_chain(hub: tuple[HubServer, dict[
     assert code == 0, err
     code, out, _ = await rbee(env, "models", "list")
     assert "tiny-q4_k_m" not in out
+
+
+async def test_inventory_sets_a_models_context_and_offload(rbee_env: dict[str, str], models_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from rbee.config import QueenConfig, ServeOptions
+    from rbee.keeper.session import start_queen
+
+    gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(f'[models.short]\ngguf = "file:{gguf}"\nctx = 4096\ngpu_layers = 0\n\n'
+                         '[[hive]]\nname = "localhost"\n')
+    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
+                         serve=ServeOptions(), inventory=str(inventory))
+    child = await start_queen(config, ephemeral=True)
+    try:
+        async with LinkClient(child.url, "queen") as client:
+            events = await warm_up(client, {"model": "short"})
+            asked = await warm_up(client, {"model": "short", "ctx": 2048})  # the job's own choice wins
+        assert events[-1].type == "end" and asked[-1].type == "end"
+        by_ctx = {w["n_ctx"]: w for w in await workers(child.url)}
+        assert sorted(by_ctx) == [2048, 4096] and by_ctx[4096]["gpu_layers"] == 0
+    finally:
+        await child.stop(grace=20.0)

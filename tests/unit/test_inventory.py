@@ -43,12 +43,23 @@ def test_good_inventory() -> None:
         ('[[hive]]\nname = "a;rm -rf /"\n', "inv.toml:2: hive.0.name"),
         ('[[hive]\nname = "a"\n', "inv.toml: not valid TOML"),
         ('[[hive]]\nssh = "a@b"\n', "inv.toml:1: hive.0.name: Field required"),
+        ('[[hive]]\nname = "a"\ngpu_layers = -2\n', "inv.toml:3: hive.0.gpu_layers"),
+        ('[[hive]]\nname = "a"\nbuild = "wheel"\n', "inv.toml:3: hive.0.build"),
+        ('[models.m]\ngguf = "hf:a/b"\nctx = 100\n', "inv.toml:3: models.m.ctx"),
     ],
 )
 def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
     with pytest.raises(InventoryError) as info:
         parse(text, "inv.toml")
     assert expected in str(info.value)
+
+
+def test_offload_context_and_build_settings() -> None:
+    inventory = parse('[models.m]\ngguf = "hf:a/b"\nctx = 8192\ngpu_layers = 20\n\n[[hive]]\nname = "gpu"\n'
+                      'ssh = "bob@gpu"\ngpu_layers = -1\ngpu_split = true\nbuild = "source"\n', "inv.toml")
+    model, hive = inventory.models["m"], inventory.get("gpu")
+    assert (model.ctx, model.gpu_layers) == (8192, 20)
+    assert hive is not None and (hive.gpu_layers, hive.gpu_split, hive.build) == (-1, True, "source")
 
 
 @given(st.text(max_size=300))

@@ -16,7 +16,7 @@ from rbee.inventory import HiveEntry, Inventory, SshSection
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet import plan as plans
 from rbee.queen.fleet.remote import RemoteHost
-from rbee.queen.fleet.wheelhouse import Wheelhouse, host_platform_of
+from rbee.queen.fleet.wheelhouse import Platform, Wheelhouse, WheelSet, host_platform_of
 from rbee.queen.hives import HiveRegistry, HiveState
 
 Narrate = Callable[[str, str], None]
@@ -77,9 +77,14 @@ class Fleet:
             probe = await host.probe()
         except RbeeError as exc:
             return plans.plan_host(host.name, None, "", exc.message)
-        wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=host.entry.backend == "mlx",
-                                             cuda=bool(probe.get("nvidia")))
-        return plans.plan_host(host.name, probe, wheels.digest)
+        path = install_path_of(host.entry, probe)
+        wheels = await self.wheels_for(host.entry, probe, path, narrate)
+        return plans.plan_host(host.name, probe, wheels.digest, path=path)
+
+    async def wheels_for(self, entry: HiveEntry, probe: dict[str, Any], path: plans.InstallPath,
+                         narrate: Narrate) -> WheelSet:
+        return await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=entry.backend == "mlx",
+                                           llama_source=path.build is not None)
 
     async def up(self, narrate: Narrate) -> list[dict[str, Any]]:
         """Converge every host to the inventory, concurrently; report per host what was done."""
@@ -108,11 +113,11 @@ class Fleet:
         async with self._locks.setdefault(entry.name, asyncio.Lock()):
             host = self.host(entry)
             probe = await host.probe()
-            wheels = await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=entry.backend == "mlx",
-                                                 cuda=bool(probe.get("nvidia")))
-            step = plans.plan_host(entry.name, probe, wheels.digest)
+            path = install_path_of(entry, probe)
+            wheels = await self.wheels_for(entry, probe, path, narrate)
+            step = plans.plan_host(entry.name, probe, wheels.digest, path=path)
             say = lambda action, message: narrate(action, f"hive:{entry.name}: {message}")  # noqa: E731
-            say("plan", f"{step.action} ({step.reason})")
+            say("plan", f"{step.action} ({step.reason}); install path: {step.path}")
             self.catalog.upsert(entry.name, {"hive": entry.model_dump(), "ssh": self.inventory.ssh.model_dump()},
                                 launched=1)
             hive = probe.get("hive") or {}
@@ -120,7 +125,7 @@ class Fleet:
                 if hive.get("alive"):
                     await host.stop_hive()
                 self.catalog.update(entry.name, install_state="installing")
-                await host.install(wheels, probe, say)
+                await host.install(wheels, probe, path, say)
                 self.catalog.update(entry.name, install_state="installed", version=__version__,
                                     digest=wheels.digest)
                 hive = {}
@@ -237,6 +242,11 @@ class Fleet:
                 *(host.stop_hive() for host in self.hosts.values() if host.launched_here), return_exceptions=True
             )
         await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
+
+
+def install_path_of(entry: HiveEntry, probe: dict[str, Any]) -> plans.InstallPath:
+    return plans.install_path(Platform.local(), host_platform_of(probe), nvidia=bool(probe.get("nvidia")),
+                              nvcc=bool(probe.get("nvcc")), build=entry.build)
 
 
 def default_wheelhouse() -> Wheelhouse:

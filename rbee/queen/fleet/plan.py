@@ -1,10 +1,14 @@
-"""What `fleet up` would do on each host: one pure function over facts, so the
-rule is unit-tested without SSH and `fleet plan` shows exactly what `up` does."""
+"""What `fleet up` would do on each host: pure functions over facts, so the rules
+are unit-tested without SSH and `fleet plan` shows exactly what `up` does:
+the action (install, upgrade, start, …) and the install path (where the wheels come
+from, and whether llama-cpp-python is built on the host, with which accelerator)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from rbee.queen.fleet.wheelhouse import Platform
 
 INSTALL = "install"
 UPGRADE = "upgrade"
@@ -14,20 +18,84 @@ STOP = "stop"
 UNREACHABLE = "unreachable"
 
 
+CUDA_ARGS = "-DGGML_CUDA=on"
+METAL_ARGS = "-DGGML_METAL=on"
+
+
+@dataclass(frozen=True)
+class InstallPath:
+    """How a host gets rbee and its engine."""
+
+    tag: str  # the host's platform, e.g. cp311-linux-x86_64
+    same_platform: bool  # as the queen: its own packages serve; else binary wheels from the package index
+    build: str | None  # llama-cpp-python built on the host from the pushed source: "cpu" | "cuda" | "metal"
+    note: str = ""
+
+    @property
+    def cmake_args(self) -> str:
+        return {"cuda": CUDA_ARGS, "metal": METAL_ARGS}.get(self.build or "", "")
+
+    @property
+    def marker(self) -> str:
+        """What install.json records, so a later upgrade skips a build that is already there."""
+        return f"source+{self.build}" if self.build else "wheel"
+
+    def describe(self) -> str:
+        wheels = ("wheels from this queen's own packages" if self.same_platform
+                  else f"binary wheels for {self.tag} from the package index")
+        if self.build:
+            accel = {"cuda": "CUDA", "metal": "Metal", "cpu": "the CPU only"}[self.build]
+            engine = f"llama-cpp-python built on the host for {accel}"
+        else:
+            engine = "llama-cpp-python as a wheel"
+        return f"{wheels}; {engine}" + (f" ({self.note})" if self.note else "")
+
+
+def install_path(queen: Platform, host: Platform, *, nvidia: bool, nvcc: bool, build: str = "auto") -> InstallPath:
+    """The one rule for how a host is installed.
+
+    - Same platform as the queen: the queen's own wheels (llama-cpp-python included).
+    - Another OS, machine or Python: binary wheels for the host's tags from the package index,
+      cached here. llama-cpp-python publishes source only, so the host builds it.
+    - An NVIDIA host with the CUDA toolkit builds llama-cpp-python with CUDA; Apple Silicon
+      builds with Metal; ``build = "source"`` in the inventory forces a build on the host.
+    """
+    same = queen == host
+    note = ""
+    if nvidia and nvcc:
+        accel = "cuda"
+    elif host.apple_silicon:
+        accel = "metal"
+    else:
+        accel = "cpu"
+        if nvidia:
+            note = ("NVIDIA GPU but no CUDA toolkit (nvcc): llama.cpp will run on the CPU; install the toolkit and "
+                    "run `rbee fleet up` again")
+    builds = build == "source" or not same or accel == "cuda"
+    return InstallPath(host.tag, same, accel if builds else None, note)
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
     action: str
     reason: str
+    path: str = ""  # InstallPath.describe() for a reachable host
 
     def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "action": self.action, "reason": self.reason}
+        return {"name": self.name, "action": self.action, "reason": self.reason, "path": self.path}
 
 
-def plan_host(name: str, probe: dict[str, Any] | None, digest: str, error: str = "") -> Step:
+def plan_host(name: str, probe: dict[str, Any] | None, digest: str, error: str = "",
+              path: InstallPath | None = None) -> Step:
     """``probe`` is what the remote script reported (None when the host could not be reached)."""
     if probe is None:
         return Step(name, UNREACHABLE, error or "the host did not answer")
+    step = _action(name, probe, digest)
+    return Step(step.name, step.action, step.reason, path.describe() if path else "")
+
+
+def _action(name: str, probe: dict[str, Any], digest: str) -> Step:
     installed = probe.get("installed") or {}
     hive = probe.get("hive") or {}
     running = bool(hive.get("alive"))

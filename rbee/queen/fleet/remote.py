@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import posixpath
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +24,10 @@ from rbee import __version__
 from rbee.inventory import HiveEntry, SshSection
 from rbee.link.auth import bearer
 from rbee.link.transport import async_client
+from rbee.queen.fleet.plan import InstallPath
 from rbee.queen.fleet.remote_script import SCRIPT
 from rbee.queen.fleet.ssh import Command, RemoteCommandError, SshError, connect, run
-from rbee.queen.fleet.wheelhouse import WheelSet
+from rbee.queen.fleet.wheelhouse import WheelhouseError, WheelSet
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,9 @@ class RemoteHost:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.home, *parts)
 
-    async def install(self, wheels: WheelSet, probe: dict[str, Any], narrate: Narrate) -> None:
-        """Push missing wheels over SFTP, make the venv, pip install with no index at all."""
+    async def install(self, wheels: WheelSet, probe: dict[str, Any], path: InstallPath, narrate: Narrate) -> None:
+        """Push missing wheels over SFTP, make the venv, build llama-cpp-python there when the
+        install path says so, then pip install rbee with no index at all."""
         conn = await self.connected()
         wheel_dir = self._path("wheelhouse")
         remote_sizes: dict[str, int] = await self.script("sizes", wheel_dir, what="listing the wheelhouse")
@@ -135,17 +138,15 @@ class RemoteHost:
             narrate("install", f"sending {len(to_send)} wheels ({size / 1e6:.0f} MB) over SFTP")
             async with conn.start_sftp_client() as sftp:
                 await sftp.makedirs(wheel_dir, exist_ok=True)
-                for path in to_send:
-                    partial = posixpath.join(wheel_dir, f".{path.name}.partial")
-                    await sftp.put(str(path), partial)
-                    await sftp.posix_rename(partial, posixpath.join(wheel_dir, path.name))
+                for local in to_send:
+                    partial = posixpath.join(wheel_dir, f".{local.name}.partial")
+                    await sftp.put(str(local), partial)
+                    await sftp.posix_rename(partial, posixpath.join(wheel_dir, local.name))
         python = self._path("venv", "bin", "python")
         if not probe.get("venv"):
             narrate("install", f"creating the venv {self._path('venv')}")
             await run(conn, Command.of(self.entry.python, "-m", "venv", "--without-pip", self._path("venv")),
                       what=f"{self.actor}: creating the venv", timeout=300)
-        narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
-        rbee_wheel = posixpath.join(wheel_dir, wheels.named("rbee-").name)
         apple = probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64")
         engines = "[mlx]" if apple or self.entry.backend == "mlx" else ""
         offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
@@ -153,6 +154,11 @@ class RemoteHost:
         # byte-compiling of every file pip installs, only of what the hive and a worker import (below).
         pip = [python, posixpath.join(wheel_dir, wheels.named("pip-").name, "pip")]
         base = [*pip, "install", "--no-index", "--find-links", wheel_dir, "--quiet", "--no-compile"]
+        installed = probe.get("installed") or {}
+        if path.build and not (probe.get("venv") and installed.get("llama_cpp") == path.marker):
+            await self._build_llama(conn, wheels, path, base, offline, narrate)
+        narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
+        rbee_wheel = posixpath.join(wheel_dir, wheels.named("rbee-").name)
         await run(conn, Command.of(*base, rbee_wheel + engines, env=offline),
                   what=f"{self.actor}: installing rbee", timeout=900)
         if probe.get("venv"):
@@ -164,31 +170,32 @@ class RemoteHost:
                                    env={"PYTHONDONTWRITEBYTECODE": ""}),
                   what=f"{self.actor}: importing rbee and {engine} once (checks them, writes their bytecode)",
                   timeout=300)
-        if probe.get("nvidia"):
-            await self._build_cuda(conn, wheels, probe, pip, offline, narrate)
-        record = json.dumps({"version": __version__, "digest": wheels.digest})
+        if path.note:
+            narrate("install", path.note)
+        llama = path.marker if path.build else installed.get("llama_cpp", path.marker)
+        record = json.dumps({"version": __version__, "digest": wheels.digest, "llama_cpp": llama})
         async with conn.start_sftp_client() as sftp:
             async with sftp.open(self._path("install.json"), "w") as handle:
                 await handle.write(record)
 
-    async def _build_cuda(self, conn: asyncssh.SSHClientConnection, wheels: WheelSet, probe: dict[str, Any],
-                          pip: list[str], offline: dict[str, str], narrate: Narrate) -> None:
-        """On an NVIDIA host, rebuild llama-cpp-python with CUDA from the pushed source, offline."""
+    async def _build_llama(self, conn: asyncssh.SSHClientConnection, wheels: WheelSet, path: InstallPath,
+                           base: list[str], offline: dict[str, str], narrate: Narrate) -> None:
+        """Build llama-cpp-python on the host from the pushed source with the host's compiler (and
+        CUDA or Metal), offline: its build tools came as wheels. Done before rbee's install, which
+        then finds it satisfied; an upgrade with the same build skips it."""
         sources = [p for p in wheels.wheels if p.name.startswith("llama_cpp_python-") and p.name.endswith(".tar.gz")]
         if not sources:
-            narrate("install", "NVIDIA GPU found, but the wheelhouse has no llama-cpp-python source: CPU build kept")
-            return
-        if not probe.get("nvcc"):
-            narrate("install", "NVIDIA GPU found but no CUDA toolkit (nvcc): llama.cpp runs on the CPU. Install "
-                    "the CUDA toolkit on the host and run `rbee fleet up` again to build it with CUDA")
-            return
-        narrate("install", "building llama-cpp-python with CUDA on the host (takes minutes)")
-        wheel_dir = self._path("wheelhouse")
-        env = {**offline, "CMAKE_ARGS": "-DGGML_CUDA=on", "FORCE_CMAKE": "1"}
-        await run(conn, Command.of(*pip, "install", "--no-index", "--find-links", wheel_dir,
-                                   "--force-reinstall", "--no-deps", "--quiet",
-                                   posixpath.join(wheel_dir, sources[0].name), env=env),
-                  what=f"{self.actor}: building llama-cpp-python with CUDA", timeout=3600)
+            raise WheelhouseError(f"{self.actor}: the install path builds llama-cpp-python on the host, but the "
+                                  "wheelhouse has no llama-cpp-python source")
+        how = f" with {path.cmake_args}" if path.cmake_args else ""
+        narrate("install", f"building llama-cpp-python on the host{how} from the pushed source "
+                           f"({path.build}; takes minutes)")
+        env = {**offline, "CMAKE_ARGS": path.cmake_args, "FORCE_CMAKE": "1"}
+        started = time.monotonic()
+        await run(conn, Command.of(*base, "--force-reinstall", "--no-deps",
+                                   posixpath.join(self._path("wheelhouse"), sources[0].name), env=env),
+                  what=f"{self.actor}: building llama-cpp-python ({path.build})", timeout=3600)
+        narrate("install", f"llama-cpp-python built on the host in {time.monotonic() - started:.0f} s")
 
     # launch, tunnel, stop -----------------------------------------------------------------
 

@@ -133,30 +133,32 @@ class Wheelhouse:
         self._lock = asyncio.Lock()
         self._built: dict[str, WheelSet] = {}
 
-    async def build(self, target: Platform, narrate: Narrate, mlx: bool = False, cuda: bool = False) -> WheelSet:
-        """Wheels for ``target`` (plus mlx-lm when ``mlx`` or on Apple Silicon, plus llama.cpp's
-        source for a CUDA build on NVIDIA hosts), from cache when present. Safe to call from many
+    async def build(self, target: Platform, narrate: Narrate, mlx: bool = False,
+                    llama_source: bool = False) -> WheelSet:
+        """Wheels for ``target`` (plus mlx-lm when ``mlx`` or on Apple Silicon), from cache when
+        present. With ``llama_source``, llama-cpp-python comes as its source and build tools
+        instead of a wheel, for the host to build (InstallPath.build). Safe to call from many
         hosts at once."""
-        key = f"{target.tag}{'+mlx' if mlx else ''}{'+cuda' if cuda else ''}"
+        key = f"{target.tag}{'+mlx' if mlx else ''}{'+src' if llama_source else ''}"
         async with self._lock:
             if key not in self._built:
-                self._built[key] = await self._build(target, narrate, mlx, cuda)
+                self._built[key] = await self._build(target, narrate, mlx, llama_source)
             return self._built[key]
 
-    def forget(self) -> None:
-        self._built.clear()
-
-    async def _build(self, target: Platform, narrate: Narrate, mlx: bool, cuda: bool) -> WheelSet:
+    async def _build(self, target: Platform, narrate: Narrate, mlx: bool, llama_source: bool) -> WheelSet:
         local = Platform.local()
         folder = self.cache_dir / target.tag
         folder.mkdir(parents=True, exist_ok=True)
         rbee_wheel = await self._rbee_wheel(narrate)
         # pip itself too: hosts run it from its wheel, so a venv needs no ensurepip (~3 s a host)
         wanted = [*requirement_closure(), f"pip=={metadata.version('pip')}"]
+        if llama_source:
+            wanted = [req for req in wanted if canonicalize_name(req.split("==")[0]) != "llama-cpp-python"]
         have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
         missing = [req for req in wanted if (canonicalize_name(req.split("==")[0]), req.split("==")[1]) not in have]
         if missing:
-            narrate("wheelhouse", f"collecting {len(missing)} wheels for {target.tag}")
+            source = "built here" if target == local else "fetched from the package index"
+            narrate("wheelhouse", f"{len(missing)} wheels for {target.tag} {source}: {', '.join(missing)}")
             if target == local:
                 args = ["wheel", "--no-deps", "--wheel-dir", str(folder), *missing]
             else:
@@ -170,8 +172,8 @@ class Wheelhouse:
         wheels = [rbee_wheel]
         if mlx or target.apple_silicon:
             wheels += await self._mlx_wheels(target, folder, narrate)
-        if cuda:
-            wheels += await self.cuda_sources(target, narrate)
+        if llama_source:
+            wheels += await self.llama_sources(target, narrate)
         for req in wanted:
             name, version = req.split("==")
             path = have.get((canonicalize_name(name), version))
@@ -186,15 +188,17 @@ class Wheelhouse:
         cache_file.write_text(json.dumps(cache))
         return WheelSet(tuple(wheels), digest.hexdigest()[:24])
 
-    async def cuda_sources(self, target: Platform, narrate: Narrate) -> list[Path]:
-        """For an NVIDIA host: llama-cpp-python's source and its build tools as wheels, so the host
-        can build it with CUDA (it has the toolkit, we do not) without reaching an index."""
+    async def llama_sources(self, target: Platform, narrate: Narrate) -> list[Path]:
+        """llama-cpp-python's source and its build tools as wheels for ``target``, so the host
+        builds it with its own compiler (and CUDA or Metal where it has them) without reaching
+        an index. PyPI has no llama-cpp-python wheels, so this is also how another platform gets it."""
         version = metadata.version("llama-cpp-python")
-        folder = self.cache_dir / target.tag / "cuda"
-        if not any(folder.glob("llama_cpp_python-*.tar.gz")):
-            narrate("wheelhouse", f"collecting llama-cpp-python {version} source and build tools for CUDA")
+        folder = self.cache_dir / target.tag / "llama-source"
+        if not any(folder.glob(f"llama_cpp_python-{version}.tar.gz")):
+            narrate("wheelhouse", f"fetching llama-cpp-python {version} source and its build tools for {target.tag} "
+                                  "from the package index")
             await _pip(["download", "--no-deps", "--no-binary=:all:", "--dest", str(folder),
-                        f"llama-cpp-python=={version}"], "collecting llama-cpp-python's source")
+                        f"llama-cpp-python=={version}"], "fetching llama-cpp-python's source")
             cross = [] if target == Platform.local() else [
                 "--python-version", target.python, "--implementation", "cp", *platform_args(target)]
             await _pip(["download", "--only-binary=:all:", "--dest", str(folder), *cross,
