@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import link_chain, systems
+from bench import gpu, link_chain, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,6 +248,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def write_doc(path: Path, text: str) -> None:
+    """Write the benchmarks page, keeping its GPU section (made by bench/gpu.py on a GPU machine)."""
+    old = path.read_text() if path.exists() else ""
+    if gpu.START in old and gpu.END in old:
+        text = gpu.splice(text, gpu.START + old.split(gpu.START, 1)[1].split(gpu.END, 1)[0] + gpu.END)
+    path.write_text(text)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from rbee.config import models_dir
@@ -256,7 +264,7 @@ def main(argv: list[str]) -> int:
     if args.render_only:
         raw = json.loads(args.out.with_suffix(".json").read_text())
         samples = [Sample(**s) for s in raw["samples"]]
-        args.out.write_text(render(samples, raw["extras"], args, draw(samples, args.out.with_suffix(".png"))))
+        write_doc(args.out, render(samples, raw["extras"], args, draw(samples, args.out.with_suffix(".png"))))
         return 0
     model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
@@ -268,7 +276,7 @@ def main(argv: list[str]) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = draw(samples, args.out.with_suffix(".png"))
     text = render(samples, extras, args, plot)
-    args.out.write_text(text)
+    write_doc(args.out, text)
     args.out.with_suffix(".json").write_text(
         json.dumps({"samples": [asdict(s) for s in samples], "extras": extras}, indent=1, default=str)
     )

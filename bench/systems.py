@@ -181,8 +181,9 @@ class Rbee:
         await self.child.stop(grace=30.0)
 
     async def pieces(self, prompt: str, max_tokens: int, node: str | None = None,
-                     model: str | None = None) -> AsyncIterator[str]:
-        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED}
+                     model: str | None = None, **fields: Any) -> AsyncIterator[str]:
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED,
+                                **fields}
         if node:
             body["node"] = node
         if model:
