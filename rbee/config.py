@@ -24,6 +24,7 @@ DEFAULT_HIVE_PORT = 7835
 DEFAULT_MODEL = "gemma3-270m"
 LOCAL_NODE = "localhost"
 DEFAULT_HEARTBEAT_S = 2.0
+DEFAULT_QUEUE = 64
 
 
 def rbee_home(env: Mapping[str, str] = os.environ) -> Path:
@@ -98,6 +99,10 @@ class WorkerConfig:
     gpu_layers: int = 0
     #: fractions per visible GPU, comma-separated ("0.6,0.4"); empty = one GPU
     tensor_split: str = ""
+    #: sequences decoded together (continuous batching); 0 = from the context size
+    slots: int = 0
+    #: requests that may wait for a slot before the worker answers 429
+    queue_limit: int = DEFAULT_QUEUE
     ping_interval: float = field(default_factory=lambda: ping_interval())
     serve: ServeOptions = field(default_factory=ServeOptions)
 

@@ -7,6 +7,7 @@ what went wrong, where, and how to fix it.
     │   ├── ModelNotFoundError (LookupError)  unknown model reference or missing file
     │   └── ModelLoadError                    the engine could not load the file
     ├── RequestError (ValueError)         a request body that fails validation
+    ├── QueueFullError                    every slot busy and the wait queue at its limit (429, Retry-After)
     ├── JobNotFoundError (LookupError)    stream/cancel for an id nobody knows
     ├── LinkError (ConnectionError)       a peer did not answer or broke the stream
     │   └── PeerError                     the peer answered with an `error` event
@@ -56,6 +57,17 @@ class ModelLoadError(ModelError):
 class RequestError(RbeeError, ValueError):
     code = "bad_request"
     status = 400
+
+
+class QueueFullError(RbeeError):
+    """Every slot of a worker is busy and its queue is full; ``retry_after`` seconds is a fair wait."""
+
+    code = "queue_full"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class JobNotFoundError(RbeeError, LookupError):

@@ -145,6 +145,10 @@ class LogicalModel(BaseModel):
     ctx: int | None = Field(default=None, ge=256, le=1_048_576)
     #: layers llama.cpp offloads for this model, over the hive's setting
     gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    #: sequences one worker decodes together (continuous batching); default: from the context size
+    parallel: int | None = Field(default=None, ge=1, le=64)
+    #: requests that may wait for a slot; past it the answer is 429 with Retry-After
+    queue: int | None = Field(default=None, ge=0, le=10_000)
 
     @field_validator("gguf", "mlx")
     @classmethod

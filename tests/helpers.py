@@ -62,7 +62,8 @@ async def worker_stops(worker_url: str, most: int, settle: float = 0.3) -> float
     async def idle() -> dict[str, Any] | None:
         async with httpx.AsyncClient(base_url=worker_url, timeout=2) as http:
             health = dict((await http.get("/health")).json())
-        return health if health["state"] == "ready" else None
+        idle = health["state"] == "ready" and not health.get("load", {}).get("slots_busy")
+        return health if idle else None
 
     settled = int((await eventually(idle, timeout=5, interval=0.02))["tokens_generated"])
     idle_at = time.monotonic()

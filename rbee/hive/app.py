@@ -11,7 +11,7 @@ from typing import Any
 from quart import Quart, Response, jsonify
 
 from rbee import __version__
-from rbee.config import HiveConfig
+from rbee.config import DEFAULT_QUEUE, HiveConfig
 from rbee.errors import LinkError, PeerError, RequestError
 from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
@@ -124,12 +124,13 @@ class Hive:
         entry, choice, host = await self.choose(job, request)
         backend = choice.engine
         body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
-                                  gpu_split=None)
+                                  gpu_split=None, parallel=None, queue=None)
         if request.gpu_layers is not None:
             gpu_layers = request.gpu_layers
         else:
             gpu_layers = -1 if host.offload or backend == "mlx" else 0
-        spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers)
+        spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
+                          queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
         worker = await self.supervisor.worker_for(
             spec, job.narrate, self.sizer(entry, backend, host, request, gpu_layers), choice.reason
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee.config import HiveConfig, ServeOptions, WorkerConfig, to_args
+from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.errors import ModelNotFoundError, StartupError
 from rbee.hive.placement import Sized
 from rbee.link.heartbeat import is_overdue
@@ -49,6 +49,9 @@ class WorkerSpec:
     backend: str
     ctx: int | None = None  # as asked; None = the automatic choice
     gpu_layers: int = 0
+    #: how a new worker batches; not part of what makes two jobs share one
+    slots: int = field(default=0, compare=False)
+    queue_limit: int = field(default=DEFAULT_QUEUE, compare=False)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class WorkerRecord:
             "url": self.url,
             "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
             "tokens_generated": self.report.get("tokens_generated", 0),
+            "load": self.report.get("load", {}),
             "memory": self.memory,
             "idle_s": round(time.monotonic() - self.last_used, 1) if not self.active_jobs else 0.0,
         }
@@ -165,6 +169,8 @@ class Supervisor:
             threads=worker_threads(os.cpu_count() or 1, self.live_count()),
             gpu_layers=placement.gpu_layers,
             tensor_split=",".join(str(part) for part in placement.tensor_split),
+            slots=spec.slots,
+            queue_limit=spec.queue_limit,
             ping_interval=self.config.ping_interval,
             serve=ServeOptions(),
         )

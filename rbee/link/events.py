@@ -108,8 +108,9 @@ def end(tokens: int, duration_s: float, finish_reason: str, **extra: Any) -> Eve
     )
 
 
-def error(code: str, message: str, actor: str) -> Event:
-    return Event({"type": ERROR, "code": code, "message": message, "actor": actor})
+def error(code: str, message: str, actor: str, **extra: Any) -> Event:
+    """``extra``: e.g. ``retry_after`` (seconds) for a full queue."""
+    return Event({"type": ERROR, "code": code, "message": message, "actor": actor, **extra})
 
 
 def encode_frame(event: Event, event_id: int) -> bytes:

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from rbee.errors import JobNotFoundError, RbeeError
+from rbee.errors import JobNotFoundError, QueueFullError, RbeeError
 from rbee.link import events
 from rbee.link.events import Event
 
@@ -183,7 +183,8 @@ class JobRegistry:
             job.emit(events.error("cancelled", job.cancel_reason or "cancelled", self.actor))
         except RbeeError as exc:
             actor = getattr(exc, "actor", "") or self.actor
-            job.emit(events.error(exc.code, exc.message, actor))
+            extra = {"retry_after": exc.retry_after} if isinstance(exc, QueueFullError) else {}
+            job.emit(events.error(exc.code, exc.message, actor, **extra))
         except Exception as exc:  # a bug: tell the client instead of hanging it
             log.exception("job %s failed", job.id)
             job.emit(events.error("internal", f"{type(exc).__name__}: {exc}", self.actor))

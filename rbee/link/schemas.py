@@ -32,6 +32,13 @@ class JobRequest(BaseModel):
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0, le=100_000)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    #: a llama.cpp GBNF grammar (rule ``root``) the output must match
+    grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
     #: engine: auto (the hive decides), mlx or llama-cpp
@@ -42,6 +49,9 @@ class JobRequest(BaseModel):
     gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
     #: may a model too big for any one GPU be split over several (the hive's `gpu_split =`)
     gpu_split: bool | None = None
+    #: sequences a new worker decodes together, and how many may wait (the model's `parallel =`, `queue =`)
+    parallel: int | None = Field(default=None, ge=1, le=64)
+    queue: int | None = Field(default=None, ge=0, le=10_000)
     #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
     forms: dict[Literal["gguf", "mlx"], str] | None = None
 

@@ -154,8 +154,9 @@ class Queen:
         entry = inventory.get(node)
         if logical is not None:
             changes["forms"] = logical.forms()
-            if request.ctx is None and logical.ctx is not None:
-                changes["ctx"] = logical.ctx
+            for key in ("ctx", "parallel", "queue"):
+                if getattr(request, key) is None and getattr(logical, key) is not None:
+                    changes[key] = getattr(logical, key)
         if entry is not None and entry.backend != "auto" and request.backend in (None, "auto"):
             changes["backend"] = entry.backend
         if request.gpu_layers is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Literal
@@ -31,6 +32,7 @@ STATUS = {
     "model_not_found": (404, "invalid_request_error"),
     "unknown_node": (404, "invalid_request_error"),
     "no_capacity": (503, "server_error"),
+    "queue_full": (429, "rate_limit_error"),
     "node_down": (503, "server_error"),
     "startup_failed": (503, "server_error"),
     "worker_died": (503, "server_error"),
@@ -43,9 +45,10 @@ STATUS = {
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -53,7 +56,8 @@ class OpenAIError(Exception):
     @classmethod
     def from_event(cls, event: Event) -> OpenAIError:
         status, kind = STATUS.get(event["code"], (500, "server_error"))
-        return cls(status, f"{event['actor']}: {event['message']}", code=event["code"], kind=kind)
+        return cls(status, f"{event['actor']}: {event['message']}", code=event["code"], kind=kind,
+                   retry_after=event.get("retry_after"))
 
 
 class TextPart(BaseModel):
@@ -190,8 +194,9 @@ class ModelIndex:
 def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
                  make_producer: Callable[[dict[str, Any]], Producer]) -> None:
     @app.errorhandler(OpenAIError)
-    async def _openai_error(exc: OpenAIError) -> tuple[Response, int]:
-        return jsonify(exc.body()), exc.status
+    async def _openai_error(exc: OpenAIError) -> tuple[Response, int, dict[str, str]]:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else {}
+        return jsonify(exc.body()), exc.status, headers
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -25,7 +25,8 @@ async def main(config: WorkerConfig) -> int:
     stop = asyncio.Event()
     split = [float(part) for part in config.tensor_split.split(",") if part]
     backend = create_backend(config.backend, n_ctx=config.n_ctx, threads=config.threads,
-                             gpu_layers=config.gpu_layers, tensor_split=split)
+                             gpu_layers=config.gpu_layers, tensor_split=split, slots=config.slots,
+                             queue_limit=config.queue_limit)
     runner = ModelRunner(backend, config.model_path)
     registry = JobRegistry(config.actor, ping=config.ping_interval)
     token = load_token()

@@ -33,13 +33,11 @@ def create_app(
             request = request.model_copy(
                 update={"prompt": chat.prompt, "messages": None, "stop": [*request.stop, *chat.stop]}
             )
-        if runner.busy:
-            job.narrate("queue", f"waiting for the model ({runner.waiting + 1} in line)")
         started = time.perf_counter()
         index = 0
         finish = "stop"
         prompt_tokens = None
-        async with contextlib.aclosing(runner.generate(request)) as pieces:
+        async with contextlib.aclosing(runner.generate(request, job.narrate)) as pieces:
             async for piece in pieces:
                 if piece.text:
                     job.emit(events.token(index, piece.text))
@@ -78,4 +76,5 @@ def info(config: WorkerConfig, runner: ModelRunner) -> dict[str, Any]:
         "tokens_generated": runner.tokens_generated,
         "jobs_done": runner.jobs_done,
         "waiting": runner.waiting,
+        "load": runner.occupancy(),
     }

@@ -1,18 +1,21 @@
 """The model-owner thread: the only thread that touches the engine.
 
-Generation runs on that one thread and hands each piece to the event loop
-through a per-request queue the moment the engine yields it; an exception
-travels through the same queue and is raised on the async side. Cancelling
-is a flag the generation loop checks after every token.
+A batching engine (llama.cpp) runs its own thread and serves many requests at
+once: the runner submits each request and receives its pieces. Otherwise
+(MLX) generation runs on the runner's one thread, one request at a time. Either
+way each piece reaches the event loop through a per-request queue the moment
+the engine makes it; an exception travels through the same queue and is raised
+on the async side. Cancelling is a flag the engine checks at every step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Backend, Piece
@@ -25,6 +28,14 @@ class _Failure:
         self.exc = exc
 
 
+class _Started:
+    def __init__(self, reused: int) -> None:
+        self.reused = reused
+
+
+Narrate = Callable[..., None]
+
+
 class ModelRunner:
     """Owns one loaded model; serves one generation at a time, the rest wait in line."""
 
@@ -32,7 +43,7 @@ class ModelRunner:
         self.backend = backend
         self.model_path = model_path
         self.state = "loading"
-        self.tokens_generated = 0
+        self._tokens = 0
         self.jobs_done = 0
         self.waiting = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-owner")
@@ -44,15 +55,41 @@ class ModelRunner:
         self.state = "ready"
 
     @property
+    def tokens_generated(self) -> int:
+        """Tokens the engine sampled (a batching engine counts its own, cancelled streams included)."""
+        engine = getattr(self.backend, "engine", None)
+        return int(engine.tokens_generated) if engine is not None else self._tokens
+
+    @property
+    def batching(self) -> bool:
+        return hasattr(self.backend, "submit")
+
+    @property
     def busy(self) -> bool:
+        if self.batching:
+            load = self.occupancy()
+            return bool(load) and load["slots_busy"] >= load["slots"]
         return self._turn.locked()
 
-    async def generate(self, request: JobRequest) -> AsyncGenerator[Piece, None]:
+    def occupancy(self) -> dict[str, Any]:
+        """Slots, busy slots, queue depth, tokens/s (what the scheduler weighs)."""
+        if self.batching and self.state in ("ready", "busy"):
+            report: dict[str, Any] = self.backend.load_report()  # type: ignore[attr-defined]
+            return report
+        return {"slots": 1, "slots_busy": int(self._turn.locked()), "queue": self.waiting, "tokens_per_s": 0.0}
+
+    async def generate(self, request: JobRequest, narrate: Narrate | None = None) -> AsyncGenerator[Piece, None]:
         """Pieces of one generation, each as soon as the engine made it.
 
         Closing this generator early (or cancelling its consumer) stops the engine
-        within one token and waits for the thread to let go of the model.
+        within one step and frees the request's slot.
         """
+        if self.batching:
+            async for piece in self._batched(request, narrate):
+                yield piece
+            return
+        if narrate is not None and self.busy:
+            narrate("queue", f"waiting, position {self.waiting + 1}")
         self.waiting += 1
         try:
             await self._turn.acquire()
@@ -85,7 +122,7 @@ class ModelRunner:
                     raise item.exc
                 assert isinstance(item, Piece)
                 if item.text:
-                    self.tokens_generated += 1
+                    self._tokens += 1
                 yield item
         finally:
             stop.set()
@@ -96,6 +133,39 @@ class ModelRunner:
                 self.jobs_done += 1
                 self.state = "ready"
                 self._turn.release()
+
+    async def _batched(self, request: JobRequest, narrate: Narrate | None) -> AsyncGenerator[Piece, None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        try:
+            position = await asyncio.to_thread(
+                self.backend.submit, request, put, cancelled, lambda reused: put(_Started(reused)),  # type: ignore[attr-defined]
+            )
+            if position and narrate is not None:
+                narrate("queue", f"waiting, position {position}", position=position)
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Started):
+                    if narrate is not None and item.reused:
+                        narrate("cache", f"{item.reused} prompt tokens reused from the KV cache")
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, Piece)
+                yield item
+                if item.finish_reason is not None:
+                    self.jobs_done += 1
+                    return
+        finally:
+            cancelled.set()  # a no-op after the end; otherwise the engine frees the slot at its next step
+            wake = getattr(self.backend, "engine", None)
+            if wake is not None:
+                wake.wake()
 
     def close(self) -> None:
         """Free the model on the thread that owns it, then end the thread."""

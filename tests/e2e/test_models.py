@@ -49,7 +49,10 @@ async def test_worker_reports_where_the_engine_put_the_model(queen_url: str, rbe
     ready = next(e for e in events if e.type == "narration" and e["action"] == "ready")
     assert "on CPU: 0/19 layers offloaded" in ready["message"] and "context 32768" in ready["message"]
     assert ready["engine"]["gpu_offload_supported"] is False
-    (worker,) = await workers(queen_url)
+    async def reported() -> list[dict[str, Any]]:  # the queen's view comes with the hive's next heartbeat
+        return [w for w in await workers(queen_url) if w["engine"]]
+
+    (worker,) = await eventually(reported, timeout=5)
     engine = worker["engine"]
     assert engine["device"] == "CPU" and (engine["layers_offloaded"], engine["layers_total"]) == (0, 19)
     assert engine["kv_in_ram"] == 2 * 18 * 32768 * 1 * 256 * 2  # f16 K+V, every layer, the trained context

@@ -13,7 +13,8 @@ def test_defaults_and_downstream_body() -> None:
     request = parse_job_request({"prompt": "hi", "node": "localhost", "stop": "\n"})
     assert request.max_tokens == 256 and request.stop == ["\n"]
     assert request.downstream(node=None) == {
-        "prompt": "hi", "max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "stop": ["\n"]
+        "prompt": "hi", "max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "stop": ["\n"], "top_k": 40,
+        "min_p": 0.05, "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
     }
 
 

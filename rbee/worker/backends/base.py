@@ -50,7 +50,8 @@ BACKENDS = {
 
 
 def create_backend(
-    name: str, *, n_ctx: int, threads: int, gpu_layers: int = 0, tensor_split: Sequence[float] = ()
+    name: str, *, n_ctx: int, threads: int, gpu_layers: int = 0, tensor_split: Sequence[float] = (), slots: int = 0,
+    queue_limit: int = 64,
 ) -> Backend:
     try:
         target = BACKENDS[name]
@@ -58,5 +59,6 @@ def create_backend(
         raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
     module_name, class_name = target.split(":")
     backend_cls = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend = backend_cls(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, tensor_split=tensor_split)
+    backend: Backend = backend_cls(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, tensor_split=tensor_split,
+                                   slots=slots, queue_limit=queue_limit)
     return backend

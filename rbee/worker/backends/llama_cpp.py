@@ -1,4 +1,5 @@
-"""llama.cpp through llama-cpp-python (CPU, CUDA or Metal, whatever it was built with).
+"""llama.cpp through llama-cpp-python (CPU, CUDA or Metal, whatever it was built with),
+serving many requests at once (continuous batching, rbee/worker/backends/llama_batch.py).
 
 Layers go to the GPU as the hive asked (``gpu_layers``: -1 all, 0 none, N); the hive
 has already chosen the GPU (``CUDA_VISIBLE_DEVICES``) or a ``tensor_split``. Where the
@@ -11,16 +12,19 @@ import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Floats
 from pathlib import Path
 from typing import Any
 
-from rbee.errors import ModelLoadError, RequestError
+from rbee.errors import ModelLoadError, RbeeError, RequestError
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.base import Piece
 from rbee.worker.backends.engine_report import parse_load_log
+from rbee.worker.backends.llama_batch import BatchEngine, Emit, Sequence
 
 GGML_LOG_LEVEL_ERROR = 3
+STUB_CTX = 256  # the high-level Llama's own context (and an 8-token batch): it computes nothing
 
 
 @contextlib.contextmanager
@@ -44,17 +48,30 @@ def captured_llama_log(sink: list[str]) -> Iterator[None]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def default_slots(n_ctx: int) -> int:
+    """Sequences one worker decodes together when the inventory does not say (`parallel`): up to 8,
+    with at least 1024 tokens of the shared context per sequence."""
+    return max(1, min(8, n_ctx // 1024))
+
+
 class LlamaCppBackend:
+    """Loads the model with llama-cpp-python (weights, tokenizer, metadata) and serves it with
+    a :class:`BatchEngine`: continuous batching over ``slots`` sequences on the low-level API."""
+
     name = "llama-cpp"
 
     def __init__(
-        self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Sequence[float] = ()
+        self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
+        slots: int = 0, queue_limit: int = 32,
     ) -> None:
         self.n_ctx = n_ctx
         self.threads = threads or os.cpu_count() or 1
         self.gpu_layers = gpu_layers
         self.tensor_split = list(tensor_split) or None
+        self.slots = slots or default_slots(n_ctx)
+        self.queue_limit = queue_limit
         self._llm: Any = None
+        self.engine: BatchEngine | None = None
         self.metadata: dict[str, str] = {}
         self.report: dict[str, Any] = {}
 
@@ -64,22 +81,29 @@ class LlamaCppBackend:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         log: list[str] = []
+        engine_log: list[str] = []
         try:
             with captured_llama_log(log):
+                # The high-level object gives weights, tokenizer and metadata; its own context is a
+                # token stub: the engine's context (below) holds the real KV cache.
                 self._llm = llama_cpp.Llama(
-                    model_path=str(path), n_ctx=self.n_ctx, n_threads=self.threads, n_gpu_layers=self.gpu_layers,
-                    tensor_split=self.tensor_split, verbose=False,
+                    model_path=str(path), n_ctx=STUB_CTX, n_batch=8, n_ubatch=8, n_threads=self.threads,
+                    n_gpu_layers=self.gpu_layers, tensor_split=self.tensor_split, verbose=False,
                 )
-        except (ValueError, RuntimeError, OSError) as exc:
-            errors = " ".join(line.strip() for line in log if "error" in line.lower())[-500:]
+            with captured_llama_log(engine_log):
+                self.engine = BatchEngine(llama_cpp, self._llm.model, n_ctx=self.n_ctx, slots=self.slots,
+                                          threads=self.threads, queue_limit=self.queue_limit)
+        except (ValueError, RuntimeError, OSError, RbeeError) as exc:
+            errors = " ".join(line.strip() for line in [*log, *engine_log] if "error" in line.lower())[-500:]
             raise ModelLoadError(
                 f"llama.cpp could not load {path}: {exc}{f' ({errors})' if errors else ''}. The file is corrupt, "
                 "truncated or not a GGUF model (remove it and provision it again), or it does not fit the "
                 "memory it was placed in"
             ) from exc
         layers = int(llama_cpp.llama_model_n_layer(self._llm.model)) + 1  # + the output layer, as llama.cpp counts
+        model_lines = [line for line in "".join(log).splitlines(keepends=True) if "KV buffer size" not in line]
         self.report = parse_load_log(
-            "".join(log), layers_total=layers, n_ctx=self._llm.n_ctx(),
+            "".join([*model_lines, *engine_log]), layers_total=layers, n_ctx=self.engine.n_ctx,
             gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
         ).as_dict()
         self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
@@ -87,42 +111,28 @@ class LlamaCppBackend:
         if eos >= 0:
             self.metadata["rbee.eos_text"] = self._llm.detokenize([eos], special=True).decode(errors="replace")
 
-    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
-        llm = self._llm
-        assert request.prompt is not None, "chat messages are rendered to a prompt before generation"
-        prompt_tokens = len(llm.tokenize(request.prompt.encode(), add_bos=True, special=True))
-        if prompt_tokens + 1 > self.n_ctx:
+    def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
+               on_start: Callable[[int], None] | None = None) -> int:
+        """Tokenize and queue one request; its pieces (or an exception) reach ``emit`` from the
+        engine thread. Returns its place in the queue (0: it starts at the next step)."""
+        assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+        prompt = self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        n_ctx = self.engine.n_ctx
+        if len(prompt) + 1 > n_ctx:
             raise RequestError(
-                f"the prompt is {prompt_tokens} tokens; the model's context holds {self.n_ctx}. Shorten it"
+                f"the prompt is {len(prompt)} tokens; the worker's context holds {n_ctx}. Shorten it, or ask for "
+                "a larger context (`--ctx`, or `ctx =` for the model in the inventory)"
             )
-        max_tokens = min(request.max_tokens, self.n_ctx - prompt_tokens)
-        stream = llm.create_completion(
-            request.prompt,
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=request.stop or None,
-            stream=True,
-        )
-        produced = 0
-        try:
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                if choice["text"]:
-                    produced += 1
-                if choice["finish_reason"] is not None:
-                    yield Piece(choice["text"], choice["finish_reason"], produced, prompt_tokens)
-                    return
-                yield Piece(choice["text"])
-                if should_stop():
-                    yield Piece("", "cancelled", produced, prompt_tokens)
-                    return
-            yield Piece("", "stop", produced, prompt_tokens)
-        finally:
-            stream.close()  # stops llama.cpp's decode loop now, not at garbage collection
+        seq = Sequence(request, prompt, min(request.max_tokens, n_ctx - len(prompt)), emit, cancelled, on_start)
+        return self.engine.submit(seq)
+
+    def load_report(self) -> dict[str, Any]:
+        return self.engine.load() if self.engine is not None else {}
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None

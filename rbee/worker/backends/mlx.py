@@ -24,7 +24,8 @@ class MlxBackend:
     name = "mlx"
 
     def __init__(
-        self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = -1, tensor_split: Sequence[float] = ()
+        self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = -1, tensor_split: Sequence[float] = (),
+        slots: int = 1, queue_limit: int = 64,
     ) -> None:
         self.n_ctx = n_ctx  # MLX has no layer offload or split: it runs where MLX's default device is
         self._model: Any = None
