@@ -134,7 +134,6 @@ class Hive:
         worker = await self.supervisor.worker_for(
             spec, job.narrate, self.sizer(entry, backend, host, request, gpu_layers), choice.reason
         )
-        worker.active_jobs += 1
         try:
             await relay(job, self.client_for(worker), body)
         except LinkError as exc:

@@ -21,7 +21,7 @@ from typing import Any
 
 from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.errors import ModelNotFoundError, StartupError
-from rbee.hive.placement import Sized
+from rbee.hive.placement import NoCapacityError, Sized
 from rbee.link.heartbeat import is_overdue
 from rbee.link.spawn import Child, bind_loopback, spawn
 from rbee.worker.backends.engine_report import EngineReport
@@ -71,6 +71,11 @@ class WorkerRecord:
     engine: dict[str, Any] = field(default_factory=dict)  # the engine's own load report
 
     @property
+    def slots(self) -> int:
+        """Sequences it decodes together (from its heartbeats; 1 until the first)."""
+        return max(int((self.report.get("load") or {}).get("slots", 0)) or self.spec.slots or 1, 1)
+
+    @property
     def model_path(self) -> Path:
         return self.spec.model_path
 
@@ -111,6 +116,16 @@ class WorkerRecord:
         }
 
 
+#: workers one model may have on a host when its slots are all taken
+MAX_WORKERS_PER_MODEL = 2
+
+
+def scale_out(kind: str, live: int) -> bool:
+    """Start another worker for a model whose slots are all taken? Only on a GPU with room: on a
+    CPU the cores are the limit, and a second worker would only split them with the first."""
+    return kind in ("cuda", "metal") and live < MAX_WORKERS_PER_MODEL
+
+
 def engine_summary(report: dict[str, Any]) -> str:
     """One line from a worker's engine report; tolerant of an older or partial report."""
     try:
@@ -129,10 +144,9 @@ class Supervisor:
         self._watchers: set[asyncio.Task[None]] = set()
 
     def find(self, spec: WorkerSpec) -> WorkerRecord | None:
-        for record in self.workers.values():
-            if record.spec == spec and record.state in ("ready", "busy"):
-                return record
-        return None
+        """The live worker for ``spec`` with the most room (fewest jobs per slot)."""
+        records = [r for r in self.workers.values() if r.spec == spec and r.state in ("ready", "busy")]
+        return min(records, key=lambda r: (r.active_jobs / r.slots, r.worker_id)) if records else None
 
     def live_count(self) -> int:
         return sum(1 for r in self.workers.values() if r.state in LIVE_STATES)
@@ -144,17 +158,37 @@ class Supervisor:
     async def worker_for(
         self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = ""
     ) -> WorkerRecord:
-        """A ready worker for ``spec``: a warm one if there is one, else a new one.
+        """A ready worker for ``spec``, with the job counted on it (the caller ends it with
+        ``record.active_jobs -= 1``): a warm one if there is one, else a new one.
 
         Admission (``size``: context and placement, or NoCapacityError) runs under the same
         lock as the spawn, so a second job for a model still loading waits for it instead
-        of being refused for the memory the first one reserved."""
+        of being refused for the memory the first one reserved. When every slot of the warm
+        workers is taken and a GPU has room for another, a second worker starts."""
         async with self._spawning.setdefault(spec, asyncio.Lock()):
             record = self.find(spec)
-            if record is not None:
+            if record is not None and record.active_jobs >= record.slots:
+                record = await self._scale_out(spec, record, narrate, size, reason)
+            elif record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
-                return record
-            return await self._spawn(spec, narrate, size(), reason)
+            if record is None:
+                record = await self._spawn(spec, narrate, size(), reason)
+            record.active_jobs += 1
+            return record
+
+    async def _scale_out(self, spec: WorkerSpec, busy: WorkerRecord, narrate: Narrate, size: Callable[[], Sized],
+                         reason: str) -> WorkerRecord:
+        live = sum(1 for r in self.workers.values() if r.spec == spec and r.state in LIVE_STATES)
+        try:
+            sized = size()
+        except NoCapacityError:
+            sized = None
+        if sized is None or not scale_out(sized.placement.kind, live):
+            narrate("reuse", f"every slot of {busy.actor} is busy: the job waits in its queue")
+            return busy
+        narrate("scale", f"every slot of {busy.actor} is busy and {sized.placement.device} has room: starting "
+                         f"worker {live + 1} for {spec.model_path.name}")
+        return await self._spawn(spec, narrate, sized, reason)
 
     async def _spawn(self, spec: WorkerSpec, narrate: Narrate, sized: Sized, reason: str) -> WorkerRecord:
         worker_id = "w-" + secrets.token_hex(3)
@@ -199,7 +233,8 @@ class Supervisor:
             raise
         record.mark("ready", "model loaded")
         record.last_heartbeat = time.monotonic()
-        record.engine = dict((ready or {}).get("engine") or {})
+        record.report = dict(ready or {})  # the same info() its heartbeats carry: slots, engine
+        record.engine = dict(record.report.get("engine") or {})
         where = f" {engine_summary(record.engine)}" if record.engine else ""
         narrate("ready", f"worker:{worker_id} loaded {spec.model_path.name} in {time.monotonic() - started:.1f} s"
                          f"{where}", engine=record.engine)

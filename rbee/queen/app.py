@@ -28,7 +28,7 @@ from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HiveRegistry, HiveState, LocalHiveLauncher
 from rbee.queen.openai_api import ModelIndex, default_models, mount_openai
 from rbee.queen.openapi import document as openapi_document
-from rbee.queen.scheduler import HiveView, choose_hive, model_keys
+from rbee.queen.scheduler import HiveView, ModelLoad, choose_hive, model_keys
 
 
 class UnknownNodeError(ModelNotFoundError):
@@ -92,16 +92,24 @@ class Queen:
             report = state.report if state is not None and up else {}
             models = report.get("models", [])
             by_path = {m.get("path"): model_keys(m["name"], m["ref"]) for m in models}
+            sizes = {key: int(m.get("size", 0)) for m in models for key in model_keys(m["name"], m["ref"])}
             warm: set[str] = set()
+            load: dict[str, ModelLoad] = {}
             for worker in report.get("workers", []):
                 if worker.get("state") in ("ready", "busy"):
-                    warm |= by_path.get(worker.get("model_path"), set())
+                    keys = by_path.get(worker.get("model_path"), set())
+                    warm |= keys
+                    busy = worker.get("load") or {}
+                    this = ModelLoad(int(busy.get("slots", 1)), int(busy.get("slots_busy", 0)),
+                                     int(busy.get("queue", 0)))
+                    for key in keys:
+                        load[key] = load.get(key, ModelLoad()) + this
             on_disk = set().union(*(model_keys(m["name"], m["ref"]) for m in models)) if models else set()
             if "free_memory" in report:
                 free = report["free_memory"]  # the hive's own admission rule: largest pool, budget applied
             else:
                 free = psutil.virtual_memory().available if local else 0
-            result.append(HiveView(name, up or local, frozenset(warm), frozenset(on_disk), int(free)))
+            result.append(HiveView(name, up or local, frozenset(warm), frozenset(on_disk), int(free), load, sizes))
         return result
 
     async def hive_for(self, request: JobRequest, job: Job) -> HiveState:

@@ -1,18 +1,39 @@
 """Which hive runs a job: one small pure rule, tested over tables of fleets.
 
+The aim is the hive that will answer first:
+
 1. ``--node`` given: that hive.
-2. Otherwise the hive that has the model warm (a worker already loaded it),
-3. else one that has it on disk,
-4. else the one with the most free memory (the strongest device with room).
+2. A hive with the model warm and a slot free (the most free slots first).
+3. Else a hive that has the model on disk and the memory to load it, rather than
+   queueing behind a busy worker elsewhere.
+4. Else a hive with the model warm but busy: the shortest queue per slot.
+5. Else a hive with the model on disk, then the one with the most free memory.
+
 Ties go to the hive with more free memory, then to the name, so the choice is stable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from rbee.errors import StartupError
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model's warm workers on one hive, from its last heartbeat."""
+
+    slots: int = 0
+    busy: int = 0
+    queue: int = 0
+
+    @property
+    def free(self) -> int:
+        return max(self.slots - self.busy, 0)
+
+    def __add__(self, other: ModelLoad) -> ModelLoad:
+        return ModelLoad(self.slots + other.slots, self.busy + other.busy, self.queue + other.queue)
 
 
 @dataclass(frozen=True)
@@ -22,6 +43,15 @@ class HiveView:
     warm: frozenset[str]  # model names/refs a live worker holds
     on_disk: frozenset[str]  # model names/refs in its catalog
     free_memory: int  # bytes a new worker may use (largest GPU pool or RAM)
+    load: Mapping[str, ModelLoad] = field(default_factory=dict)  # per model name/ref, of its warm workers
+    sizes: Mapping[str, int] = field(default_factory=dict)  # per model name/ref on disk: bytes of the file
+
+    def load_of(self, model: str) -> ModelLoad:
+        return self.load.get(model, ModelLoad())
+
+    def fits(self, model: str) -> bool:
+        size = self.sizes.get(model)
+        return size is not None and self.free_memory >= size
 
 
 class NoHiveError(StartupError):
@@ -35,16 +65,21 @@ def choose_hive(hives: Sequence[HiveView], model: str, node: str | None = None) 
     if not candidates:
         raise NoHiveError("no hive is up: start the fleet with `rbee fleet up`")
 
-    def best(pool: list[HiveView]) -> str:
-        return sorted(pool, key=lambda hive: (-hive.free_memory, hive.name))[0].name
+    def roomy(hive: HiveView) -> tuple[int, str]:
+        return -hive.free_memory, hive.name
 
-    for tier in (
-        [h for h in candidates if model in h.warm],
-        [h for h in candidates if model in h.on_disk],
-        candidates,
-    ):
+    warm = [h for h in candidates if model in h.warm]
+    free = [h for h in warm if h.load_of(model).free > 0]
+    if free:
+        return min(free, key=lambda h: (-h.load_of(model).free, *roomy(h))).name
+    loadable = [h for h in candidates if model in h.on_disk and model not in h.warm and h.fits(model)]
+    if loadable:
+        return min(loadable, key=roomy).name
+    if warm:
+        return min(warm, key=lambda h: (h.load_of(model).queue / max(h.load_of(model).slots, 1), *roomy(h))).name
+    for tier in ([h for h in candidates if model in h.on_disk], candidates):
         if tier:
-            return best(tier)
+            return min(tier, key=roomy).name
     raise AssertionError("unreachable")
 
 

@@ -122,3 +122,12 @@ def test_context_on_a_gpu_is_capped_by_vram_not_ram() -> None:
     sized = size_worker(Memory(64 * GB, cuda(0.9)), weights=300 * MB, kv_per_token=KV_PER_TOKEN, layers=18,
                         trained_ctx=32768, requested_ctx=None, engine="llama-cpp", gpu_layers=-1, offload=True)
     assert sized.placement.kind == "cuda" and sized.n_ctx == 8192
+
+
+@pytest.mark.parametrize("kind, live, expected", [
+    ("cuda", 1, True), ("metal", 1, True), ("cuda", 2, False), ("cpu", 1, False), ("cpu", 0, False),
+])
+def test_a_second_worker_only_where_a_gpu_has_room(kind: str, live: int, expected: bool) -> None:
+    from rbee.hive.supervisor import scale_out
+
+    assert scale_out(kind, live) is expected

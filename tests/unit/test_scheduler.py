@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.queen.scheduler import HiveView, NoHiveError, choose_hive
+from rbee.queen.scheduler import HiveView, ModelLoad, NoHiveError, choose_hive
 
 GB = 1024**3
 
 
 def hive(
-    name: str, warm: tuple[str, ...] = (), disk: tuple[str, ...] = (), free: float = 8, up: bool = True
+    name: str, warm: tuple[str, ...] = (), disk: tuple[str, ...] = (), free: float = 8, up: bool = True,
+    slots: tuple[int, int, int] = (8, 0, 0), size: float = 1,
 ) -> HiveView:
-    return HiveView(name, up, frozenset(warm), frozenset(disk), int(free * GB))
+    """``slots``: (slots, busy, queued) of the warm model's workers; ``size``: GB of the model file on disk."""
+    load = {m: ModelLoad(*slots) for m in warm}
+    return HiveView(name, up, frozenset(warm), frozenset({*disk, *warm}), int(free * GB), load,
+                    {m: int(size * GB) for m in {*disk, *warm}})
 
 
 FLEETS = [
@@ -24,6 +28,21 @@ FLEETS = [
     ([hive("a", warm=("m",), up=False), hive("b")], "m", None, "b", "down hives are skipped"),
     ([hive("a"), hive("b", warm=("m",))], "m", "a", "a", "--node wins over everything"),
     ([hive("mac", warm=("x",)), hive("linux", disk=("m",))], "m", None, "linux", "other models do not count"),
+    # load: the hive that will answer first
+    ([hive("a", warm=("m",), slots=(8, 8, 3)), hive("b", disk=("m",))], "m", None, "b",
+     "a full warm worker loses to a host that can load the model from disk"),
+    ([hive("a", warm=("m",), slots=(8, 8, 3)), hive("b", disk=("m",), free=0.5)], "m", None, "a",
+     "on disk but no memory for it: queue at the warm one"),
+    ([hive("a", warm=("m",), slots=(8, 6, 0)), hive("b", warm=("m",), slots=(8, 1, 0))], "m", None, "b",
+     "the warm hive with more free slots"),
+    ([hive("a", warm=("m",), slots=(8, 7, 0), free=64), hive("b", disk=("m",))], "m", None, "a",
+     "one free slot beats loading a new worker"),
+    ([hive("a", warm=("m",), slots=(4, 4, 8)), hive("b", warm=("m",), slots=(4, 4, 1))], "m", None, "b",
+     "all busy: the shortest queue per slot"),
+    ([hive("a", warm=("m",), slots=(1, 1, 0)), hive("b", warm=("m",), slots=(8, 8, 4)), hive("c")], "m", None, "a",
+     "all busy, none loadable: 0 queued per slot beats 0.5"),
+    ([hive("a", warm=("m",), slots=(8, 8, 0)), hive("b", free=64)], "m", None, "a",
+     "a host without the model on disk does not beat a busy warm one"),
 ]
 
 
