@@ -8,7 +8,8 @@ Systems (same model — the built-in default —, prompts, temperature 0, seed, 
   rbee chain          keeper → queen → hive → worker through the dual-call link
   queen OpenAI API    /v1/completions on the queen (the same chain underneath)
   rbee over SSH       the hive on a loopback sshd host, reached through the SSH tunnel
-Plus concurrency (1/2/4/8 streams to one and to two workers) and `fleet up` timings.
+Plus concurrency (1/2/4/8 streams at once to rbee's batching worker and to llama_cpp.server) and
+`fleet up` timings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,13 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
                 return {"rbee chain": await systems.rbee_pids(rbee, "localhost")}
 
             samples += await systems.measure(contenders, PROMPTS, args.runs, extras, rbee_processes)
-            say("concurrency")
-            second = systems.copy_model(model, workdir / "second")
-            extras["concurrency"] = await systems.concurrency(
-                rbee, PROMPTS["short"], args.max_tokens, args.levels, f"file:{second}"
-            )
+            say("concurrency: 1 to 8 streams at once")
+            at_once: dict[str, Callable[[str, int], AsyncIterator[str]]] = {
+                "rbee chain": lambda prompt, n: rbee.pieces(prompt, n)}
+            if "llama_cpp.server" in contenders:
+                at_once["llama_cpp.server"] = lambda prompt, n: systems.openai_pieces(
+                    server.http, prompt, n, str(model))
+            extras["concurrency"] = await systems.concurrency(at_once, PROMPTS["short"], args.max_tokens, args.levels)
     finally:
         in_process.close()
     say("the link alone: fake worker → relay → client, at the engine's rate and flat out")
@@ -162,11 +166,14 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         for s in (s for s in samples if s.system == system and s.phase == "cold"):
             lines.append(f"- {system} ({s.prompt}): TTFT {s.ttft_s * 1000:.0f} ms, wall {s.wall_s:.2f} s")
     if extras.get("concurrency"):
-        lines += ["", "## Concurrency (short prompt; two workers = the same weights under two paths)", "",
-                  "| workers | streams | aggregate tok/s | TTFT p50 ms | TTFT p95 ms |", "|---|---|---|---|---|"]
+        lines += ["", "## Concurrency (short prompt, N streams at once to one worker; llama_cpp.server has one slot)",
+                  "", "| system | streams | aggregate tok/s | × 1 stream | TTFT p50 ms | TTFT p95 ms |",
+                  "|---|---|---|---|---|---|"]
         for row in extras["concurrency"]:
-            lines.append(f"| {row['workers']} | {row['streams']} | {row['aggregate_tps']:.1f} | "
-                         f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
+            one = next(r for r in extras["concurrency"] if r["system"] == row["system"] and r["streams"] == 1)
+            lines.append(f"| {row['system']} | {row['streams']} | {row['aggregate_tps']:.1f} | "
+                         f"{row['aggregate_tps'] / one['aggregate_tps']:.2f} | {row['ttft_p50_ms']:.0f} | "
+                         f"{row['ttft_p95_ms']:.0f} |")
     for section, title in (("link", "The link alone, no engine: fake worker → relay (as a hive runs it) → client"),
                            ("models", "Models: first vs warm infer; download through the provisioner"),
                            ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker")):
@@ -197,6 +204,15 @@ def targets(samples: list[Sample], extras: dict[str, Any]) -> list[tuple[str, st
         key = f"rbee chain: {role} CPU per token (µs)"
         if isinstance(extras.get(key), float):
             rows.append((f"{role} CPU per token ≤ 50 µs", f"{extras[key]:.0f} µs", extras[key] <= 50))
+    rbee_rows = {row["streams"]: row for row in extras.get("concurrency") or [] if row["system"] == "rbee chain"}
+    if 1 in rbee_rows and 8 in rbee_rows:
+        gain = rbee_rows[8]["aggregate_tps"] / rbee_rows[1]["aggregate_tps"]
+        rows.append(("8 streams ≥ 1.8 × the aggregate tok/s of 1 stream", f"{gain:.2f} ×", gain >= 1.8))
+        p95 = rbee_rows[8]["ttft_p95_ms"] / 1000
+        rows.append(("TTFT p95 at 8 streams ≤ 1.5 s", f"{p95:.2f} s", p95 <= 1.5))
+    if base and chain:
+        ratio = median([s.decode_tps for s in chain]) / median([s.decode_tps for s in base])
+        rows.append(("one stream: chain decode ≥ 0.95 of in-process", f"{ratio:.3f}", ratio >= 0.95))
     fleet = extras.get("fleet") if isinstance(extras.get("fleet"), dict) else {}
     one = fleet.get("fleet up, 1 host(s), from clean (s)")
     for count in (2, 4):
@@ -209,7 +225,7 @@ def targets(samples: list[Sample], extras: dict[str, Any]) -> list[tuple[str, st
     return rows
 
 
-def draw(samples: list[Sample], path: Path) -> Path | None:
+def draw(samples: list[Sample], path: Path, concurrency: list[dict[str, Any]] | None = None) -> Path | None:
     try:
         import matplotlib
 
@@ -220,13 +236,24 @@ def draw(samples: list[Sample], path: Path) -> Path | None:
     present = [name for name in ORDER if warm(samples, name)]
     tps = [median([s.decode_tps for s in warm(samples, name)]) for name in present]
     ttft = [median([s.ttft_s * 1000 for s in warm(samples, name)]) for name in present]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, ((left, right), (curve, p95)) = plt.subplots(2, 2, figsize=(12, 9))
     left.bar(present, tps, color="#d9a400")
     left.set_title("decode tokens/s (warm median, higher is better)")
     right.bar(present, ttft, color="#4a6fa5")
     right.set_title("time to first token, ms (warm median, lower is better)")
     for axis in (left, right):
         axis.tick_params(axis="x", rotation=20)
+    rows = concurrency or []
+    for system in sorted({row["system"] for row in rows}):
+        mine = [row for row in rows if row["system"] == system]
+        curve.plot([r["streams"] for r in mine], [r["aggregate_tps"] for r in mine], marker="o", label=system)
+        p95.plot([r["streams"] for r in mine], [r["ttft_p95_ms"] for r in mine], marker="o", label=system)
+    curve.set_title("aggregate tokens/s against concurrent streams")
+    p95.set_title("TTFT p95, ms, against concurrent streams")
+    for axis in (curve, p95):
+        axis.set_xlabel("streams")
+        if rows:
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -264,7 +291,8 @@ def main(argv: list[str]) -> int:
     if args.render_only:
         raw = json.loads(args.out.with_suffix(".json").read_text())
         samples = [Sample(**s) for s in raw["samples"]]
-        write_doc(args.out, render(samples, raw["extras"], args, draw(samples, args.out.with_suffix(".png"))))
+        plot = draw(samples, args.out.with_suffix(".png"), raw["extras"].get("concurrency"))
+        write_doc(args.out, render(samples, raw["extras"], args, plot))
         return 0
     model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
@@ -274,7 +302,7 @@ def main(argv: list[str]) -> int:
         except ImportError as exc:
             extras["mlx"] = f"not measured: {exc}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot = draw(samples, args.out.with_suffix(".png"))
+    plot = draw(samples, args.out.with_suffix(".png"), extras.get("concurrency"))
     text = render(samples, extras, args, plot)
     write_doc(args.out, text)
     args.out.with_suffix(".json").write_text(

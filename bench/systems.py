@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -128,7 +127,8 @@ class LlamaServer:
         started = time.perf_counter()
         self.process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with polling below
             [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--n_ctx", "2048",
-             "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(self.port)],
+             "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(self.port),
+             "--interrupt_requests", "False"],  # queue concurrent requests instead of cutting the running one
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=None)
@@ -260,35 +260,24 @@ async def rbee_pids(rbee: Rbee, node: str) -> dict[str, int]:
 
 # concurrency ----------------------------------------------------------------------------
 
-async def concurrency(rbee: Rbee, prompt: str, max_tokens: int, levels: list[int],
-                      second_model: str) -> list[dict[str, Any]]:
+async def concurrency(systems: dict[str, Callable[[str, int], AsyncIterator[str]]], prompt: str, max_tokens: int,
+                      levels: list[int]) -> list[dict[str, Any]]:
+    """``streams`` requests at once to each system, level by level (systems take turns at each level)."""
     rows = []
-    for workers in (1, 2):
-        for streams in levels:
-            models = [None if workers == 1 or i % 2 == 0 else second_model for i in range(streams)]
-            # warm both workers first
-            for model in set(models):
-                await timed(rbee.pieces(prompt, 4, model=model))
+    for streams in levels:
+        for system, pieces in systems.items():
+            await timed(pieces(prompt, 4))  # warm
             started = time.perf_counter()
-            results = await asyncio.gather(*(timed(rbee.pieces(prompt, max_tokens, model=m)) for m in models))
+            results = await asyncio.gather(*(timed(pieces(prompt, max_tokens)) for _ in range(streams)))
             wall = time.perf_counter() - started
             ttfts = sorted(r[1] for r in results)
             rows.append({
-                "workers": workers, "streams": streams,
+                "system": system, "streams": streams,
                 "aggregate_tps": sum(r[0] for r in results) / wall,
                 "ttft_p50_ms": ttfts[len(ttfts) // 2] * 1000,
                 "ttft_p95_ms": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] * 1000,
             })
     return rows
-
-
-def copy_model(model: Path, folder: Path) -> Path:
-    """The same weights under another path: a second worker for the two-worker runs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "copy.gguf"
-    if not target.exists():
-        shutil.copyfile(model, target)
-    return target
 
 
 # SSH fleet ----------------------------------------------------------------------------------

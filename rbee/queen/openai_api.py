@@ -96,8 +96,12 @@ class SamplingFields(BaseModel):
     n: int | None = 1
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # llama.cpp's samplers, as llama-server and Ollama accept them beside OpenAI's fields
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -115,9 +119,6 @@ class SamplingFields(BaseModel):
             raise OpenAIError(400, "rbee generates one choice per request: n must be 1", param="n")
         if self.logprobs or self.top_logprobs:
             raise OpenAIError(400, "rbee does not return logprobs", param="logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"rbee does not support {name}; leave it out or 0", param=name)
         for name in ("logit_bias", "tools", "response_format"):
             if getattr(self, name):
                 raise OpenAIError(400, f"rbee does not support {name}", param=name)
@@ -125,7 +126,9 @@ class SamplingFields(BaseModel):
     def job_fields(self, max_tokens: int | None) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-            "max_tokens": max_tokens or self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
         }
         return {key: value for key, value in fields.items() if value is not None}

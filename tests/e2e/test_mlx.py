@@ -3,6 +3,7 @@ hive → queen → client, and one logical model served by either engine."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +134,21 @@ async def test_mlx_repo_from_the_hub_through_a_logical_model(hub_mlx_queen: tupl
         again = [e async for e in client.run(body)]
     assert not any(e.type == "narration" and e["action"] == "download" for e in again)
     assert [e["text"] for e in again if e.type == "token"] == [e["text"] for e in events if e.type == "token"]
+
+
+async def test_mlx_worker_serves_streams_at_once(queen_url: str, tiny_mlx: Path) -> None:
+    """mlx-lm's batch generator: four streams decode together, so their tokens interleave."""
+    body = {"prompt": "hello world", "model": f"file:{tiny_mlx}", "max_tokens": 40, "temperature": 0.8}
+
+    async def arrivals(client: LinkClient) -> list[float]:
+        return [time.monotonic() async for e in client.run(body) if e.type == "token"]
+
+    async with LinkClient(queen_url, "queen") as client:
+        await arrivals(client)  # load the worker
+        streams = await asyncio.gather(*(arrivals(client) for _ in range(4)))
+    assert all(len(times) >= 10 for times in streams), [len(t) for t in streams]
+    starts, ends = [t[0] for t in streams], [t[-1] for t in streams]
+    assert max(starts) < min(ends), "the streams ran one after another, not together"
+    async with httpx.AsyncClient(base_url=queen_url) as http:
+        (worker,) = (await http.get("/v1/workers")).json()["workers"]
+    assert worker["backend"] == "mlx" and worker["load"]["slots"] >= 2

@@ -70,6 +70,19 @@ def test_completions(client: openai.OpenAI) -> None:
     assert response.choices[0].finish_reason == "length"
 
 
+def test_penalties_and_llama_cpp_samplers_are_honoured(client: openai.OpenAI) -> None:
+    """presence/frequency penalties reach llama.cpp's sampler: a greedy answer that repeats itself
+    without them repeats less with them."""
+    prompt = "The sky blue, the sky blue, the sky blue,"
+    plain = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=24, temperature=0)
+    penalised = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=24, temperature=0,
+                                          presence_penalty=1.5, frequency_penalty=1.5,
+                                          extra_body={"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.3})
+    assert plain.choices[0].text != penalised.choices[0].text
+    words = lambda text: text.split()  # noqa: E731
+    assert len(set(words(penalised.choices[0].text))) > len(set(words(plain.choices[0].text)))
+
+
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=CHAT)
@@ -79,7 +92,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     "extra, param",
     [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
-     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 1.0}, "presence_penalty")],
+     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 3.0}, "presence_penalty")],
 )
 def test_unsupported_or_invalid_parameters_are_400(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:

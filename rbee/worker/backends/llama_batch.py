@@ -117,7 +117,8 @@ class BatchEngine:
 
     def retry_after(self) -> float:
         rate = self.rate()
-        backlog = sum(s.max_new for s in self.waiting) + sum(s.max_new - s.produced for s in self.active.values())
+        running = list(self.active.values())  # a snapshot: the engine thread changes the dict
+        backlog = sum(s.max_new for s in self.waiting) + sum(s.max_new - s.produced for s in running)
         return max(1.0, min(60.0, backlog / rate)) if rate > 0 else 2.0
 
     def rate(self) -> float:

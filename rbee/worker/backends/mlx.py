@@ -1,21 +1,21 @@
-"""Apple's MLX through mlx-lm (Metal on Apple Silicon; ``mlx[cpu]`` elsewhere).
-
-Like every backend it runs on the worker's model-owner thread: MLX streams are
-thread-local, so loading and generating on that one thread is also what MLX needs.
+"""Apple's MLX through mlx-lm (Metal on Apple Silicon; ``mlx[cpu]`` elsewhere), serving
+many requests at once with mlx-lm's batch generator (rbee/worker/backends/mlx_batch.py),
+whose one thread both loads the model and generates: MLX streams are thread-local.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rbee.errors import ModelLoadError, RequestError
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.base import Piece
 from rbee.worker.backends.engine_report import EngineReport
-from rbee.worker.stops import StopMatcher
+from rbee.worker.backends.llama_batch import Emit
+from rbee.worker.backends.mlx_batch import MlxBatchEngine, MlxSequence
 
 REQUIRED = ("config.json",)
 
@@ -25,16 +25,17 @@ class MlxBackend:
 
     def __init__(
         self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = -1, tensor_split: Sequence[float] = (),
-        slots: int = 1, queue_limit: int = 64,
+        slots: int = 0, queue_limit: int = 64,
     ) -> None:
         self.n_ctx = n_ctx  # MLX has no layer offload or split: it runs where MLX's default device is
-        self._model: Any = None
+        self.slots = slots or 8  # its KV caches grow per sequence: the context does not bound the slots
+        self.queue_limit = queue_limit
+        self.engine: MlxBatchEngine | None = None
         self._tokenizer: Any = None
         self.metadata: dict[str, str] = {}
         self.report: dict[str, Any] = {}
 
     def load(self, path: Path) -> None:
-        import mlx_lm  # lazy: only hosts that run MLX have it
 
         if not path.is_dir():
             raise ModelLoadError(f"MLX model directory not found: {path}")
@@ -45,10 +46,8 @@ class MlxBackend:
             missing.append("tokenizer.json")
         if missing:
             raise ModelLoadError(f"MLX model directory {path} lacks {', '.join(missing)}; provision it again")
-        try:
-            self._model, self._tokenizer = mlx_lm.load(str(path))[:2]
-        except Exception as exc:  # mlx-lm raises many kinds for a broken model
-            raise ModelLoadError(f"mlx-lm could not load {path}: {exc}") from exc
+        self.engine = MlxBatchEngine(path, slots=self.slots, queue_limit=self.queue_limit)
+        self._tokenizer = self.engine.tokenizer
         config = json.loads((path / "config.json").read_text())
         self.metadata = {"general.architecture": str(config.get("model_type", "unknown"))}
         template = getattr(self._tokenizer, "chat_template", None)
@@ -78,44 +77,22 @@ class MlxBackend:
             gpu_offload_supported=bool(mx.metal.is_available()),
         ).as_dict()
 
-    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
-        import mlx.core as mx
-        import mlx_lm
-        from mlx_lm.sample_utils import make_sampler
-
-        assert request.prompt is not None, "chat messages are rendered to a prompt before generation"
-        prompt = self._tokenizer.encode(request.prompt)
+    def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
+               on_start: Callable[[int], None] | None = None) -> int:
+        assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+        prompt = list(self._tokenizer.encode(request.prompt))
         if len(prompt) + 1 > self.n_ctx:
-            raise RequestError(f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx}. Shorten it")
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p if request.top_p < 1 else 0.0)
-        stops = StopMatcher(request.stop)
-        produced = 0
-        finish = "stop"
-        max_tokens = min(request.max_tokens, self.n_ctx - len(prompt))
-        stream = mlx_lm.stream_generate(self._model, self._tokenizer, prompt, max_tokens=max_tokens, sampler=sampler)
-        try:
-            for response in stream:
-                text, hit = stops.feed(response.text)
-                if text:
-                    produced += 1
-                if hit:
-                    yield Piece(text, "stop", produced, len(prompt))
-                    return
-                if response.finish_reason is not None:
-                    finish = response.finish_reason
-                    tail = stops.flush()
-                    yield Piece(text + tail, finish, produced + bool(tail and not text), len(prompt))
-                    return
-                yield Piece(text)
-                if should_stop():
-                    yield Piece("", "cancelled", produced, len(prompt))
-                    return
-            yield Piece(stops.flush(), finish, produced, len(prompt))
-        finally:
-            stream.close()
+            raise RequestError(f"the prompt is {len(prompt)} tokens; the worker's context holds {self.n_ctx}. "
+                               "Shorten it, or ask for a larger context (`--ctx`)")
+        seq = MlxSequence(request, prompt, min(request.max_tokens, self.n_ctx - len(prompt)), emit, cancelled,
+                          on_start)
+        return self.engine.submit(seq)
+
+    def load_report(self) -> dict[str, Any]:
+        return self.engine.load() if self.engine is not None else {}
 
     def close(self) -> None:
-        self._model = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         self._tokenizer = None
