@@ -5,7 +5,6 @@ where a request waits and answers 429 with Retry-After past its limit."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -84,9 +83,12 @@ async def test_concurrent_streams_answer_as_they_do_alone(queen_url: str, models
 
 
 async def worker_load(queen_url: str) -> dict[str, Any]:
+    """The worker's load now, from the worker itself (the queen's view waits for a heartbeat)."""
     async with httpx.AsyncClient(base_url=queen_url) as http:
         workers = (await http.get("/v1/workers")).json()["workers"]
-    load: dict[str, Any] = workers[0]["load"] if workers else {}
+        if not workers:
+            return {}
+        load: dict[str, Any] = (await http.get(f"{workers[0]['url']}/health")).json()["load"]
     return load
 
 
@@ -104,11 +106,9 @@ async def test_the_queue_is_bounded_says_where_a_request_waits_and_frees_slots(b
                 pass
         queued = await client.create(long)
         waiting: list[Event] = []
-        async with contextlib.aclosing(client.stream(queued)) as events:
-            async for event in events:
-                waiting.append(event)
-                if event.type == "narration" and event["action"] == "queue":
-                    break
+        queued_stream = client.stream(queued)  # kept open: a dropped stream would cancel the job
+        while not (waiting and waiting[-1].type == "narration" and waiting[-1]["action"] == "queue"):
+            waiting.append(await anext(queued_stream))
         assert "waiting, position 1" in waiting[-1]["message"], waiting
         refused = [e async for e in client.run(long)]  # past the queue limit of 1
         assert refused[-1].type == "error" and refused[-1]["code"] == "queue_full", refused[-1]
@@ -121,13 +121,15 @@ async def test_the_queue_is_bounded_says_where_a_request_waits_and_frees_slots(b
         assert limited.value.body["code"] == "queue_full"  # type: ignore[index]
         # a queued request is cancelled cleanly, a running one frees its slot on cancel
         await client.cancel(queued)
+        ended = [event async for event in queued_stream]
+        assert ended[-1].type == "error" and ended[-1]["code"] == "cancelled", ended[-1]
         await client.cancel(running[0])
         for stream in streams:
             await stream.aclose()
         # the other one is dropped by its client: the server cancels it after the grace period
         await eventually(lambda: _idle(batching_queen), timeout=15)
         after = [e async for e in client.run({**long, "max_tokens": 3})]
-    assert after[-1].type == "end"
+    assert after[-1].type == "end", after[-1]
 
 
 async def _slots_busy(queen_url: str) -> int:
