@@ -7,11 +7,13 @@ it next to the machine's floor: what one bare asyncio timer wake-up costs.
 
     python -m bench.link_chain worker PORT GAP      (internal: one role per process)
     python -m bench.link_chain relay PORT WORKER_PORT
+    RBEE_BENCH_UVLOOP=1 python -m bench.link_chain 65   (the same on uvloop, every role)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -130,11 +132,20 @@ async def link_costs(tokens_per_s: float, tokens: int = 600) -> dict[str, float]
     }
 
 
+def run(main: Any) -> Any:
+    """asyncio.run, or uvloop's with RBEE_BENCH_UVLOOP=1 (to see whether uvloop helps the link)."""
+    if os.environ.get("RBEE_BENCH_UVLOOP") == "1":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "worker":
-        asyncio.run(fake_worker(int(sys.argv[2]), float(sys.argv[3])))
+        run(fake_worker(int(sys.argv[2]), float(sys.argv[3])))
     elif role == "relay":
-        asyncio.run(relay_server(int(sys.argv[2]), int(sys.argv[3])))
+        run(relay_server(int(sys.argv[2]), int(sys.argv[3])))
     else:
-        print(asyncio.run(link_costs(float(role))))
+        print(run(link_costs(float(role))))

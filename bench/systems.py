@@ -306,10 +306,43 @@ async def fleet_timings(workdir: Path, counts: list[int], on_ready: Callable[[Rb
                 timings[f"fleet up, {count} host(s), idempotent re-run (s)"] = await rbee.fleet("up")
                 if count == 1 and on_ready is not None:
                     await on_ready(rbee)
+                if count == 2:
+                    timings.update(await spread(rbee, [h.name for h in hosts[:2]]))
                 await rbee.fleet("down")
     finally:
         sshd_hosts.stop_hosts(hosts)
     return timings
+
+
+async def spread(rbee: Rbee, names: list[str]) -> dict[str, float]:
+    """The default model warm on the first host and only on disk on the second; then bursts of 8 and
+    16 streams without --node: how many the scheduler sends to each host, and the aggregate rate."""
+    warm, cold = names
+    await timed(rbee.pieces("Hi", 2, node=warm))
+    pulled = [e async for e in rbee.client.run({"ref": "gemma3-270m", "node": cold}, "/v1/catalog/jobs")]
+    if pulled[-1].type != "end":
+        raise RuntimeError(f"could not put the model on {cold}: {pulled[-1]}")
+    result: dict[str, float] = {}
+    for streams in (8, 16):
+        await asyncio.sleep(2.5)  # a fresh heartbeat from both hosts
+
+        async def one() -> tuple[str, int]:
+            host, tokens = "", 0
+            async for event in rbee.client.run({"prompt": "Once upon a time", "max_tokens": 64,
+                                                "temperature": 0.0}):
+                if event.type == "narration" and event["action"] == "schedule":
+                    host = event["message"].split("hive:", 1)[1].split()[0]
+                tokens += event.type == "token"
+            return host, tokens
+
+        started = time.perf_counter()
+        picks = await asyncio.gather(*(one() for _ in range(streams)))
+        wall = time.perf_counter() - started
+        for name in names:
+            result[f"spread, {streams} streams: jobs on {'warm' if name == warm else 'on-disk'} host {name}"] = \
+                float(sum(1 for host, _ in picks if host == name))
+        result[f"spread, {streams} streams: aggregate tok/s"] = sum(tokens for _, tokens in picks) / wall
+    return result
 
 
 # models: first vs warm infer, provisioner vs huggingface_hub ----------------------------------

@@ -24,7 +24,7 @@ from rbee.hive.provision import HubDownloader
 from rbee.hive.supervisor import Supervisor
 from rbee.link.auth import load_token
 from rbee.link.heartbeat import send_heartbeats
-from rbee.link.serving import Listen, run_server, setup_logging
+from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.link.spawn import bind_loopback, listening_url, spawn
 
 log = logging.getLogger("rbee.hive")
@@ -98,7 +98,7 @@ if __name__ == "__main__":
         config = from_args(HiveConfig, argv)
         if not detached:
             setup_logging(config.actor)
-        sys.exit(asyncio.run(detach(config) if detached else main(config)))
+        sys.exit(run_role(detach(config) if detached else main(config)))
     except RbeeError as exc:
         print(f"rbee hive: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -15,10 +15,13 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,17 @@ class JsonLines(logging.Formatter):
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+def run_role(main: Awaitable[T]) -> T:
+    """Run a role process's main coroutine on uvloop where it is installed, else asyncio's loop.
+    Measured with bench/link_chain.py: uvloop cuts a relay's CPU per token by ~10 % at the
+    engine's rate and by about half when the engine is fast (GPU rates)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]
 
 
 def setup_logging(actor: str) -> None:

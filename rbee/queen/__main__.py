@@ -12,7 +12,7 @@ from rbee import __version__
 from rbee.config import QueenConfig, from_args
 from rbee.errors import RbeeError
 from rbee.link.auth import load_token
-from rbee.link.serving import Listen, run_server, setup_logging
+from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.link.spawn import listening_url
 from rbee.queen.app import Queen, create_app
 
@@ -43,7 +43,7 @@ async def main(config: QueenConfig) -> int:
 if __name__ == "__main__":
     setup_logging("queen")
     try:
-        sys.exit(asyncio.run(main(from_args(QueenConfig, sys.argv[1:]))))
+        sys.exit(run_role(main(from_args(QueenConfig, sys.argv[1:]))))
     except RbeeError as exc:
         print(f"rbee queen: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ status and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ class Queen:
         self.metrics = Metrics(config.actor)
         self.registry = JobRegistry(config.actor, ping=config.ping_interval, on_finish=self.metrics.job_finished)
         self.clients: dict[str, LinkClient] = {}
+        #: jobs this queen is relaying, per (hive, model): the scheduler's view between heartbeats
+        self.in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         self.stop = asyncio.Event()
         self.catalog = HiveCatalog(config.home / "queen.db")
         self.fleet = Fleet(
@@ -104,6 +107,9 @@ class Queen:
                                      int(busy.get("queue", 0)))
                     for key in keys:
                         load[key] = load.get(key, ModelLoad()) + this
+            for (hive_name, model), jobs in self.in_flight.items():
+                if hive_name == name and model in load:
+                    load[model] = load[model].with_in_flight(jobs)
             on_disk = set().union(*(model_keys(m["name"], m["ref"]) for m in models)) if models else set()
             if "free_memory" in report:
                 free = report["free_memory"]  # the hive's own admission rule: largest pool, budget applied
@@ -151,7 +157,14 @@ class Queen:
     async def run_job(self, job: Job, request: JobRequest) -> None:
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
-        await relay(job, self.client_for(hive), self.body_for(request, hive.name))
+        key = (hive.name, request.model or DEFAULT_MODEL)
+        self.in_flight[key] += 1
+        try:
+            await relay(job, self.client_for(hive), self.body_for(request, hive.name))
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
 
     def body_for(self, request: JobRequest, node: str) -> dict[str, Any]:
         """What the hive gets: a logical model's forms and settings, and the hive's own settings,

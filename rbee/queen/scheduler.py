@@ -35,6 +35,12 @@ class ModelLoad:
     def __add__(self, other: ModelLoad) -> ModelLoad:
         return ModelLoad(self.slots + other.slots, self.busy + other.busy, self.queue + other.queue)
 
+    def with_in_flight(self, jobs: int) -> ModelLoad:
+        """This load, knowing the queen has ``jobs`` running there: a heartbeat is up to an interval
+        old, so a burst of jobs would otherwise all go to the hive that looked free."""
+        busy = max(self.busy, min(jobs, self.slots))
+        return ModelLoad(self.slots, busy, max(self.queue, jobs - self.slots))
+
 
 @dataclass(frozen=True)
 class HiveView:

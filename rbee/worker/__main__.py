@@ -13,7 +13,7 @@ from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.jobs import JobRegistry
-from rbee.link.serving import Listen, run_server, setup_logging
+from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.worker.app import create_app, info
 from rbee.worker.backends.base import create_backend
 from rbee.worker.runner import ModelRunner
@@ -83,7 +83,7 @@ if __name__ == "__main__":
     try:
         worker_config = from_args(WorkerConfig, sys.argv[1:])
         setup_logging(worker_config.actor)
-        sys.exit(asyncio.run(main(worker_config)))
+        sys.exit(run_role(main(worker_config)))
     except RbeeError as exc:
         print(f"rbee worker: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -73,9 +73,11 @@ class ModelRunner:
 
     def occupancy(self) -> dict[str, Any]:
         """Slots, busy slots, queue depth, tokens/s (what the scheduler weighs)."""
-        if self.batching and self.state in ("ready", "busy"):
-            report: dict[str, Any] = self.backend.load_report()  # type: ignore[attr-defined]
-            return report
+        if self.batching:
+            if self.state in ("ready", "busy"):
+                report: dict[str, Any] = self.backend.load_report()  # type: ignore[attr-defined]
+                return report
+            return {"slots": int(getattr(self.backend, "slots", 1)), "slots_busy": 0, "queue": 0, "tokens_per_s": 0.0}
         return {"slots": 1, "slots_busy": int(self._turn.locked()), "queue": self.waiting, "tokens_per_s": 0.0}
 
     async def generate(self, request: JobRequest, narrate: Narrate | None = None) -> AsyncGenerator[Piece, None]:

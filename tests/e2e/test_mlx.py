@@ -151,4 +151,5 @@ async def test_mlx_worker_serves_streams_at_once(queen_url: str, tiny_mlx: Path)
     assert max(starts) < min(ends), "the streams ran one after another, not together"
     async with httpx.AsyncClient(base_url=queen_url) as http:
         (worker,) = (await http.get("/v1/workers")).json()["workers"]
-    assert worker["backend"] == "mlx" and worker["load"]["slots"] >= 2
+        health = (await http.get(f"{worker['url']}/health")).json()  # live, not a heartbeat old
+    assert health["backend"] == "mlx" and health["load"]["slots"] == 8

@@ -54,3 +54,26 @@ def test_choose_hive(fleet: list[HiveView], model: str, node: str | None, expect
 def test_no_hive_up() -> None:
     with pytest.raises(NoHiveError, match="fleet up"):
         choose_hive([hive("a", up=False)], "m")
+
+
+@pytest.mark.parametrize("load, jobs, expected", [
+    (ModelLoad(8, 0, 0), 3, ModelLoad(8, 3, 0)),  # the heartbeat predates the burst
+    (ModelLoad(2, 0, 0), 5, ModelLoad(2, 2, 3)),
+    (ModelLoad(8, 5, 0), 2, ModelLoad(8, 5, 0)),  # the heartbeat already counts them (and others')
+    (ModelLoad(4, 4, 2), 1, ModelLoad(4, 4, 2)),
+])
+def test_jobs_in_flight_count_until_the_next_heartbeat(load: ModelLoad, jobs: int, expected: ModelLoad) -> None:
+    assert load.with_in_flight(jobs) == expected
+
+
+def test_a_burst_spreads_over_two_warm_hives() -> None:
+    """Two slots each: the queen's own count moves the third and fourth job to the other hive."""
+    picks = []
+    in_flight = {"a": 0, "b": 0}
+    for _ in range(4):
+        fleet = [HiveView(n, True, frozenset({"m"}), frozenset({"m"}), GB,
+                          {"m": ModelLoad(2, 0, 0).with_in_flight(in_flight[n])}) for n in ("a", "b")]
+        pick = choose_hive(fleet, "m")
+        in_flight[pick] += 1
+        picks.append(pick)
+    assert sorted(picks) == ["a", "a", "b", "b"]
