@@ -12,17 +12,16 @@ its cells stay as a prefix cache until the room is needed (see rbee/worker/slots
 from __future__ import annotations
 
 import codecs
-import collections
 import ctypes
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee.errors import QueueFullError, RbeeError, RequestError
+from rbee.errors import RbeeError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
+from rbee.worker.backends.engine_queue import EngineQueue
 from rbee.worker.slots import SlotTable
 from rbee.worker.stops import StopMatcher
 
@@ -64,8 +63,9 @@ class Sequence:
         return self.prompt[: self.done_prompt] + self.generated[: self.fed]
 
 
-class BatchEngine:
+class BatchEngine(EngineQueue[Sequence]):
     def __init__(self, llama_cpp: Any, model: Any, *, n_ctx: int, slots: int, threads: int, queue_limit: int) -> None:
+        super().__init__(slots, queue_limit)
         self.ll = llama_cpp
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -85,35 +85,15 @@ class BatchEngine:
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self.n_batch = int(params.n_batch)
         self.slots = SlotTable(slots, self.n_ctx)
-        self.queue_limit = queue_limit
-        self.waiting: collections.deque[Sequence] = collections.deque()
         self.active: dict[int, Sequence] = {}
-        self._lock = threading.Condition()
-        self._closed = False
         self._piece = ctypes.create_string_buffer(256)
-        self.tokens_generated = 0
-        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 
     # the event loop's side ---------------------------------------------------------------
 
-    def submit(self, seq: Sequence) -> int:
-        """Queue a sequence; return its position in the queue (0: it starts at the next step)."""
-        with self._lock:
-            if self._closed:
-                raise RbeeError("the model is being unloaded")
-            free = len(self.slots.slots) - self.slots.busy
-            ahead = len(self.waiting) - free  # requests that will still wait when the free slots are taken
-            if ahead >= self.queue_limit:
-                raise QueueFullError(
-                    f"all {len(self.slots.slots)} slots are busy and {max(ahead, 0)} requests wait (queue limit "
-                    f"{self.queue_limit}); retry later, or raise `queue` for this model in the inventory",
-                    retry_after=self.retry_after(),
-                )
-            self.waiting.append(seq)
-            self._lock.notify()
-            return max(0, ahead + 1)
+    def busy_slots(self) -> int:
+        return self.slots.busy
 
     def retry_after(self) -> float:
         rate = self.rate()
@@ -121,40 +101,15 @@ class BatchEngine:
         backlog = sum(s.max_new for s in self.waiting) + sum(s.max_new - s.produced for s in running)
         return max(1.0, min(60.0, backlog / rate)) if rate > 0 else 2.0
 
-    def rate(self) -> float:
-        """Tokens per second over the last steps (all sequences together)."""
-        if len(self._rate) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def load(self) -> dict[str, Any]:
-        with self._lock:
-            busy = self.slots.busy
-            return {"slots": len(self.slots.slots), "slots_busy": busy, "queue": len(self.waiting),
-                    "tokens_per_s": round(self.rate(), 1)}
-
-    def wake(self) -> None:
-        with self._lock:
-            self._lock.notify()
-
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        self._thread.join()
+        self.stop(self._thread)
         self.ll.llama_batch_free(self.batch)
         self.ll.llama_free(self.ctx)
 
     # the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._closed and not self.active and not self.waiting:
-                    self._lock.wait(0.5)
-                if self._closed:
-                    break
+        while self.wait_for_work(len(self.active)):
             self._drop_cancelled()
             self._admit()
             if self.active:
@@ -265,7 +220,7 @@ class BatchEngine:
         for seq in list(self.active.values()):
             if seq.out_index >= 0:
                 self._sample(seq)
-        self._rate.append((time.monotonic(), self.tokens_generated))
+        self.stepped()
 
     def _add(self, i: int, token: int, seq_id: int, pos: int, logits: bool) -> None:
         batch = self.batch

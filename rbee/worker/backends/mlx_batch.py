@@ -9,17 +9,16 @@ mlx-lm's batch generator has no per-request seed, so ``seed`` is not honoured he
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee.errors import ModelLoadError, QueueFullError, RbeeError
+from rbee.errors import ModelLoadError, RbeeError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
+from rbee.worker.backends.engine_queue import EngineQueue
 from rbee.worker.backends.llama_batch import Emit
 from rbee.worker.stops import StopMatcher
 
@@ -38,58 +37,22 @@ class MlxSequence:
     stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
 
 
-class MlxBatchEngine:
+class MlxBatchEngine(EngineQueue[MlxSequence]):
     def __init__(self, path: Path, *, slots: int, queue_limit: int) -> None:
-        self.slots = slots
-        self.queue_limit = queue_limit
+        super().__init__(slots, queue_limit)
         self.model: Any = None
         self.tokenizer: Any = None
-        self.waiting: collections.deque[MlxSequence] = collections.deque()
         self.active: dict[int, MlxSequence] = {}
-        self.tokens_generated = 0
-        self._rate: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
-        self._lock = threading.Condition()
-        self._closed = False
         self._loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(path,), name="mlx-engine", daemon=True)
         self._thread.start()
         self._loaded.result()  # raises what loading raised
 
-    # the event loop's side ---------------------------------------------------------------
-
-    def submit(self, seq: MlxSequence) -> int:
-        with self._lock:
-            if self._closed:
-                raise RbeeError("the model is being unloaded")
-            ahead = len(self.waiting) - (self.slots - len(self.active))
-            if ahead >= self.queue_limit:
-                raise QueueFullError(
-                    f"all {self.slots} slots are busy and {max(ahead, 0)} requests wait (queue limit "
-                    f"{self.queue_limit}); retry later, or raise `queue` for this model in the inventory",
-                    retry_after=2.0,
-                )
-            self.waiting.append(seq)
-            self._lock.notify()
-            return max(0, ahead + 1)
-
-    def load(self) -> dict[str, Any]:
-        with self._lock:
-            rate = 0.0
-            if len(self._rate) >= 2 and self._rate[-1][0] > self._rate[0][0]:
-                (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
-                rate = (n1 - n0) / (t1 - t0)
-            return {"slots": self.slots, "slots_busy": len(self.active), "queue": len(self.waiting),
-                    "tokens_per_s": round(rate, 1)}
-
-    def wake(self) -> None:
-        with self._lock:
-            self._lock.notify()
+    def busy_slots(self) -> int:
+        return len(self.active)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        self._thread.join()
+        self.stop(self._thread)
 
     # the engine thread ---------------------------------------------------------------------
 
@@ -100,24 +63,19 @@ class MlxBatchEngine:
         try:
             self.model, self.tokenizer = mlx_lm.load(str(path))[:2]
             generator = BatchGenerator(self.model, stop_tokens=[[t] for t in self.tokenizer.eos_token_ids],
-                                       completion_batch_size=self.slots, prefill_batch_size=self.slots)
+                                       completion_batch_size=self.n_slots, prefill_batch_size=self.n_slots)
         except Exception as exc:  # mlx-lm raises many kinds for a broken model
             self._loaded.set_exception(ModelLoadError(f"mlx-lm could not load {path}: {exc}"))
             return
         self._loaded.set_result(None)
         try:
-            while True:
-                with self._lock:
-                    while not self._closed and not self.active and not self.waiting:
-                        self._lock.wait(0.5)
-                    if self._closed:
-                        break
+            while self.wait_for_work(len(self.active)):
                 self._drop_cancelled(generator)
                 self._admit(generator)
                 if self.active:
                     for response in generator.next_generated():
                         self._take(generator, response)
-                    self._rate.append((time.monotonic(), self.tokens_generated))
+                    self.stepped()
         finally:
             generator.close()
             for seq in [*self.active.values(), *self.waiting]:
@@ -136,7 +94,7 @@ class MlxBatchEngine:
 
         while True:
             with self._lock:
-                if not self.waiting or len(self.active) >= self.slots:
+                if not self.waiting or len(self.active) >= self.n_slots:
                     return
                 seq = self.waiting.popleft()
             request = seq.request
