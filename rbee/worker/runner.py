@@ -1,8 +1,9 @@
 """The model-owner thread: the only thread that touches the engine.
 
-A batching engine (llama.cpp) runs its own thread and serves many requests at
-once: the runner submits each request and receives its pieces. Otherwise
-(MLX) generation runs on the runner's one thread, one request at a time. Either
+A batching engine (llama.cpp and MLX both are) runs its own thread and serves
+many requests at once: the runner submits each request and receives its pieces.
+A serial engine (only the worker tests' fake one today) generates on the
+runner's one thread, one request at a time. Either
 way each piece reaches the event loop through a per-request queue the moment
 the engine makes it; an exception travels through the same queue and is raised
 on the async side. Cancelling is a flag the engine checks at every step.
@@ -15,10 +16,10 @@ import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.base import Backend, Piece
+from rbee.worker.backends.base import Backend, BatchingBackend, Piece, SerialBackend
 
 _END = object()
 
@@ -37,7 +38,8 @@ Narrate = Callable[..., None]
 
 
 class ModelRunner:
-    """Owns one loaded model; serves one generation at a time, the rest wait in line."""
+    """Owns one loaded model and hands requests to its engine: all at once to a batching engine,
+    one after another to a serial one."""
 
     def __init__(self, backend: Backend, model_path: Path) -> None:
         self.backend = backend
@@ -75,8 +77,7 @@ class ModelRunner:
         """Slots, busy slots, queue depth, tokens/s (what the scheduler weighs)."""
         if self.batching:
             if self.state in ("ready", "busy"):
-                report: dict[str, Any] = self.backend.load_report()  # type: ignore[attr-defined]
-                return report
+                return cast(BatchingBackend, self.backend).load_report()
             return {"slots": int(getattr(self.backend, "slots", 1)), "slots_busy": 0, "queue": 0, "tokens_per_s": 0.0}
         return {"slots": 1, "slots_busy": int(self._turn.locked()), "queue": self.waiting, "tokens_per_s": 0.0}
 
@@ -106,7 +107,7 @@ class ModelRunner:
 
         def work() -> None:
             try:
-                for piece in self.backend.generate(request, stop.is_set):
+                for piece in cast(SerialBackend, self.backend).generate(request, stop.is_set):
                     put(piece)
             except BaseException as exc:  # handed to the async side, raised there
                 put(_Failure(exc))
@@ -146,7 +147,8 @@ class ModelRunner:
 
         try:
             position = await asyncio.to_thread(
-                self.backend.submit, request, put, cancelled, lambda reused: put(_Started(reused)),  # type: ignore[attr-defined]
+                cast(BatchingBackend, self.backend).submit, request, put, cancelled,
+                lambda reused: put(_Started(reused)),
             )
             if position and narrate is not None:
                 narrate("queue", f"waiting, position {position}", position=position)

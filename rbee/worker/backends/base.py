@@ -4,6 +4,7 @@ so a host without llama.cpp (or MLX) can still run the other one."""
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,28 @@ class Backend(Protocol):
     def load(self, path: Path) -> None:
         """Load the model; raise ModelLoadError naming the file when it cannot."""
 
-    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
-        """Yield pieces as the engine makes them; stop soon after ``should_stop()`` is true."""
-
     def close(self) -> None:
         """Free the model."""
+
+
+class BatchingBackend(Backend, Protocol):
+    """An engine with its own thread serving many requests at once (llama.cpp and MLX both are)."""
+
+    def submit(self, request: JobRequest, emit: Callable[[object], None], cancelled: threading.Event,
+               on_start: Callable[[int], None] | None = None) -> int:
+        """Queue a request; its pieces (or an exception) reach ``emit`` from the engine thread.
+        Returns its place among those that must wait (0: it starts at the next step)."""
+
+    def load_report(self) -> dict[str, Any]:
+        """Slots, busy slots, queue depth and tokens/s."""
+
+
+class SerialBackend(Backend, Protocol):
+    """An engine the worker runs one request at a time on its model-owner thread (no real engine
+    today; the worker's tests drive the runner with one)."""
+
+    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
+        """Yield pieces as the engine makes them; stop soon after ``should_stop()`` is true."""
 
 
 BACKENDS = {
