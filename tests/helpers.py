@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from quart import Quart
@@ -38,6 +39,27 @@ async def served(app: Quart, on_stop: Callable[[], Awaitable[None]] | None = Non
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def queen(rbee_env: dict[str, str], inventory: str = "", folder: Path | None = None) -> AsyncIterator[str]:
+    """An ephemeral queen for one test (it starts the hive and workers on demand), with the
+    inventory text written to ``folder``/inventory.toml when given; yields its URL."""
+    from rbee.config import QueenConfig, ServeOptions
+    from rbee.keeper.session import start_queen
+
+    path = ""
+    if inventory:
+        assert folder is not None, "an inventory needs a folder to live in"
+        path = str(folder / "inventory.toml")
+        Path(path).write_text(inventory)
+    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
+                         serve=ServeOptions(), inventory=path)
+    child = await start_queen(config, ephemeral=True)
+    try:
+        yield child.url
+    finally:
+        await child.stop(grace=20.0)
 
 
 async def eventually(check: Callable[[], Awaitable[T] | T], timeout: float = 10.0, interval: float = 0.05) -> T:

@@ -14,11 +14,9 @@ import numpy as np
 import openai
 import pytest
 
-from rbee.config import QueenConfig, ServeOptions
-from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
 from rbee.link.events import Event
-from tests.helpers import eventually
+from tests.helpers import eventually, queen
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because"]
 #: The largest gap between the best two logits of a solo run at which a concurrent greedy
@@ -31,16 +29,10 @@ NEAR_TIE = 0.5
 async def batching_queen(rbee_env: dict[str, str], models_dir: Path, tmp_path: Path) -> AsyncIterator[str]:
     """`small` is the default model with 2 slots and a queue of 1."""
     gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text(f'[models.small]\ngguf = "file:{gguf}"\nctx = 4096\nparallel = 2\nqueue = 1\n\n'
-                         '[[hive]]\nname = "localhost"\n')
-    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
-                         serve=ServeOptions(), inventory=str(inventory))
-    child = await start_queen(config, ephemeral=True)
-    try:
-        yield child.url
-    finally:
-        await child.stop(grace=20.0)
+    inventory = (f'[models.small]\ngguf = "file:{gguf}"\nctx = 4096\nparallel = 2\nqueue = 1\n\n'
+                 '[[hive]]\nname = "localhost"\n')
+    async with queen(rbee_env, inventory, tmp_path) as url:
+        yield url
 
 
 async def tokens_of(client: LinkClient, body: dict[str, Any]) -> list[str]:

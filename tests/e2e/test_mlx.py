@@ -12,10 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from rbee.config import QueenConfig, ServeOptions
-from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
-from tests.helpers import worker_stops
+from tests.helpers import queen, worker_stops
 from tests.hub_server import HubServer, Repo
 
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -32,17 +30,9 @@ def tiny_mlx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def mixed_queen(rbee_env: dict[str, str], tiny_mlx: Path, models_dir: Path, tmp_path: Path) -> AsyncIterator[str]:
     """A queen whose inventory names one logical model in both forms."""
     gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text(
-        f'[models.both]\ngguf = "file:{gguf}"\nmlx = "file:{tiny_mlx}"\n\n[[hive]]\nname = "localhost"\n'
-    )
-    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
-                         serve=ServeOptions(), inventory=str(inventory))
-    child = await start_queen(config, ephemeral=True)
-    try:
-        yield child.url
-    finally:
-        await child.stop(grace=20.0)
+    inventory = f'[models.both]\ngguf = "file:{gguf}"\nmlx = "file:{tiny_mlx}"\n\n[[hive]]\nname = "localhost"\n'
+    async with queen(rbee_env, inventory, tmp_path) as url:
+        yield url
 
 
 async def test_mlx_worker_streams_token_by_token(queen_url: str, tiny_mlx: Path) -> None:
@@ -107,22 +97,15 @@ async def hub_mlx_queen(rbee_env: dict[str, str], tiny_mlx: Path, tmp_path: Path
         for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"),
                            "RBEE_MODELS_DIR": str(tmp_path / "catalog")}.items():
             monkeypatch.setenv(key, value)
-        inventory = tmp_path / "inventory.toml"
-        inventory.write_text('[models.tiny]\nmlx = "hf:acme/tiny-mlx"\n\n[[hive]]\nname = "localhost"\n'
-                             'backend = "mlx"\n')
-        config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
-                             serve=ServeOptions(), inventory=str(inventory))
-        child = await start_queen(config, ephemeral=True)
-        try:
-            yield child.url, repo
-        finally:
-            await child.stop(grace=20.0)
+        inventory = '[models.tiny]\nmlx = "hf:acme/tiny-mlx"\n\n[[hive]]\nname = "localhost"\nbackend = "mlx"\n'
+        async with queen(rbee_env, inventory, tmp_path) as url:
+            yield url, repo
 
 
 async def test_mlx_repo_from_the_hub_through_a_logical_model(hub_mlx_queen: tuple[str, Repo], tmp_path: Path) -> None:
-    queen, repo = hub_mlx_queen
+    url, repo = hub_mlx_queen
     body = {"prompt": "hello world", "model": "tiny", "max_tokens": 12, "temperature": 0.0}
-    async with LinkClient(queen, "queen") as client:
+    async with LinkClient(url, "queen") as client:
         events = [e async for e in client.run(body)]
     assert events[-1].type == "end" and events[-1]["tokens"] > 0, events[-1]
     narrated = [e["message"] for e in events if e.type == "narration"]
@@ -130,7 +113,7 @@ async def test_mlx_repo_from_the_hub_through_a_logical_model(hub_mlx_queen: tupl
     assert any(m.startswith("mlx") for m in narrated)
     assert "README.md" not in {name for _, name, _ in repo.requests}
     assert (tmp_path / "catalog" / "tiny-mlx" / "mlx" / "model.safetensors").is_file()
-    async with LinkClient(queen, "queen") as client:  # the second job finds it in the catalog
+    async with LinkClient(url, "queen") as client:  # the second job finds it in the catalog
         again = [e async for e in client.run(body)]
     assert not any(e.type == "narration" and e["action"] == "download" for e in again)
     assert [e["text"] for e in again if e.type == "token"] == [e["text"] for e in events if e.type == "token"]

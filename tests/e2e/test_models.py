@@ -12,7 +12,7 @@ import pytest
 
 from rbee.hive.gguf_meta import read_info
 from rbee.link.client import LinkClient
-from tests.helpers import eventually, run_rbee, warm_up
+from tests.helpers import eventually, queen, run_rbee, warm_up
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
 
 
@@ -145,22 +145,12 @@ async def test_models_pull_list_rm_through_the_chain(hub: tuple[HubServer, dict[
 
 async def test_inventory_sets_a_models_context_and_offload(rbee_env: dict[str, str], models_dir: Path,
                                                            tmp_path: Path) -> None:
-    from rbee.config import QueenConfig, ServeOptions
-    from rbee.keeper.session import start_queen
-
     gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
-    inventory = tmp_path / "inventory.toml"
-    inventory.write_text(f'[models.short]\ngguf = "file:{gguf}"\nctx = 4096\ngpu_layers = 0\n\n'
-                         '[[hive]]\nname = "localhost"\n')
-    config = QueenConfig(home=Path(rbee_env["RBEE_HOME"]), heartbeat_interval=0.5, ephemeral=True,
-                         serve=ServeOptions(), inventory=str(inventory))
-    child = await start_queen(config, ephemeral=True)
-    try:
-        async with LinkClient(child.url, "queen") as client:
+    inventory = f'[models.short]\ngguf = "file:{gguf}"\nctx = 4096\ngpu_layers = 0\n\n[[hive]]\nname = "localhost"\n'
+    async with queen(rbee_env, inventory, tmp_path) as url:
+        async with LinkClient(url, "queen") as client:
             events = await warm_up(client, {"model": "short"})
             asked = await warm_up(client, {"model": "short", "ctx": 2048})  # the job's own choice wins
         assert events[-1].type == "end" and asked[-1].type == "end"
-        by_ctx = {w["n_ctx"]: w for w in await workers(child.url)}
+        by_ctx = {w["n_ctx"]: w for w in await workers(url)}
         assert sorted(by_ctx) == [2048, 4096] and by_ctx[4096]["gpu_layers"] == 0
-    finally:
-        await child.stop(grace=20.0)
