@@ -72,6 +72,16 @@ def stall_timeout(env: Mapping[str, str] = os.environ) -> float:
     return _env_number("RBEE_STALL_TIMEOUT", 30.0, env) or 30.0
 
 
+def resume_grace(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds a job whose stream broke waits for its client to resume before it is cancelled."""
+    return _env_number("RBEE_RESUME_GRACE", 15.0, env)
+
+
+def peer_retention(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds a down or stopped hive or worker stays listed before it is dropped."""
+    return _env_number("RBEE_PEER_RETENTION", 300.0, env)
+
+
 def queen_url(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RBEE_QUEEN_URL") or f"http://127.0.0.1:{DEFAULT_QUEEN_PORT}"
 
@@ -104,6 +114,7 @@ class WorkerConfig:
     #: requests that may wait for a slot before the worker answers 429
     queue_limit: int = DEFAULT_QUEUE
     ping_interval: float = field(default_factory=lambda: ping_interval())
+    resume_grace: float = field(default_factory=lambda: resume_grace())
     serve: ServeOptions = field(default_factory=ServeOptions)
 
     @property
@@ -122,6 +133,8 @@ class HiveConfig:
     backend: str = "auto"  # the inventory's per-hive `backend =`
     ping_interval: float = field(default_factory=lambda: ping_interval())
     stall_timeout: float = field(default_factory=lambda: stall_timeout())
+    resume_grace: float = field(default_factory=lambda: resume_grace())
+    peer_retention: float = field(default_factory=lambda: peer_retention())
     worker_idle_timeout: float = field(default_factory=lambda: _env_number("RBEE_WORKER_IDLE_TIMEOUT", 900.0))
     #: bytes rbee's workers may hold in all; 0 = whatever is free
     memory_budget: int = field(default_factory=lambda: int(_env_number("RBEE_MEMORY_BUDGET", 0)))
@@ -141,6 +154,8 @@ class QueenConfig:
     inventory: str = ""
     ping_interval: float = field(default_factory=lambda: ping_interval())
     stall_timeout: float = field(default_factory=lambda: stall_timeout())
+    resume_grace: float = field(default_factory=lambda: resume_grace())
+    peer_retention: float = field(default_factory=lambda: peer_retention())
     serve: ServeOptions = field(default_factory=lambda: ServeOptions(port=DEFAULT_QUEEN_PORT))
 
     actor = "queen"

@@ -1,19 +1,47 @@
 """The one exception tree of rbee. Every message is written for the operator:
-what went wrong, where, and how to fix it.
+what went wrong, where, and how to fix it. One code per class; the code is what
+`error` events and JSON error bodies carry, so a peer's error keeps its meaning
+across every hop.
 
-    RbeeError
-    ├── ConfigError (ValueError)          bad flag, env var or setting
-    ├── ModelError
-    │   ├── ModelNotFoundError (LookupError)  unknown model reference or missing file
-    │   └── ModelLoadError                    the engine could not load the file
-    ├── RequestError (ValueError)         a request body that fails validation
-    ├── QueueFullError                    every slot busy and the wait queue at its limit (429, Retry-After)
-    ├── JobNotFoundError (LookupError)    stream/cancel for an id nobody knows
-    ├── LinkError (ConnectionError)       a peer did not answer or broke the stream
-    │   └── PeerError                     the peer answered with an `error` event
-    └── StartupError                      a role (queen, hive, worker) failed to start
+    RbeeError                              internal               500
+    ├── ConfigError (ValueError)           bad_config             400  bad flag, env var or setting
+    │   ├── InventoryError                 bad_inventory          400  inventory.toml fails validation
+    │   └── TrustError                     trust_refused          400  `fleet trust` could not pin a host key
+    ├── RequestError (ValueError)          bad_request            400  a body or parameter that fails validation
+    │   ├── BadModelRefError               bad_model_ref          400  a model reference that does not parse
+    │   ├── BadModelError                  bad_model              400  a file or folder that is not a usable model
+    │   └── EngineError                    no_engine              400  no engine on the host runs that model form
+    ├── NotFoundError (LookupError)        not_found              404
+    │   ├── ModelNotFoundError             model_not_found        404  unknown model, missing file, empty repo
+    │   ├── UnknownNodeError               unknown_node           404  a node the inventory does not name
+    │   ├── UnknownWorkerError             unknown_worker         404  a worker id the hive does not know
+    │   └── JobNotFoundError               job_not_found          404  stream/cancel for an id nobody knows
+    ├── ModelError                         model_error            500  provisioning went wrong on the host
+    │   ├── ModelLoadError                 model_load_failed      500  the engine could not load the file
+    │   ├── DownloadError                  download_failed        502  the Hub answered, the download failed
+    │   └── DiskFullError                  disk_full              507  no room for the model
+    ├── NoCapacityError                    no_capacity            503  no memory for a new worker on the host
+    │   └── NoHiveError                    no_hive                503  no hive is up to schedule on
+    ├── QueueFullError                     queue_full             429  every slot busy, wait queue full (Retry-After)
+    ├── JobCancelledError                  cancelled              499  the client (or a shutdown) cancelled the job
+    ├── LinkError (ConnectionError)        link_failed            502  a peer did not answer or broke the stream
+    │   ├── StallError                     stalled                504  nothing, not even a keep-alive, for too long
+    │   ├── PeerDownError                  peer_down              503  the peer missed its heartbeats
+    │   ├── HubUnreachableError            hub_unreachable        502  the model hub's endpoint cannot be reached
+    │   ├── SshError                       ssh_failed             502  an SSH connection failed
+    │   │   ├── HostKeyError               host_key_refused       502  the host key is not the pinned one
+    │   │   └── RemoteCommandError         remote_command_failed  502  a command on the host failed
+    │   └── PeerError                      (the peer's code)      502  the peer answered with an error
+    │       ├── WorkerDiedError            worker_died            503  the worker's process exited mid-job
+    │       └── WorkerStalledError         worker_stalled         503  the worker hung and was killed
+    ├── UnauthorizedError                  unauthorized           401  no or wrong bearer token
+    └── StartupError                       startup_failed         503  a role (queen, hive, worker) failed to start
+        ├── NodeDownError                  node_down              503  the node is marked down
+        └── WheelhouseError                wheelhouse_failed      500  the queen could not build what hosts install
 
-Foreign exceptions are translated at the boundary with ``raise ... from exc``.
+``HTTP`` below maps every code to its HTTP status and OpenAI error type; a test checks
+it against the tree. Foreign exceptions are translated at the boundary where they
+occur, with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -39,24 +67,80 @@ class ConfigError(RbeeError, ValueError):
     status = 400
 
 
-class ModelError(RbeeError):
-    code = "model_error"
-    status = 500
+class InventoryError(ConfigError):
+    code = "bad_inventory"
 
 
-class ModelNotFoundError(ModelError, LookupError):
-    code = "model_not_found"
-    status = 404
-
-
-class ModelLoadError(ModelError):
-    code = "model_load_failed"
-    status = 500
+class TrustError(ConfigError):
+    code = "trust_refused"
 
 
 class RequestError(RbeeError, ValueError):
     code = "bad_request"
     status = 400
+
+
+class BadModelRefError(RequestError):
+    code = "bad_model_ref"
+
+
+class BadModelError(RequestError):
+    """Not a model: the message names the path and what is missing, never the file's bytes."""
+
+    code = "bad_model"
+
+
+class EngineError(RequestError):
+    code = "no_engine"
+
+
+class NotFoundError(RbeeError, LookupError):
+    code = "not_found"
+    status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class UnknownNodeError(NotFoundError):
+    code = "unknown_node"
+
+
+class UnknownWorkerError(NotFoundError):
+    code = "unknown_worker"
+
+
+class JobNotFoundError(NotFoundError):
+    code = "job_not_found"
+
+
+class ModelError(RbeeError):
+    code = "model_error"
+    status = 500
+
+
+class ModelLoadError(ModelError):
+    code = "model_load_failed"
+
+
+class DownloadError(ModelError):
+    code = "download_failed"
+    status = 502
+
+
+class DiskFullError(ModelError):
+    code = "disk_full"
+    status = 507
+
+
+class NoCapacityError(RbeeError):
+    code = "no_capacity"
+    status = 503
+
+
+class NoHiveError(NoCapacityError):
+    code = "no_hive"
 
 
 class QueueFullError(RbeeError):
@@ -70,14 +154,40 @@ class QueueFullError(RbeeError):
         self.retry_after = retry_after
 
 
-class JobNotFoundError(RbeeError, LookupError):
-    code = "job_not_found"
-    status = 404
+class JobCancelledError(RbeeError):
+    code = "cancelled"
+    status = 499  # the client closed the request (nginx's convention)
 
 
 class LinkError(RbeeError, ConnectionError):
     code = "link_failed"
     status = 502
+
+
+class StallError(LinkError):
+    code = "stalled"
+    status = 504
+
+
+class PeerDownError(LinkError):
+    code = "peer_down"
+    status = 503
+
+
+class HubUnreachableError(LinkError):
+    code = "hub_unreachable"
+
+
+class SshError(LinkError):
+    code = "ssh_failed"
+
+
+class HostKeyError(SshError):
+    code = "host_key_refused"
+
+
+class RemoteCommandError(SshError):
+    code = "remote_command_failed"
 
 
 class PeerError(LinkError):
@@ -86,12 +196,67 @@ class PeerError(LinkError):
     Keeps the peer's own code and actor so the operator sees who failed.
     """
 
-    def __init__(self, message: str, *, code: str = "peer_error", actor: str = "") -> None:
+    code = "peer_error"
+
+    def __init__(self, message: str, *, code: str | None = None, actor: str = "") -> None:
         super().__init__(message)
-        self.code = code
+        if code is not None:
+            self.code = code
         self.actor = actor
+
+
+class WorkerDiedError(PeerError):
+    code = "worker_died"
+    status = 503
+
+
+class WorkerStalledError(PeerError):
+    code = "worker_stalled"
+    status = 503
+
+
+class UnauthorizedError(RbeeError):
+    code = "unauthorized"
+    status = 401
 
 
 class StartupError(RbeeError):
     code = "startup_failed"
     status = 503
+
+
+class NodeDownError(StartupError):
+    code = "node_down"
+
+
+class WheelhouseError(StartupError):
+    code = "wheelhouse_failed"
+    status = 500
+
+
+def _tree(cls: type[RbeeError]) -> list[type[RbeeError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _tree(child))]
+
+
+#: every class of the tree, root first
+CLASSES: tuple[type[RbeeError], ...] = tuple(_tree(RbeeError))
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status (its clients branch on it)."""
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+#: code → (HTTP status, OpenAI error type), for every class of the tree
+HTTP: dict[str, tuple[int, str]] = {cls.code: (cls.status, openai_type(cls.status)) for cls in CLASSES}
+
+
+def http_status(code: str) -> tuple[int, str]:
+    """Status and OpenAI type for a code, e.g. one carried by a peer's `error` event."""
+    return HTTP.get(code, (500, "server_error"))

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE
-from rbee.errors import ConfigError
+from rbee.errors import InventoryError
 
 HIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SSH_TARGET = re.compile(
@@ -29,10 +29,6 @@ MODEL_REF = re.compile(
     r"|file:/.+"
     r"|[A-Za-z0-9][A-Za-z0-9._-]*)$"
 )
-
-
-class InventoryError(ConfigError):
-    code = "bad_inventory"
 
 
 def check_model_ref(ref: str) -> str:

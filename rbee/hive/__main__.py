@@ -18,9 +18,10 @@ import time
 from rbee import __version__
 from rbee.config import HiveConfig, from_args, to_args
 from rbee.errors import RbeeError
-from rbee.hive.app import Hive, create_app
+from rbee.hive.app import create_app
 from rbee.hive.models import ModelCatalog
 from rbee.hive.provision import HubDownloader
+from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor
 from rbee.link.auth import load_token
 from rbee.link.heartbeat import send_heartbeats
@@ -43,7 +44,7 @@ async def main(config: HiveConfig) -> int:
     app = create_app(hive)
 
     def payload() -> dict[str, object]:
-        return {**hive.status(), "url": url, "pid": os.getpid()}
+        return hive.status(url).model_dump(mode="json")
 
     tasks = [
         asyncio.create_task(hive.supervisor.watch_heartbeats()),

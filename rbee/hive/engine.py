@@ -14,13 +14,9 @@ import importlib.util
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from rbee.errors import RequestError
+from rbee.errors import EngineError
 
 FORMAT_OF = {"mlx": "mlx", "llama-cpp": "gguf"}
-
-
-class EngineError(RequestError):
-    code = "no_engine"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from gguf import GGUFValueType, LlamaFileType
 
-from rbee.errors import ModelError
+from rbee.errors import BadModelError
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -87,10 +87,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     try:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
-                raise ModelError(f"{path} is not a GGUF file (bad magic)")
+                raise BadModelError(f"{path} is not a GGUF file (bad magic)")
             version = _read(handle, "<I")
             if version < 2:
-                raise ModelError(f"{path}: GGUF version {version} is too old")
+                raise BadModelError(f"{path}: GGUF version {version} is too old; convert it with a current llama.cpp")
             n_tensors, n_kv = _read(handle, "<Q"), _read(handle, "<Q")
             if n_tensors > 1_000_000 or n_kv > 1_000_000:
                 raise ValueError(f"{n_tensors} tensors and {n_kv} keys")
@@ -108,7 +108,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                     count *= dim
                 parameters += count
     except (EOFError, ValueError, struct.error, MemoryError, OverflowError) as exc:
-        raise ModelError(f"{path} is truncated or corrupt: its GGUF header cannot be read ({exc})") from exc
+        raise BadModelError(
+            f"{path} is truncated or corrupt: its GGUF header cannot be read ({type(exc).__name__})"
+        ) from exc
     return fields, parameters
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import DEFAULT_MODEL
-from rbee.errors import ModelError, ModelNotFoundError
+from rbee.errors import BadModelError, DiskFullError, ModelError, ModelNotFoundError
 from rbee.hive.gguf_meta import GgufInfo, read_info
 from rbee.hive.refs import ModelRef, entry_name, parse_ref
 
@@ -64,7 +64,10 @@ def mlx_info(path: Path) -> GgufInfo:
     if not any((path / name).is_file() for name in MLX_TOKENIZER_FILES):
         missing.append(" or ".join(MLX_TOKENIZER_FILES))
     if missing:
-        raise ModelError(f"the MLX model directory {path} lacks {', '.join(missing)}; provision it again")
+        raise BadModelError(
+            f"{path} is not an MLX model directory: it lacks {', '.join(missing)}; name a GGUF file or an MLX "
+            "model folder, or provision it again"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
         parameters = 0
@@ -78,7 +81,9 @@ def mlx_info(path: Path) -> GgufInfo:
                         count *= dim
                     parameters += count
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"the MLX model directory {path} is corrupt: {exc}") from exc
+        raise BadModelError(
+            f"the MLX model directory {path} is corrupt ({type(exc).__name__}); provision it again"
+        ) from exc
     heads = int(config.get("num_attention_heads", 1) or 1)
     bits = (config.get("quantization") or {}).get("bits")
     return GgufInfo(
@@ -106,13 +111,14 @@ def check_gguf_header(path: Path) -> None:
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
+        raise BadModelError(f"{path} is not a GGUF model file (no GGUF magic at its start); name a .gguf file")
 
 
 class ModelCatalog:
     def __init__(self, root: Path, downloader: Any = None) -> None:
         self.root = root
         self.downloader = downloader  # rbee.hive.provision.HubDownloader, for hf: refs
+        self._parsed: dict[Path, tuple[int, ModelEntry]] = {}
 
     @property
     def staging(self) -> Path:
@@ -132,15 +138,23 @@ class ModelCatalog:
         return self._load(manifest) if manifest.is_file() else None
 
     def _load(self, manifest: Path) -> ModelEntry | None:
+        """The entry a manifest describes; parsed again only when the manifest changed (every
+        heartbeat lists the catalog)."""
         try:
-            data = json.loads(manifest.read_text())
-            info = GgufInfo(**data["metadata"])
-            path = manifest.parent / data["file"]
-            present = path.is_dir() if data["format"] == "mlx" else path.is_file()
-            if not present:
-                return None
-            return ModelEntry(data["name"], data["ref"], path, data["size"], data["sha256"], data["format"], info)
+            stamp = manifest.stat().st_mtime_ns
+            cached = self._parsed.get(manifest)
+            if cached is not None and cached[0] == stamp:
+                entry = cached[1]
+            else:
+                data = json.loads(manifest.read_text())
+                info = GgufInfo(**data["metadata"])
+                entry = ModelEntry(data["name"], data["ref"], manifest.parent / data["file"], data["size"],
+                                   data["sha256"], data["format"], info)
+                self._parsed[manifest] = (stamp, entry)
+            present = entry.path.is_dir() if entry.format == "mlx" else entry.path.is_file()
+            return entry if present else None
         except (OSError, ValueError, KeyError, TypeError):
+            self._parsed.pop(manifest, None)
             return None
 
     def admit(self, name: str, ref: str, staged: Path, sha256: str) -> ModelEntry:
@@ -205,13 +219,18 @@ class ModelCatalog:
 
     def _file(self, ref: ModelRef) -> ModelEntry:
         path = Path(ref.value)
-        if path.is_dir():
-            return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", mlx_info(path))
-        if not path.is_file():
-            raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
-        check_gguf_header(path)
-        info = read_info(path)
-        return ModelEntry(path.stem, str(ref), path, path.stat().st_size, "", "gguf", info)
+        try:
+            if path.is_dir():
+                info = mlx_info(path)  # before dir_size: `file:/` is refused without walking the disk
+                return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", info)
+            if not path.is_file():
+                raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
+            check_gguf_header(path)
+            info = read_info(path)
+            return ModelEntry(path.stem, str(ref), path, path.stat().st_size, "", "gguf", info)
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            raise BadModelError(f"cannot read {path} ({why}); check its permissions") from exc
 
     def _provision_default(self, narrate: Narrate) -> ModelEntry:
         try:
@@ -225,7 +244,7 @@ class ModelCatalog:
         existing = next(path for path in (self.root, *self.root.parents) if path.exists())
         free = shutil.disk_usage(existing).free
         if free < size:
-            raise ModelError(f"not enough disk for {DEFAULT_MODEL}: needs {size / 1e6:.0f} MB, "
+            raise DiskFullError(f"not enough disk for {DEFAULT_MODEL}: needs {size / 1e6:.0f} MB, "
                              f"{free / 1e6:.0f} MB free at {self.root}")
         narrate("provision", f"assembling {DEFAULT_MODEL} ({size / 1e6:.0f} MB) into {self.root / DEFAULT_MODEL}")
         self.staging.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee.errors import RbeeError
+from rbee.errors import NoCapacityError
 
 #: compute buffers and the process itself, beyond weights + KV cache
 RUNTIME_OVERHEAD = 64 * 1024 * 1024
@@ -25,11 +25,6 @@ RUNTIME_OVERHEAD = 64 * 1024 * 1024
 MIN_AUTO_CTX = 2048
 #: context for a model that does not say what it was trained for
 FALLBACK_CTX = 4096
-
-
-class NoCapacityError(RbeeError):
-    code = "no_capacity"
-    status = 503
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,21 @@ import hashlib
 import io
 import logging
 import shutil
+import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from rbee.errors import ModelError, ModelNotFoundError
+from rbee.errors import DiskFullError, DownloadError, HubUnreachableError, ModelNotFoundError
 from rbee.hive.models import ModelCatalog, ModelEntry, sha256_of
 from rbee.hive.refs import ModelRef, entry_name, is_mlx_repo, mlx_files, pick_gguf
 
@@ -88,13 +92,36 @@ class HubDownloader:
         self.endpoint = endpoint  # None: HF_ENDPOINT or the public Hub
         self.token = token  # None: HF_TOKEN or the cached login
 
+    def reachable(self, ref: ModelRef) -> None:
+        """Fail in seconds, naming the endpoint, when the hub's host does not even accept a
+        connection: huggingface_hub retries that for about 25 s. Skipped behind a proxy."""
+        endpoint = self.endpoint or hf_constants.ENDPOINT
+        parts = urlsplit(endpoint)
+        if parts.scheme in urllib.request.getproxies() or not parts.hostname:
+            return
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=5).close()
+        except OSError as exc:
+            raise self._unreachable(ref, exc) from exc
+
     def list_files(self, ref: ModelRef) -> dict[str, RepoFile]:
         """The repo's files with sizes and, for LFS files, the Hub's sha256."""
+        self.reachable(ref)
         try:
             tree = HfApi(endpoint=self.endpoint, token=self.token).list_repo_tree(ref.value, recursive=True)
             return {item.path: item for item in tree if isinstance(item, RepoFile)}
         except HfHubHTTPError as exc:
             raise ModelNotFoundError(f"cannot list {ref}: {_brief(exc)}") from exc
+        except Exception as exc:  # the Hub client's transport errors (connect, DNS, TLS, timeout)
+            raise self._unreachable(ref, exc) from exc
+
+    def _unreachable(self, ref: ModelRef, exc: BaseException) -> HubUnreachableError:
+        endpoint = self.endpoint or hf_constants.ENDPOINT
+        return HubUnreachableError(
+            f"the model hub at {endpoint} cannot be reached for {ref} ({_brief(exc)}); check this host's "
+            "network, or set HF_ENDPOINT to a reachable mirror"
+        )
 
     def provision(self, catalog: ModelCatalog, ref: ModelRef, narrate: Narrate, form: str | None = None) -> ModelEntry:
         """``form``: what the engine needs ("gguf" or "mlx"); None = whatever the repo holds, GGUF first."""
@@ -137,7 +164,7 @@ class HubDownloader:
                 actual = sha256_of(stage_dir / path)
                 if actual != lfs.sha256:
                     shutil.rmtree(stage_dir, ignore_errors=True)
-                    raise ModelError(
+                    raise DownloadError(
                         f"checksum mismatch for {ref} file {path}: the Hub says sha256 {lfs.sha256[:16]}…, the "
                         f"download is {actual[:16]}…. Nothing was kept; pull again"
                     )
@@ -155,7 +182,7 @@ class HubDownloader:
         catalog.staging.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(catalog.staging).free
         if size and free < size * 1.02:
-            raise ModelError(
+            raise DiskFullError(
                 f"not enough disk space for {ref}: it needs {size / 1e6:.0f} MB, {catalog.root} has "
                 f"{free / 1e6:.0f} MB free. Free some space (`rbee models rm`) and pull again"
             )
@@ -169,10 +196,13 @@ class HubDownloader:
         if existing is not None:
             return existing
         url = hf_hub_url(ref.value, filename, endpoint=self.endpoint)
+        self.reachable(full)
         try:
             meta = get_hf_file_metadata(url, token=self.token)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-            raise ModelNotFoundError(f"cannot reach {full}: {_brief(exc)}") from exc
+        except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
+            raise ModelNotFoundError(f"{full} is not on the hub: {_brief(exc)}") from exc
+        except Exception as exc:  # connect, DNS, TLS, timeout
+            raise self._unreachable(full, exc) from exc
         size = meta.size or 0
         expected = (meta.etag or "").strip('"').lower()
         self._check_disk(catalog, full, size)
@@ -185,7 +215,7 @@ class HubDownloader:
         actual = sha256_of(path)
         if len(expected) == 64 and actual != expected:
             shutil.rmtree(stage_dir, ignore_errors=True)
-            raise ModelError(
+            raise DownloadError(
                 f"checksum mismatch for {full}: the Hub says sha256 {expected[:16]}…, the download is "
                 f"{actual[:16]}…. Nothing was kept; pull again"
             )
@@ -216,7 +246,7 @@ class HubDownloader:
             except OSError as exc:
                 if getattr(exc, "errno", None) == 28:  # ENOSPC
                     shutil.rmtree(stage_dir, ignore_errors=True)
-                    raise ModelError(f"the disk filled up while downloading {what}; nothing was kept") from exc
+                    raise DiskFullError(f"the disk filled up while downloading {what}; nothing was kept") from exc
                 last = exc
             except (HfHubHTTPError, LocalEntryNotFoundError) as exc:
                 last = exc
@@ -224,7 +254,7 @@ class HubDownloader:
                 last = exc
             log.warning("download of %s failed (attempt %d/%d): %s", what, attempt, ATTEMPTS, _brief(last))
             time.sleep(min(0.5 * attempt, 2.0))
-        raise ModelError(f"download of {what} failed {ATTEMPTS} times: {_brief(last)}")
+        raise DownloadError(f"download of {what} failed {ATTEMPTS} times: {_brief(last)}")
 
 
 def _brief(exc: BaseException | None) -> str:

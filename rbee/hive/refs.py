@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from rbee.config import DEFAULT_MODEL
-from rbee.errors import RequestError
+from rbee.errors import BadModelRefError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 #: Preferred GGUF quantizations when a repo holds several, best first.
 QUANT_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_0", "Q6_K", "Q8_0", "BF16", "F16", "F32")
-
-
-class BadModelRef(RequestError):
-    code = "bad_model_ref"
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class ModelRef:
 def _safe_relative(path: str, ref: str) -> str:
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts or path.startswith("~") or "\\" in path or "\x00" in path:
-        raise BadModelRef(f"model reference {ref!r}: the file part must be a plain relative path inside the repo")
+        raise BadModelRefError(f"model reference {ref!r}: the file part must be a plain relative path inside the repo")
     return str(pure)
 
 
@@ -58,23 +54,23 @@ def parse_ref(ref: str | None) -> ModelRef:
         repo, _, file = body.partition(":")
         parts = repo.split("/")
         if len(parts) != 2 or not all(REPO_PART.match(part) for part in parts):
-            raise BadModelRef(f"model reference {ref!r}: write hf:org/repo or hf:org/repo:file.gguf")
+            raise BadModelRefError(f"model reference {ref!r}: write hf:org/repo or hf:org/repo:file.gguf")
         if file:
             file = _safe_relative(file, ref)
             if not file.endswith(".gguf"):
-                raise BadModelRef(f"model reference {ref!r}: rbee loads .gguf files from the Hub")
+                raise BadModelRefError(f"model reference {ref!r}: rbee loads .gguf files from the Hub")
         return ModelRef("hf", repo, file or None)
     if ref.startswith("file:"):
         path = ref[5:]
         pure = PurePosixPath(path)
         if not pure.is_absolute():
-            raise BadModelRef(f"model reference {ref!r}: a file: path must be absolute")
+            raise BadModelRefError(f"model reference {ref!r}: a file: path must be absolute")
         if ".." in pure.parts or "\x00" in path:
-            raise BadModelRef(f"model reference {ref!r}: '..' is not allowed in a file: path")
+            raise BadModelRefError(f"model reference {ref!r}: '..' is not allowed in a file: path")
         return ModelRef("file", path)
     if NAME.match(ref):
         return ModelRef("name", ref)
-    raise BadModelRef(
+    raise BadModelRefError(
         f"unknown model reference {ref!r}: use {DEFAULT_MODEL}, a catalog name, hf:org/repo[:file.gguf] "
         "or file:/absolute/path.gguf"
     )

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
-from rbee.errors import ModelNotFoundError, StartupError
-from rbee.hive.placement import NoCapacityError, Sized
-from rbee.link.heartbeat import is_overdue
+from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
+from rbee.hive.placement import Sized
+from rbee.link.client import LinkClient
+from rbee.link.peers import Peer, PeerRegistry, PeerState
+from rbee.link.schemas import Load, WorkerReport, WorkerView, parse_wire
 from rbee.link.spawn import Child, bind_loopback, spawn
 from rbee.worker.backends.engine_report import EngineReport
 
@@ -38,9 +40,6 @@ def worker_threads(cores: int, live_workers: int) -> int:
     return max(1, cores // (live_workers + 1))
 
 
-LIVE_STATES = frozenset({"starting", "ready", "busy"})
-
-
 @dataclass(frozen=True)
 class WorkerSpec:
     """What makes two jobs able to share a worker."""
@@ -54,26 +53,32 @@ class WorkerSpec:
     queue_limit: int = field(default=DEFAULT_QUEUE, compare=False)
 
 
-@dataclass
-class WorkerRecord:
-    worker_id: str
-    spec: WorkerSpec
-    child: Child
-    sized: Sized
-    state: str = "starting"
-    reason: str = "spawned"
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    report: dict[str, Any] = field(default_factory=dict)
-    memory: int = 0  # what admission reserved for it
-    last_used: float = field(default_factory=time.monotonic)
-    active_jobs: int = 0
-    engine_reason: str = ""
-    engine: dict[str, Any] = field(default_factory=dict)  # the engine's own load report
+class WorkerRecord(Peer[WorkerReport]):
+    """A worker as its hive tracks it: a peer, plus its process, spec and what admission gave it."""
+
+    def __init__(self, worker_id: str, spec: WorkerSpec, child: Child, sized: Sized, engine_reason: str = "") -> None:
+        super().__init__("worker", worker_id, child.url, reason="spawned")
+        self.spec = spec
+        self.child = child
+        self.sized = sized
+        self.memory = sized.need.total  # what admission reserved for it
+        self.engine_reason = engine_reason
+        self.engine: dict[str, Any] = {}  # the engine's own load report
+        self.last_used = time.monotonic()
+        self.active_jobs = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.name
+
+    @property
+    def load(self) -> Load:
+        return self.report.load if self.report is not None else Load(slots=self.spec.slots or 1)
 
     @property
     def slots(self) -> int:
-        """Sequences it decodes together (from its heartbeats; 1 until the first)."""
-        return max(int((self.report.get("load") or {}).get("slots", 0)) or self.spec.slots or 1, 1)
+        """Sequences it decodes together (from its reports; 1 until the first)."""
+        return max(self.load.slots or self.spec.slots or 1, 1)
 
     @property
     def model_path(self) -> Path:
@@ -83,37 +88,21 @@ class WorkerRecord:
     def backend(self) -> str:
         return self.spec.backend
 
-    @property
-    def url(self) -> str:
-        return self.child.url
-
-    @property
-    def actor(self) -> str:
-        return f"worker:{self.worker_id}"
-
-    def mark(self, state: str, reason: str) -> None:
-        self.state, self.reason = state, reason
+    def view(self, now: float | None = None) -> WorkerView:
+        now = time.monotonic() if now is None else now
+        report = self.report
+        return WorkerView(
+            worker_id=self.worker_id, state=self.state.value, reason=self.reason, model_path=str(self.model_path),
+            backend=self.backend, engine_reason=self.engine_reason, n_ctx=self.sized.n_ctx,
+            gpu_layers=self.sized.placement.gpu_layers, placement=self.sized.placement.device,
+            engine=self.engine or (report.engine if report else {}), pid=self.child.pid, url=self.url,
+            heartbeat_age_s=self.heartbeat_age(now), tokens_generated=report.tokens_generated if report else 0,
+            load=self.load, memory=self.memory,
+            idle_s=round(now - self.last_used, 1) if not self.active_jobs else 0.0,
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "worker_id": self.worker_id,
-            "state": self.state,
-            "reason": self.reason,
-            "model_path": str(self.model_path),
-            "backend": self.backend,
-            "engine_reason": self.engine_reason,
-            "n_ctx": self.sized.n_ctx,
-            "gpu_layers": self.sized.placement.gpu_layers,
-            "placement": self.sized.placement.device,
-            "engine": self.engine or self.report.get("engine") or {},
-            "pid": self.child.pid,
-            "url": self.url,
-            "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 2),
-            "tokens_generated": self.report.get("tokens_generated", 0),
-            "load": self.report.get("load", {}),
-            "memory": self.memory,
-            "idle_s": round(time.monotonic() - self.last_used, 1) if not self.active_jobs else 0.0,
-        }
+        return self.view().model_dump(mode="json")
 
 
 #: workers one model may have on a host when its slots are all taken
@@ -135,25 +124,43 @@ def engine_summary(report: dict[str, Any]) -> str:
 
 
 class Supervisor:
+    """The hive's workers: a :class:`PeerRegistry` of :class:`WorkerRecord` plus spawning,
+    admission and the idle/heartbeat watch."""
+
+    #: what a worker process runs (``python -m``); the hive's leak test puts a light stand-in here
+    worker_module = "rbee.worker"
+
     def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None) -> None:
         self.config = config
         self.token = token
         self.hive_url = hive_url
-        self.workers: dict[str, WorkerRecord] = {}
+        self.peers: PeerRegistry[WorkerRecord] = PeerRegistry(
+            config.heartbeat_interval, self._connect, retention=config.peer_retention
+        )
         self._spawning: dict[WorkerSpec, asyncio.Lock] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
+    def _connect(self, record: WorkerRecord) -> LinkClient:
+        return LinkClient(record.url, record.actor, stall_timeout=self.config.stall_timeout, token=self.token)
+
+    @property
+    def workers(self) -> dict[str, WorkerRecord]:
+        return self.peers.peers
+
+    def client(self, record: WorkerRecord) -> LinkClient:
+        return self.peers.client(record)
+
     def find(self, spec: WorkerSpec) -> WorkerRecord | None:
         """The live worker for ``spec`` with the most room (fewest jobs per slot)."""
-        records = [r for r in self.workers.values() if r.spec == spec and r.state in ("ready", "busy")]
+        records = [r for r in self.peers if r.spec == spec and r.serving]
         return min(records, key=lambda r: (r.active_jobs / r.slots, r.worker_id)) if records else None
 
     def live_count(self) -> int:
-        return sum(1 for r in self.workers.values() if r.state in LIVE_STATES)
+        return sum(1 for r in self.peers if r.live)
 
     @property
     def reserved(self) -> int:
-        return sum(r.memory for r in self.workers.values() if r.state in LIVE_STATES)
+        return sum(r.memory for r in self.peers if r.live)
 
     async def worker_for(
         self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = ""
@@ -178,7 +185,7 @@ class Supervisor:
 
     async def _scale_out(self, spec: WorkerSpec, busy: WorkerRecord, narrate: Narrate, size: Callable[[], Sized],
                          reason: str) -> WorkerRecord:
-        live = sum(1 for r in self.workers.values() if r.spec == spec and r.state in LIVE_STATES)
+        live = sum(1 for r in self.peers if r.spec == spec and r.live)
         try:
             sized = size()
         except NoCapacityError:
@@ -206,6 +213,7 @@ class Supervisor:
             slots=spec.slots,
             queue_limit=spec.queue_limit,
             ping_interval=self.config.ping_interval,
+            resume_grace=self.config.resume_grace,
             serve=ServeOptions(),
         )
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"
@@ -213,28 +221,27 @@ class Supervisor:
                          f"{placement.device}, context {sized.n_ctx} ({sized.why}), needs "
                          f"{placement.need / 1e9:.2f} GB of {placement.free / 1e9:.2f} GB free in {placement.pool}")
         child = await spawn(
-            f"worker:{worker_id}", "rbee.worker", to_args(config), sock=bind_loopback(), log_path=log_path,
+            f"worker:{worker_id}", self.worker_module, to_args(config), sock=bind_loopback(), log_path=log_path,
             env={**os.environ, **placement.env()},
         )
-        record = WorkerRecord(worker_id, spec, child, sized, memory=sized.need.total, engine_reason=reason)
-        self.workers[worker_id] = record
+        record = self.peers.add(WorkerRecord(worker_id, spec, child, sized, engine_reason=reason))
         self._watch(record)
         started = time.monotonic()
         try:
             ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=self.token)
         except StartupError as exc:
-            record.mark("dead", "failed to start")
+            record.set_state(PeerState.DOWN, "failed to start")
             await child.stop(grace=1.0)
-            self.workers.pop(worker_id, None)
+            await self.peers.remove(worker_id)
             raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
         except BaseException:
             await child.stop(grace=1.0)
-            self.workers.pop(worker_id, None)
+            await self.peers.remove(worker_id)
             raise
-        record.mark("ready", "model loaded")
-        record.last_heartbeat = time.monotonic()
-        record.report = dict(ready or {})  # the same info() its heartbeats carry: slots, engine
-        record.engine = dict(record.report.get("engine") or {})
+        report = parse_wire(WorkerReport, ready, f"ready answer of worker:{worker_id}")
+        record.beat(report)  # the same report its heartbeats carry: slots, engine
+        record.set_state(PeerState.UP, "model loaded")
+        record.engine = dict(report.engine)
         where = f" {engine_summary(record.engine)}" if record.engine else ""
         narrate("ready", f"worker:{worker_id} loaded {spec.model_path.name} in {time.monotonic() - started:.1f} s"
                          f"{where}", engine=record.engine)
@@ -243,62 +250,61 @@ class Supervisor:
     def _watch(self, record: WorkerRecord) -> None:
         async def wait_exit() -> None:
             await record.child.process.wait()
-            if record.state in LIVE_STATES:
-                record.mark("dead", f"process {record.child.exit_reason()}")
+            if record.live:
+                record.set_state(PeerState.DOWN, f"process {record.child.exit_reason()}")
+            if not record.jobs:
+                await record.close()  # its connection pool; a job still relayed closes it on its way out
 
         task = asyncio.get_running_loop().create_task(wait_exit())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
-    def heartbeat(self, worker_id: str, report: dict[str, Any]) -> bool:
-        record = self.workers.get(worker_id)
+    def heartbeat(self, worker_id: str, body: Any) -> bool:
+        """A worker's heartbeat; False for a worker this hive does not know (a 404 for it).
+        A malformed body raises RequestError (a 400)."""
+        record = self.peers.get(worker_id)
         if record is None:
             return False
-        record.last_heartbeat = time.monotonic()
-        record.report = report
-        if record.state == "down":
-            record.mark("ready", "heartbeats resumed")
-        elif record.state in ("ready", "busy") and report.get("state") in ("ready", "busy"):
-            record.state = report["state"]
+        report = parse_wire(WorkerReport, body, f"heartbeat of worker:{worker_id}")
+        record.beat(report, busy=report.state == "busy", ready=report.state in ("ready", "busy"))
         return True
 
     def check_overdue(self, now: float | None = None) -> list[WorkerRecord]:
-        """Mark workers that missed their heartbeats as down; return those newly marked."""
-        now = time.monotonic() if now is None else now
-        newly = []
-        for record in self.workers.values():
-            if record.state in ("ready", "busy") and is_overdue(
-                record.last_heartbeat, now, self.config.heartbeat_interval
-            ):
-                record.mark("down", f"missed heartbeats for {now - record.last_heartbeat:.1f} s")
-                newly.append(record)
+        """Workers that missed their heartbeats: marked down, their jobs ended, they are killed
+        (a hung worker holds memory and slots); returns those newly marked."""
+        newly = self.peers.check(now)
+        for record in newly:
+            with contextlib.suppress(ProcessLookupError):
+                record.child.process.kill()
         return newly
 
     def idle(self, now: float | None = None) -> list[WorkerRecord]:
         now = time.monotonic() if now is None else now
         return [
-            r for r in self.workers.values()
-            if r.state == "ready" and not r.active_jobs and now - r.last_used > self.config.worker_idle_timeout
+            r for r in self.peers
+            if r.state == PeerState.UP and not r.active_jobs and now - r.last_used > self.config.worker_idle_timeout
         ]
 
     async def watch_heartbeats(self) -> None:
-        """Mark silent workers down; stop workers idle past the timeout."""
+        """Mark silent workers down; stop workers idle past the timeout; drop long-gone ones."""
         while True:
             self.check_overdue()
             for record in self.idle():
                 log.info("stopping %s: idle for %.0f s", record.actor, time.monotonic() - record.last_used)
                 await self.stop(record.worker_id, f"idle for more than {self.config.worker_idle_timeout:.0f} s")
+            for record in await self.peers.prune():
+                record.child.log_path.unlink(missing_ok=True)  # kept while the worker was listed, for post-mortems
             await asyncio.sleep(min(self.config.heartbeat_interval / 2, 1.0))
 
-
     async def stop(self, worker_id: str, reason: str) -> WorkerRecord:
-        record = self.workers.get(worker_id)
+        record = self.peers.get(worker_id)
         if record is None:
             known = ", ".join(self.workers) or "none"
-            raise ModelNotFoundError(f"no worker {worker_id!r} on {self.config.actor} (workers: {known})")
-        record.mark("stopping", reason)
+            raise UnknownWorkerError(f"no worker {worker_id!r} on {self.config.actor} (workers: {known})")
+        record.set_state(PeerState.STOPPING, reason)
         await record.child.stop(grace=5.0)
-        record.mark("stopped", reason)
+        record.set_state(PeerState.STOPPED, reason)
+        await record.close()
         return record
 
     async def stop_all(self, reason: str = "hive shutting down") -> None:
@@ -307,7 +313,11 @@ class Supervisor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.peers.close()
+
+    def views(self) -> list[WorkerView]:
+        now = time.monotonic()
+        return [record.view(now) for record in self.peers]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [record.describe() for record in self.workers.values()]
-
+        return [view.model_dump(mode="json") for view in self.views()]

@@ -108,8 +108,8 @@ async def _queen_status(settings: Settings) -> None:
     hives = await running_hives(settings, "start one with `rbee queen start`")
     table = Table("hive", "state", "reason", "workers", title=f"queen at {settings.queen_url}")
     for hive in hives:
-        workers = ", ".join(f"{w['worker_id']} ({w['state']})" for w in hive["workers"]) or "-"
-        table.add_row(hive["name"], hive["state"], hive["reason"], workers)
+        workers = ", ".join(f"{w.worker_id} ({w.state})" for w in hive.workers) or "-"
+        table.add_row(hive.name, hive.state, hive.reason, workers)
     Console().print(table)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from rbee.errors import RbeeError
 from rbee.keeper.session import QueenHandle, queen_answers, queen_session
 from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
+from rbee.link.schemas import HiveView, parse_wire
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -43,9 +45,15 @@ class Settings:
 
     @classmethod
     def load(cls, url: str | None, inventory_path: Path | None = None) -> Settings:
+        """Flags beat the environment, which beats the inventory's ``[queen]`` table."""
         path = inventory_path or inventory.default_path()
-        return cls(url or queen_url(), rbee_home(), heartbeat_interval(), path.resolve() if path else None,
-                   load_token())
+        queen = _queen_section(path)
+        if url is None and "RBEE_QUEEN_URL" not in os.environ and queen is not None:
+            url = f"http://127.0.0.1:{queen.port}"
+        interval = heartbeat_interval()
+        if "RBEE_HEARTBEAT_INTERVAL" not in os.environ and queen is not None:
+            interval = queen.heartbeat_interval
+        return cls(url or queen_url(), rbee_home(), interval, path.resolve() if path else None, load_token())
 
     def client(self, url: str, stall_timeout: float | None = 300.0) -> LinkClient:
         return LinkClient(url, "queen", stall_timeout=stall_timeout, token=self.token)
@@ -61,13 +69,14 @@ class Settings:
         return inventory.load(self.inventory_path)
 
 
-async def running_hives(settings: Settings, fix: str) -> list[dict[str, Any]]:
+async def running_hives(settings: Settings, fix: str) -> list[HiveView]:
     """The hives the running queen knows; without a queen, say so with ``fix`` and exit 1."""
     if not await queen_answers(settings.queen_url, token=settings.token):
         err.print(f"no queen answers at {settings.queen_url}; {fix}")
         raise typer.Exit(1)
     async with settings.client(settings.queen_url) as client:
-        return list((await client.request_json("GET", "/v1/hives"))["hives"])
+        body = await client.request_json("GET", "/v1/hives")
+    return [parse_wire(HiveView, row, "hive row from the queen") for row in body["hives"]]
 
 
 def run(coro: Any) -> Any:
@@ -84,3 +93,14 @@ def run_sync(function: Any, *args: Any) -> Any:
     except RbeeError as exc:
         err.print(f"[bold red]error[/] ({exc.code}): {escape(exc.message)}")
         raise typer.Exit(2) from None
+
+
+def _queen_section(path: Path | None) -> inventory.QueenSection | None:
+    """The inventory's ``[queen]`` table, or None without an inventory. A bad inventory is
+    reported by the command that reads it whole, not here."""
+    if path is None:
+        return None
+    try:
+        return inventory.load(path).queen
+    except RbeeError:
+        return None

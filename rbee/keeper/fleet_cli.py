@@ -106,15 +106,15 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     hives = run(running_hives(settings, "the fleet is not running (`rbee fleet up`)"))
     table = Table("hive", "state", "reason", "heartbeat", "version", "devices", "workers", title="fleet status")
     for hive in hives:
-        age = hive.get("heartbeat_age_s")
+        age = hive.heartbeat_age_s
         table.add_row(
-            hive["name"], hive["state"], hive["reason"], "-" if age is None else f"{age:.1f} s ago",
-            hive.get("version") or "-", describe_devices(hive.get("devices") or {}),
+            hive.name, hive.state, hive.reason, "-" if age is None else f"{age:.1f} s ago",
+            hive.version or "-", describe_devices(hive.devices),
             "; ".join(
-                f"{w['worker_id']} {w['state']} {Path(w['model_path']).name} on {w['backend']}"
-                + (f", {w['engine']['device']} {offload_text(w['engine'])}" if w.get("engine") else "")
-                + (f" ({w['engine_reason']})" if w.get("engine_reason") else "")
-                for w in hive["workers"]
+                f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
+                + (f", {w.engine.get('device', '?')} {offload_text(w.engine)}" if w.engine else "")
+                + (f" ({w.engine_reason})" if w.engine_reason else "")
+                for w in hive.workers
             ) or "-",
         )
     out.print(table)

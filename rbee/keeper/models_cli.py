@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
 from rbee.keeper.render import JobPrinter
+from rbee.link.schemas import FleetWorker, parse_wire
 
 models_app = typer.Typer(help="Models in each hive's catalog.", no_args_is_help=True)
 workers_app = typer.Typer(help="Workers: one process per loaded model.", no_args_is_help=True)
@@ -73,12 +74,12 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     result = run(_call(settings, "GET", "/v1/workers"))
     table = Table("hive", "worker", "state", "reason", "backend", "model", "device", "offload", "ctx", "memory",
                   "idle", title="workers")
-    for w in result["workers"]:
-        engine = w.get("engine") or {}
-        table.add_row(w["node"], w["worker_id"], w["state"], w["reason"], w["backend"],
-                      w["model_path"].rsplit("/", 1)[-1], engine.get("device") or w.get("placement") or "-",
-                      offload_text(engine), str(w.get("n_ctx") or "-"), memory_text(w, engine),
-                      f"{w['idle_s']:.0f} s")
+    for row in result["workers"]:
+        w = parse_wire(FleetWorker, row, "worker row from the queen")
+        engine = w.engine
+        table.add_row(w.node, w.worker_id, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
+                      engine.get("device") or w.placement or "-", offload_text(engine), str(w.n_ctx or "-"),
+                      memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
     out.print(table)
 
 
@@ -100,10 +101,10 @@ def offload_text(engine: dict[str, Any]) -> str:
     return f"{engine['layers_offloaded']}/{engine['layers_total']} layers"
 
 
-def memory_text(worker: dict[str, Any], engine: dict[str, Any]) -> str:
+def memory_text(reserved: int, engine: dict[str, Any]) -> str:
     """Device memory the engine says it took (weights + KV cache), else what admission reserved."""
     on_device = int(engine.get("weights_on_device", 0)) + int(engine.get("kv_on_device", 0))
     if on_device:
         return f"{on_device / 1e6:.0f} MB VRAM"
     in_ram = int(engine.get("weights_in_ram", 0)) + int(engine.get("kv_in_ram", 0))
-    return f"{(in_ram or worker.get('memory', 0)) / 1e6:.0f} MB RAM"
+    return f"{(in_ram or reserved) / 1e6:.0f} MB RAM"

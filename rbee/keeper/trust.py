@@ -6,15 +6,11 @@ from pathlib import Path
 
 import asyncssh
 
-from rbee.errors import ConfigError
+from rbee.errors import TrustError
 from rbee.inventory import Inventory
 
 # The keeper may use the queen's SSH helpers only through the shared inventory types;
 # the host-key logic itself is small enough to live here.
-
-
-class TrustError(ConfigError):
-    code = "trust_refused"
 
 
 async def trust(inventory: Inventory, name: str) -> tuple[str, Path]:

@@ -10,21 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
 
-from rbee.errors import JobNotFoundError, LinkError, PeerError, RequestError
+from rbee.errors import JobNotFoundError, LinkError, PeerError, RequestError, StallError
 from rbee.link.auth import bearer
 from rbee.link.events import DONE_DATA, Event, EventFormatError
 from rbee.link.transport import async_client
 
-
-class StallError(LinkError):
-    code = "stalled"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,15 +81,22 @@ class LinkClient:
             raise LinkError(f"{self.peer} answered the job creation without job_id/sse_url") from exc
 
     async def stream(self, handle: JobHandle, last_event_id: int = 0) -> AsyncIterator[Event]:
-        """Yield the job's events until the terminal one; the stream must end with `[DONE]`.
+        """Yield the job's events after ``last_event_id`` until the terminal one."""
+        async for _, event in self.numbered(handle, last_event_id):
+            yield event
+
+    async def numbered(self, handle: JobHandle, last_event_id: int = 0) -> AsyncIterator[tuple[int, Event]]:
+        """Yield ``(event id, event)`` after ``last_event_id`` until the terminal one; the stream
+        must end with `[DONE]`.
 
         The terminal event is held back until the body has ended (``[DONE]`` follows it at
         once): a consumer stops at the terminal event, and a body read to its end puts the
         connection back in the pool instead of dropping it (a new TCP connection per job).
         """
         headers = {"Last-Event-ID": str(last_event_id)} if last_event_id else {}
-        terminal: Event | None = None
+        terminal: tuple[int, Event] | None = None
         done = False
+        event_id = last_event_id
         try:
             async with aconnect_sse(self._http, "GET", handle.sse_url, headers=headers) as source:
                 if source.response.status_code >= 400:
@@ -106,10 +112,11 @@ class LinkClient:
                         event = Event.from_json(sse.data)
                     except EventFormatError as exc:
                         raise LinkError(f"{self.peer} sent a malformed event: {exc}") from exc
+                    event_id = int(sse.id) if sse.id.isdigit() else event_id + 1
                     if event.terminal:
-                        terminal = event
+                        terminal = (event_id, event)
                     else:
-                        yield event
+                        yield event_id, event
         except httpx.HTTPError as exc:
             if terminal is None:
                 raise self._broken(exc) from exc
@@ -131,18 +138,82 @@ class LinkClient:
         with contextlib.suppress(JobNotFoundError, LinkError, RuntimeError):
             await self.request_json("DELETE", handle.sse_url.rsplit("/stream", 1)[0])
 
-    async def run(self, body: dict[str, Any], path: str = "/v1/jobs") -> AsyncGenerator[Event, None]:
-        """Create a job and stream it; if the caller stops early or is cancelled, the job is
-        cancelled at the peer (so a cancel travels down the chain at once)."""
-        handle = await self.create(body, path)
-        finished = False
+    def run(self, body: dict[str, Any], path: str = "/v1/jobs", resume: Resume | None = None
+            ) -> AsyncGenerator[Event, None]:
+        """Create a job and stream it, resuming a broken stream (see :func:`run_job`)."""
+        return run_job(lambda: self, body, path, resume or Resume())
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a broken stream is resumed: up to ``attempts`` reconnects, backing off from
+    ``first_delay`` to ``max_delay`` seconds, within ``budget`` seconds of the break.
+    The server keeps an abandoned job alive for its resume grace, longer than this."""
+
+    attempts: int = 6
+    first_delay: float = 0.1
+    max_delay: float = 2.0
+    budget: float = 10.0
+
+
+NO_RESUME = Resume(attempts=0)
+
+
+def resumable(exc: LinkError) -> bool:
+    """A broken or refused connection may heal; an answer (an error status, a 404 job,
+    a malformed event) or a stall (the peer is there but silent) will not."""
+    return type(exc) is LinkError and "malformed event" not in exc.message
+
+
+async def run_job(
+    peer: Callable[[], LinkClient], body: dict[str, Any], path: str = "/v1/jobs", resume: Resume = Resume()
+) -> AsyncGenerator[Event, None]:
+    """Create a job at ``peer()`` and yield its events. When the stream breaks, reconnect
+    with ``Last-Event-ID`` (asking ``peer()`` again: the address may have changed, e.g. an
+    SSH forward re-opened), so no event is lost or repeated. If the caller stops early or is
+    cancelled, the job is cancelled at the peer, so a cancel travels down the chain at once."""
+    client = peer()
+    handle = await client.create(body, path)
+    last_id = 0
+    finished = False
+    try:
+        while True:
+            try:
+                async for event_id, event in client.numbered(handle, last_id):
+                    last_id = event_id
+                    finished = event.terminal
+                    yield event
+                return
+            except LinkError as exc:
+                if not resumable(exc):
+                    raise
+                client = await _reconnect(peer, client, handle, last_id, resume, exc)
+    finally:
+        if not finished:
+            await asyncio.shield(client.cancel(handle))
+
+
+async def _reconnect(peer: Callable[[], LinkClient], client: LinkClient, handle: JobHandle, last_id: int,
+                     resume: Resume, broken: LinkError) -> LinkClient:
+    """Wait until the stream can be resumed (the job still known at the peer); the client to use."""
+    deadline = asyncio.get_running_loop().time() + resume.budget
+    delay = resume.first_delay
+    for attempt in range(1, resume.attempts + 1):
+        if asyncio.get_running_loop().time() + delay > deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, resume.max_delay)
+        client = peer()
         try:
-            async for event in self.stream(handle):
-                finished = event.terminal
-                yield event
-        finally:
-            if not finished:
-                await asyncio.shield(self.cancel(handle))
+            await client.request_json("GET", handle.sse_url.rsplit("/stream", 1)[0])
+        except JobNotFoundError:
+            raise LinkError(f"{broken.message}; the job was gone when the stream was resumed") from broken
+        except LinkError as exc:
+            log.info("resume %d of the stream from %s: %s", attempt, client.peer, exc.message)
+            continue
+        log.info("resuming the stream from %s after event %d (attempt %d)", client.peer, last_id, attempt)
+        return client
+    raise LinkError(f"{broken.message}; it could not be resumed within {resume.budget:g} s") from broken
 
 
 def _describe(exc: httpx.HTTPError) -> str:

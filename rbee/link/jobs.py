@@ -70,6 +70,16 @@ class Job:
                 waiter.set_result(None)
         self._waiters.clear()
 
+    def fail(self, code: str, message: str) -> bool:
+        """End the job now with an error event (e.g. its peer went silent) and stop its work;
+        False if it had already ended."""
+        if self.finished:
+            return False
+        self.emit(events.error(code, message, self.actor))
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        return True
+
     def narrate(self, action: str, message: str, **extra: object) -> None:
         self.emit(events.narration(self.actor, action, message, **extra))
 

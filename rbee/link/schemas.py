@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -84,7 +84,140 @@ def parse_job_request(body: dict[str, Any]) -> JobRequest:
     try:
         return JobRequest.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-        )
-        raise RequestError(f"invalid job request: {problems}") from exc
+        raise RequestError(f"invalid job request: {_problems(exc)}") from exc
+
+
+# Heartbeats and status views ------------------------------------------------------------------
+#
+# What travels between roles besides jobs. Senders build these models, receivers parse them
+# (a malformed body is a 400 naming the field), and the keeper's tables read them.
+
+
+class Wire(BaseModel):
+    """Unknown fields are ignored, so a newer peer may send more than an older one reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Load(Wire):
+    """How full a worker is: what the queen's scheduler weighs."""
+
+    slots: int = Field(default=1, ge=0)
+    slots_busy: int = Field(default=0, ge=0)
+    queue: int = Field(default=0, ge=0)
+    tokens_per_s: float = Field(default=0.0, ge=0)
+
+
+class WorkerReport(Wire):
+    """A worker's heartbeat body and its /health and /ready answer."""
+
+    worker_id: str = Field(min_length=1, max_length=100)
+    state: Literal["loading", "ready", "busy", "failed"]
+    model_path: str
+    backend: str
+    n_ctx: int = Field(default=0, ge=0)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    tokens_generated: int = Field(default=0, ge=0)
+    jobs_done: int = Field(default=0, ge=0)
+    waiting: int = Field(default=0, ge=0)
+    load: Load = Field(default_factory=Load)
+
+
+PeerStateName = Literal["starting", "up", "busy", "down", "stopping", "stopped"]
+
+
+class WorkerView(Wire):
+    """One worker as its hive describes it (hive heartbeats, `rbee workers list`)."""
+
+    worker_id: str
+    state: PeerStateName
+    reason: str = ""
+    model_path: str
+    backend: str
+    engine_reason: str = ""
+    n_ctx: int = 0
+    gpu_layers: int = 0
+    placement: str = ""
+    engine: dict[str, Any] = Field(default_factory=dict)
+    pid: int | None = None
+    url: str = ""
+    heartbeat_age_s: float | None = None
+    tokens_generated: int = 0
+    load: Load = Field(default_factory=Load)
+    memory: int = 0
+    idle_s: float = 0.0
+
+
+class FleetWorker(WorkerView):
+    """A worker in the queen's fleet-wide list (`GET /v1/workers`): which hive it is on."""
+
+    node: str
+
+
+class CatalogModel(Wire):
+    name: str = Field(min_length=1)
+    ref: str = Field(min_length=1)
+    size: int = Field(default=0, ge=0)
+    path: str = ""
+
+
+class HiveReport(Wire):
+    """A hive's heartbeat body and its /v1/status answer."""
+
+    name: str = Field(min_length=1, max_length=100)
+    version: str = ""
+    pid: int | None = None
+    url: str = ""
+    workers: list[WorkerView] = Field(default_factory=list)
+    devices: dict[str, Any] = Field(default_factory=dict)
+    #: what admission would grant a new worker now, so the queen's scheduler uses the same rule
+    free_memory: int = Field(default=0, ge=0)
+    models: list[CatalogModel] = Field(default_factory=list)
+
+
+class HiveView(Wire):
+    """One hive as the queen describes it (`GET /v1/hives`, `rbee fleet status`)."""
+
+    name: str
+    url: str = ""
+    state: PeerStateName | Literal["not running"]
+    reason: str = ""
+    heartbeat_age_s: float | None = None
+    version: str | None = None
+    pid: int | None = None
+    workers: list[WorkerView] = Field(default_factory=list)
+    devices: dict[str, Any] = Field(default_factory=dict)
+    installed: str | None = None
+    ssh: str | None = None
+
+
+class HostProbe(Wire):
+    """What the queen's probe script reports about a host before rbee runs there."""
+
+    system: str
+    machine: str
+    python: str
+    python_full: str = ""
+    home: str = ""
+    installed: dict[str, Any] | None = None
+    venv: bool = False
+    hive: dict[str, Any] | None = None
+    nvidia: bool = False
+    nvcc: bool = False
+
+
+W = TypeVar("W", bound=BaseModel)
+
+
+def parse_wire(model: type[W], body: Any, what: str) -> W:
+    """``body`` as ``model``, or a RequestError (400) naming ``what`` and the bad fields."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestError(f"malformed {what}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+    )

@@ -1,7 +1,8 @@
 """Quart routes of the dual-call link, mounted the same way by worker, hive and queen.
 
     POST {prefix}                 -> 201 {"job_id", "sse_url"}
-    GET  {prefix}/<id>/stream     -> text/event-stream, ends with `data: [DONE]`
+    GET  {prefix}/<id>/stream     -> text/event-stream, ends with `data: [DONE]`; resumes after Last-Event-ID
+    GET  {prefix}/<id>            -> {"job_id", "events", "finished"} (a resuming client checks the job is there)
     DELETE {prefix}/<id>          -> 202 {"job_id", "cancelled"}
 """
 
@@ -122,6 +123,10 @@ def add_job_routes(
 
         return await sse_response(frames())
 
+    async def job_status(job_id: str) -> Response:
+        job = registry.get(job_id)  # what a client resuming a broken stream asks first
+        return jsonify({"job_id": job.id, "events": len(job.history), "finished": job.finished})
+
     async def cancel_job(job_id: str) -> tuple[Response, int]:
         job = await registry.cancel(job_id)
         return jsonify({"job_id": job.id, "cancelled": job.cancelled}), 202
@@ -129,6 +134,7 @@ def add_job_routes(
     name = prefix.strip("/").replace("/", "_")
     app.add_url_rule(prefix, f"{name}_create", create_job, methods=["POST"])
     app.add_url_rule(f"{prefix}/<job_id>/stream", f"{name}_stream", stream_job, methods=["GET"])
+    app.add_url_rule(f"{prefix}/<job_id>", f"{name}_status", job_status, methods=["GET"])
     app.add_url_rule(f"{prefix}/<job_id>", f"{name}_cancel", cancel_job, methods=["DELETE"])
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -73,10 +74,34 @@ def run_role(main: Awaitable[T]) -> T:
     return uvloop.run(main)  # type: ignore[arg-type]
 
 
+class RotatingStderrLog(logging.handlers.RotatingFileHandler):
+    """The role's log file (``RBEE_LOG_FILE``, where the spawner also sent its stdout and
+    stderr), rotated by size. After a rollover fd 1 and 2 are pointed at the new file too, so
+    what the engines print and a crash's traceback land in the current log, not a rotated one."""
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self.stream is not None:
+            for fd in (1, 2):
+                os.dup2(self.stream.fileno(), fd)
+
+
+def log_limit() -> int:
+    """Bytes a role's log file may reach before it is rotated (two old files are kept)."""
+    raw = os.environ.get("RBEE_LOG_MAX_BYTES", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else 20 * 1024 * 1024
+
+
 def setup_logging(actor: str) -> None:
-    """Structured lines on stderr, which the spawner sends to the role's log file under
-    RBEE_HOME/logs. httpx's per-request lines are dropped: heartbeats would flood the log."""
-    handler = logging.StreamHandler()
+    """Structured lines into the role's log file under RBEE_HOME/logs (``RBEE_LOG_FILE``, set
+    by the spawner), rotated by size; on stderr when run by hand. httpx's per-request lines
+    are dropped: heartbeats would flood the log."""
+    path = os.environ.get("RBEE_LOG_FILE")
+    handler: logging.Handler
+    if path:
+        handler = RotatingStderrLog(path, maxBytes=log_limit(), backupCount=2)
+    else:
+        handler = logging.StreamHandler()
     handler.setFormatter(JsonLines(actor))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)

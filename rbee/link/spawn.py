@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class Child:
     process: asyncio.subprocess.Process
     url: str
     log_path: Path
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -150,7 +149,7 @@ async def spawn(
             stdout=log_file,
             stderr=log_file,
             pass_fds=(fd,),
-            env=dict(env) if env is not None else None,
+            env={**(os.environ if env is None else env), "RBEE_LOG_FILE": str(log_path)},
             # Own session: a Ctrl+C in the terminal reaches the keeper only, which then
             # shuts the chain down in order instead of every process dying at once.
             start_new_session=True,

@@ -11,9 +11,10 @@ asyncio's own streams and ``asyncio.timeout``; HTTP itself stays httpcore/h11.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import ssl
-from collections.abc import Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any
 
 import httpcore
@@ -121,12 +122,80 @@ def _socket_readable(sock: Any) -> bool:
     return bool(poller.poll(0))
 
 
+#: httpcore's errors and the httpx errors callers catch, most specific first
+ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for theirs, ours in ERRORS:
+            if isinstance(exc, theirs):
+                raise ours(str(exc) or type(exc).__name__) from exc
+        raise
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._stream, "aclose"):
+            with _as_httpx_errors():
+                await self._stream.aclose()
+
+
+class LinkTransport(httpx.AsyncBaseTransport):
+    """An httpx transport on an httpcore connection pool that uses :class:`AsyncioBackend`,
+    built from the public APIs of both (httpx's own transport offers no backend argument)."""
+
+    def __init__(self, limits: httpx.Limits | None = None) -> None:
+        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry, network_backend=AsyncioBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port,
+                             target=request.url.raw_path),
+            headers=request.headers.raw, content=request.stream, extensions=request.extensions,
+        )
+        with _as_httpx_errors():
+            response = await self._pool.handle_async_request(core)
+        return httpx.Response(status_code=response.status, headers=response.headers, stream=_Body(response.stream),
+                              extensions=response.extensions)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
 def async_client(**kwargs: Any) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` (same arguments) whose connections use :class:`AsyncioBackend`.
 
     Proxy variables are ignored: rbee only talks to its own tiers, on loopback or through
     the SSH forward, and an HTTP(S)_PROXY meant for downloads must not capture that."""
-    transport = httpx.AsyncHTTPTransport(trust_env=False)
-    # httpx builds the httpcore pool itself and offers no argument for its backend.
-    transport._pool._network_backend = AsyncioBackend()
-    return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
+    return httpx.AsyncClient(transport=LinkTransport(), trust_env=False, **kwargs)

@@ -14,7 +14,8 @@ from rbee.errors import RbeeError
 from rbee.link.auth import load_token
 from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.link.spawn import listening_url
-from rbee.queen.app import Queen, create_app
+from rbee.queen.app import create_app
+from rbee.queen.service import Queen
 
 log = logging.getLogger("rbee.queen")
 

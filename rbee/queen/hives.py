@@ -7,92 +7,58 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.config import LOCAL_NODE, HiveConfig, QueenConfig, ServeOptions, to_args
 from rbee.errors import StartupError
-from rbee.link.heartbeat import is_overdue
+from rbee.link.peers import Peer, PeerRegistry, PeerState
+from rbee.link.schemas import HiveReport, HiveView, parse_wire
 from rbee.link.spawn import Child, bind_loopback, spawn
 
-
-@dataclass
-class HiveState:
-    name: str
-    url: str = ""
-    state: str = "unknown"
-    reason: str = ""
-    last_heartbeat: float = 0.0
-    report: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self, now: float) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "url": self.url,
-            "state": self.state,
-            "reason": self.reason,
-            "heartbeat_age_s": round(now - self.last_heartbeat, 2) if self.last_heartbeat else None,
-            "version": self.report.get("version"),
-            "pid": self.report.get("pid"),
-            "workers": self.report.get("workers", []),
-            "devices": self.report.get("devices", {}),
-        }
+HivePeer = Peer[HiveReport]
 
 
-class HiveRegistry:
-    """Hives by name, as their heartbeats describe them."""
+class HiveRegistry(PeerRegistry[HivePeer]):
+    """The queen's hives by name, as their heartbeats describe them."""
 
-    def __init__(self, heartbeat_interval: float) -> None:
-        self.interval = heartbeat_interval
-        self.hives: dict[str, HiveState] = {}
-        self._first_beat: dict[str, asyncio.Event] = {}
+    def peer(self, name: str) -> HivePeer:
+        peer = self.get(name)
+        return peer if peer is not None else self.add(Peer("hive", name, reason="known from the inventory"))
 
-    def heartbeat(self, name: str, report: dict[str, Any], now: float | None = None) -> HiveState:
-        hive = self.hives.setdefault(name, HiveState(name))
-        was = hive.state
-        hive.last_heartbeat = time.monotonic() if now is None else now
-        hive.report = report
-        if not hive.url:  # a hive started by hand; launched hives get their URL (maybe a tunnel) from the launcher
-            hive.url = str(report.get("url") or "")
-        hive.state = "up"
-        hive.reason = "heartbeating" if was != "down" else "heartbeats resumed"
-        self.beaten(name).set()
-        return hive
+    def launched(self, name: str, url: str) -> HivePeer:
+        """A hive was (re)launched or re-attached at ``url`` (maybe a tunnel): wait for its beat."""
+        peer = self.peer(name)
+        self.set_url(peer, url)
+        if not peer.serving:
+            peer.set_state(PeerState.STARTING, f"launched at {url}")
+        return peer
 
-    def set_url(self, name: str, url: str) -> None:
-        self.hives.setdefault(name, HiveState(name)).url = url
+    def heartbeat(self, name: str, body: Any, now: float | None = None) -> HivePeer:
+        """A hive's heartbeat; a malformed body raises RequestError (a 400)."""
+        report = parse_wire(HiveReport, body, f"heartbeat of hive:{name}")
+        peer = self.peer(name)
+        if not peer.url and report.url:  # a hive started by hand; launched hives get their URL from the launcher
+            peer.url = report.url
+        peer.beat(report, now=now)
+        return peer
 
-    def forget(self, name: str) -> None:
-        self.hives.pop(name, None)
-        self._first_beat.pop(name, None)
+    async def wait_beat(self, name: str, timeout: float) -> HivePeer:
+        peer = self.peer(name)
+        await asyncio.wait_for(peer.beaten.wait(), timeout)
+        return peer
 
-    def beaten(self, name: str) -> asyncio.Event:
-        return self._first_beat.setdefault(name, asyncio.Event())
-
-    def mark(self, name: str, state: str, reason: str) -> None:
-        hive = self.hives.setdefault(name, HiveState(name))
-        hive.state, hive.reason = state, reason
-        if state != "up":
-            self._first_beat.pop(name, None)
-        if state == "stopped":
-            hive.report = {**hive.report, "workers": []}
-
-    def check_overdue(self, now: float | None = None) -> list[HiveState]:
-        now = time.monotonic() if now is None else now
-        newly = []
-        for hive in self.hives.values():
-            if hive.state == "up" and is_overdue(hive.last_heartbeat, now, self.interval):
-                self.mark(hive.name, "down", f"missed heartbeats for {now - hive.last_heartbeat:.1f} s")
-                newly.append(hive)
-        return newly
-
-    def get_up(self, name: str) -> HiveState | None:
-        hive = self.hives.get(name)
-        return hive if hive is not None and hive.state == "up" else None
-
-    def describe(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        return [hive.describe(now) for hive in self.hives.values()]
+    def view(self, name: str, now: float | None = None) -> HiveView:
+        peer = self.get(name)
+        if peer is None:
+            return HiveView(name=name, state="not running", reason="never started")
+        report = peer.report
+        return HiveView(
+            name=name, url=peer.url, state=peer.state.value, reason=peer.reason,
+            heartbeat_age_s=peer.heartbeat_age(now),
+            version=report.version if report else None, pid=report.pid if report else None,
+            workers=report.workers if report and peer.state != PeerState.STOPPED else [],
+            devices=report.devices if report else {},
+        )
 
 
 class LocalHiveLauncher:
@@ -105,14 +71,14 @@ class LocalHiveLauncher:
         self.child: Child | None = None
         self._lock = asyncio.Lock()
 
-    async def ensure(self, narrate: Any) -> HiveState:
+    async def ensure(self, narrate: Any) -> HivePeer:
         async with self._lock:
-            hive = self.registry.get_up(LOCAL_NODE)
+            hive = self.registry.serving(LOCAL_NODE)
             if hive is not None and (self.child is None or self.child.alive):
                 return hive
             return await self._launch(narrate)
 
-    async def _launch(self, narrate: Any) -> HiveState:
+    async def _launch(self, narrate: Any) -> HivePeer:
         hive_config = HiveConfig(
             name=LOCAL_NODE,
             queen_url=self.queen_url,
@@ -120,6 +86,8 @@ class LocalHiveLauncher:
             heartbeat_interval=self.config.heartbeat_interval,
             ping_interval=self.config.ping_interval,
             stall_timeout=self.config.stall_timeout,
+            resume_grace=self.config.resume_grace,
+            peer_retention=self.config.peer_retention,
             serve=ServeOptions(),
         )
         narrate("launch", f"starting hive:{LOCAL_NODE} on this machine")
@@ -132,15 +100,13 @@ class LocalHiveLauncher:
             log_path=self.config.home / "logs" / "hive-localhost.log",
             env=dict(os.environ),
         )
-        self.registry.set_url(LOCAL_NODE, self.child.url)
-        await self._wait_first_heartbeat(self.child)
+        hive = self.registry.launched(LOCAL_NODE, self.child.url)
+        await self._wait_first_heartbeat(self.child, hive)
         narrate("launch", f"hive:{LOCAL_NODE} is up after {time.monotonic() - started:.1f} s")
-        hive = self.registry.get_up(LOCAL_NODE)
-        assert hive is not None
         return hive
 
-    async def _wait_first_heartbeat(self, child: Child) -> None:
-        beaten = self.registry.beaten(LOCAL_NODE)
+    async def _wait_first_heartbeat(self, child: Child, hive: HivePeer) -> None:
+        beaten = hive.beaten
         exited = asyncio.ensure_future(child.process.wait())
         waiting = asyncio.ensure_future(beaten.wait())
         try:
@@ -163,4 +129,4 @@ class LocalHiveLauncher:
     async def stop(self) -> None:
         if self.child is not None:
             await self.child.stop(grace=8.0)
-            self.registry.mark(LOCAL_NODE, "stopped", "stopped by the queen")
+            self.registry.peer(LOCAL_NODE).set_state(PeerState.STOPPED, "stopped by the queen")

@@ -19,28 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quart import Quart, Response, jsonify
 
 from rbee.config import DEFAULT_MODEL
-from rbee.errors import RequestError
+from rbee.errors import RequestError, http_status
 from rbee.link import events
 from rbee.link.events import Event
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.schemas import MAX_TOKENS_LIMIT
 from rbee.link.server import read_json_body, sse_response
-
-#: rbee error codes → HTTP status and OpenAI error type.
-STATUS = {
-    "bad_request": (400, "invalid_request_error"),
-    "model_not_found": (404, "invalid_request_error"),
-    "unknown_node": (404, "invalid_request_error"),
-    "no_capacity": (503, "server_error"),
-    "queue_full": (429, "rate_limit_error"),
-    "node_down": (503, "server_error"),
-    "startup_failed": (503, "server_error"),
-    "worker_died": (503, "server_error"),
-    "worker_stalled": (503, "server_error"),
-    "stalled": (504, "server_error"),
-    "link_failed": (502, "server_error"),
-    "unauthorized": (401, "invalid_request_error"),
-}
 
 
 class OpenAIError(Exception):
@@ -55,7 +39,7 @@ class OpenAIError(Exception):
 
     @classmethod
     def from_event(cls, event: Event) -> OpenAIError:
-        status, kind = STATUS.get(event["code"], (500, "server_error"))
+        status, kind = http_status(event["code"])
         return cls(status, f"{event['actor']}: {event['message']}", code=event["code"], kind=kind,
                    retry_after=event.get("retry_after"))
 

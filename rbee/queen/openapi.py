@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rbee import __version__
-from rbee.link.schemas import JobRequest
+from rbee.link.schemas import FleetWorker, HiveReport, HiveView, JobRequest
 from rbee.queen.openai_api import ChatCompletionRequest, CompletionRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -54,6 +54,15 @@ PULL_JOB = {"type": "object", "required": ["ref"],
 NODE_Q = {"name": "node", "in": "query", "required": False, "schema": {"type": "string"}}
 
 
+JOB_STATUS = {"type": "object", "properties": {"job_id": {"type": "string"}, "events": {"type": "integer"},
+                                              "finished": {"type": "boolean"}}}
+
+
+def _list(key: str, model: str) -> dict[str, Any]:
+    items = {"$ref": f"#/components/schemas/{model}"}
+    return {"type": "object", "properties": {key: {"type": "array", "items": items}}}
+
+
 def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -63,7 +72,8 @@ def _with(operation: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[s
 
 
 def document() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest]
+    models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, HiveReport, HiveView,
+                                     FleetWorker]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -74,11 +84,14 @@ def document() -> dict[str, Any]:
     stream["parameters"] = JOB_ID
     cancel = _op("Cancel a job", ok="202", errors=("404",))
     cancel["parameters"] = JOB_ID
+    status = _op("Is the job still here (asked before resuming a broken stream)", ok_schema=JOB_STATUS,
+                 errors=("404",))
+    status["parameters"] = JOB_ID
+    job = {"get": status, "delete": cancel}
     fleet_stream = dict(stream)
-    fleet_cancel = dict(cancel)
     logs = _op("The end of a hive's log", errors=("404",))
     logs["parameters"] = [*NAME, {"name": "lines", "in": "query", "schema": {"type": "integer"}}]
-    beat = _op("A hive's heartbeat", body={"type": "object"})
+    beat = _op("A hive's heartbeat", body=HiveReport)
     beat["parameters"] = NAME
     paths = {
         "/health": {"get": _op("Liveness of the queen", errors=())},
@@ -87,24 +100,25 @@ def document() -> dict[str, Any]:
         "/openapi.json": {"get": _op("This document", errors=())},
         "/v1/jobs": {"post": _op("Create an inference job", body=JobRequest, ok="201", ok_schema=JOB_CREATED)},
         "/v1/jobs/{job_id}/stream": {"get": stream},
-        "/v1/jobs/{job_id}": {"delete": cancel},
+        "/v1/jobs/{job_id}": job,
         "/v1/fleet/jobs": {"post": _op("Run `fleet up` or `fleet down` as a job", body=FLEET_JOB, ok="201",
                                        ok_schema=JOB_CREATED)},
         "/v1/fleet/jobs/{job_id}/stream": {"get": fleet_stream},
-        "/v1/fleet/jobs/{job_id}": {"delete": fleet_cancel},
+        "/v1/fleet/jobs/{job_id}": dict(job),
         "/v1/fleet/plan": {"post": _op("What `fleet up` would do", body={"type": "object"})},
         "/v1/fleet/logs/{name}": {"get": logs},
-        "/v1/hives": {"get": _op("Every hive and its live state", errors=())},
+        "/v1/hives": {"get": _op("Every hive and its live state", errors=(), ok_schema=_list("hives", "HiveView"))},
         "/v1/hives/{name}/heartbeat": {"post": beat},
         "/v1/admin/shutdown": {"post": _op("Stop the queen and what it started", ok="202", errors=())},
         "/v1/catalog": {"get": _with(_op("Models on each hive (or ?node=NAME)", errors=("404",)), [NODE_Q])},
         "/v1/catalog/jobs": {"post": _op("Pull a model onto a hive, as a job with progress", body=PULL_JOB,
                                          ok="201", ok_schema=JOB_CREATED)},
         "/v1/catalog/jobs/{job_id}/stream": {"get": dict(stream)},
-        "/v1/catalog/jobs/{job_id}": {"delete": dict(cancel)},
+        "/v1/catalog/jobs/{job_id}": dict(job),
         "/v1/catalog/{node}/{name}": {"delete": _with(_op("Remove a model from a hive", errors=("404",)),
                                                       [_path("node"), _path("name")])},
-        "/v1/workers": {"get": _op("Every worker of every live hive", errors=())},
+        "/v1/workers": {"get": _op("Every worker of every live hive", errors=(),
+                                   ok_schema=_list("workers", "FleetWorker"))},
         "/v1/workers/{node}/{worker_id}/stop": {"post": _with(_op("Stop a worker", errors=("404",)),
                                                               [_path("node"), _path("worker_id")])},
         "/v1/models": {"get": _op("OpenAI: models the fleet serves", errors=())},

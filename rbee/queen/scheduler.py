@@ -10,14 +10,21 @@ The aim is the hive that will answer first:
 5. Else a hive with the model on disk, then the one with the most free memory.
 
 Ties go to the hive with more free memory, then to the name, so the choice is stable.
+
+Its input, ``hive_view``, is a pure function of a hive's last typed heartbeat; ``hive_body``
+is what the chosen hive is sent (the inventory's settings applied). Both are tested
+without a server.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from rbee.errors import StartupError
+from rbee.errors import NoHiveError
+from rbee.inventory import Inventory
+from rbee.link.schemas import HiveReport, JobRequest
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,6 @@ class HiveView:
         return size is not None and self.free_memory >= size
 
 
-class NoHiveError(StartupError):
-    code = "no_capacity"
-
-
 def choose_hive(hives: Sequence[HiveView], model: str, node: str | None = None) -> str:
     if node is not None:
         return node
@@ -95,3 +98,51 @@ def model_keys(name: str, ref: str) -> set[str]:
     if ref.startswith("hf:") and ref.count(":") == 2:
         keys.add(ref.rsplit(":", 1)[0])
     return keys
+
+
+def hive_view(name: str, report: HiveReport | None, available: bool, in_flight: Mapping[str, int],
+              fallback_free: int = 0) -> HiveView:
+    """What the scheduler needs of one hive, from its last typed heartbeat (None: no live
+    report) and the jobs the queen is relaying there per model. ``fallback_free``: the
+    memory to assume for a hive that has not reported (this machine, before its hive runs)."""
+    if report is None:
+        return HiveView(name, available, frozenset(), frozenset(), fallback_free)
+    keys_of = {m.path: model_keys(m.name, m.ref) for m in report.models}
+    sizes = {key: m.size for m in report.models for key in model_keys(m.name, m.ref)}
+    warm: set[str] = set()
+    load: dict[str, ModelLoad] = {}
+    for worker in report.workers:
+        if worker.state in ("up", "busy"):
+            keys = keys_of.get(worker.model_path, set())
+            warm |= keys
+            this = ModelLoad(worker.load.slots or 1, worker.load.slots_busy, worker.load.queue)
+            for key in keys:
+                load[key] = load.get(key, ModelLoad()) + this
+    for model, jobs in in_flight.items():
+        if model in load:
+            load[model] = load[model].with_in_flight(jobs)
+    on_disk = frozenset(key for keys in keys_of.values() for key in keys)
+    return HiveView(name, available, frozenset(warm), on_disk, report.free_memory, load, sizes)
+
+
+def hive_body(request: JobRequest, inventory: Inventory, node: str) -> dict[str, Any]:
+    """What the hive gets: a logical model's forms and settings, and the hive's own settings,
+    each unless the job chose (job > model > hive > the hive's defaults)."""
+    changes: dict[str, Any] = {"node": None}
+    logical = inventory.models.get(request.model) if request.model else None
+    entry = inventory.get(node)
+    if logical is not None:
+        changes["forms"] = logical.forms()
+        for key in ("ctx", "parallel", "queue"):
+            if getattr(request, key) is None and getattr(logical, key) is not None:
+                changes[key] = getattr(logical, key)
+    if entry is not None and entry.backend != "auto" and request.backend in (None, "auto"):
+        changes["backend"] = entry.backend
+    if request.gpu_layers is None:
+        for source in (logical, entry):
+            if source is not None and source.gpu_layers is not None:
+                changes["gpu_layers"] = source.gpu_layers
+                break
+    if request.gpu_split is None and entry is not None and entry.gpu_split:
+        changes["gpu_split"] = True
+    return request.downstream(**changes)

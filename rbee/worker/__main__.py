@@ -28,7 +28,7 @@ async def main(config: WorkerConfig) -> int:
                              gpu_layers=config.gpu_layers, tensor_split=split, slots=config.slots,
                              queue_limit=config.queue_limit)
     runner = ModelRunner(backend, config.model_path)
-    registry = JobRegistry(config.actor, ping=config.ping_interval)
+    registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace)
     token = load_token()
     app = create_app(config, runner, registry, stop, token)
     hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0, token=token)

@@ -13,7 +13,7 @@ from rbee.config import WorkerConfig
 from rbee.link import events
 from rbee.link.auth import install_auth
 from rbee.link.jobs import Job, JobRegistry
-from rbee.link.schemas import JobRequest
+from rbee.link.schemas import JobRequest, Load, WorkerReport
 from rbee.link.server import add_job_routes, install_error_handlers, request_producer
 from rbee.worker.chat import render as render_chat
 from rbee.worker.runner import ModelRunner
@@ -65,16 +65,16 @@ def create_app(
 
 
 def info(config: WorkerConfig, runner: ModelRunner) -> dict[str, Any]:
-    """What the worker tells about itself, in /health and in every heartbeat."""
-    return {
-        "worker_id": config.worker_id,
-        "state": "busy" if runner.busy else runner.state,
-        "model_path": str(config.model_path),
-        "backend": config.backend,
-        "n_ctx": config.n_ctx,
-        "engine": runner.backend.report,
-        "tokens_generated": runner.tokens_generated,
-        "jobs_done": runner.jobs_done,
-        "waiting": runner.waiting,
-        "load": runner.occupancy(),
-    }
+    """What the worker tells about itself, in /health, /ready and every heartbeat."""
+    return WorkerReport(
+        worker_id=config.worker_id,
+        state="busy" if runner.busy else runner.state,  # type: ignore[arg-type]
+        model_path=str(config.model_path),
+        backend=config.backend,
+        n_ctx=config.n_ctx,
+        engine=runner.backend.report,
+        tokens_generated=runner.tokens_generated,
+        jobs_done=runner.jobs_done,
+        waiting=runner.waiting,
+        load=Load.model_validate(runner.occupancy()),
+    ).model_dump(mode="json")

@@ -113,14 +113,14 @@ def test_infer_on_each_node_streams_through_the_tunnels(fleet: Fleet, node: str)
     assert workers, "the worker runs as the host's user"
 
 
-def test_second_fleet_up_installs_nothing_and_is_fast(fleet: Fleet) -> None:
+def test_second_fleet_up_installs_nothing(fleet: Fleet) -> None:
     started = time.monotonic()
     result = fleet.rbee("fleet", "up")
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "nothing to do" in result.stderr
     assert "install" not in result.stdout.replace("installed", "")
-    print(f"\nidempotent fleet up: {elapsed:.2f} s")
+    print(f"\nidempotent fleet up: {elapsed:.2f} s")  # a figure for the log, not a test: machines differ
 
 
 def test_unknown_node_lists_known_ones(fleet: Fleet) -> None:
@@ -139,7 +139,7 @@ def test_killed_hive_is_marked_down_and_infer_fails_fast(fleet: Fleet) -> None:
         if " down " in line:
             break
         assert time.monotonic() < deadline, line
-    assert "missed heartbeats" in line
+    assert "missed 3 heartbeats" in line
     started = time.monotonic()
     result = fleet.rbee("infer", "--node", host.name, "hi")
     assert result.returncode != 0
@@ -200,6 +200,38 @@ def test_dropped_ssh_connection_is_reopened_and_the_hive_keeps_its_workers(fleet
     assert result.returncode == 0, result.stderr
     assert "reusing warm" in result.stderr
     assert worker_pids(host, "rbee.hive") == hives and worker_pids(host) == workers
+
+
+def test_a_stream_cut_by_a_dropped_ssh_connection_resumes_with_every_token(fleet: Fleet) -> None:
+    """Kill the SSH connection that carries a hive's tunnel mid-stream: the queen re-opens it,
+    resumes the hive's stream after the last event it had (Last-Event-ID), and the answer
+    is the same, token for token, as an undisturbed run at temperature 0."""
+    host = fleet.hosts[0]
+    args = ["infer", "--node", host.name, "--max-tokens", "96", "--temperature", "0", "--seed", "5",
+            "Count from one to fifty in words: one, two, three,"]
+    assert fleet.rbee(*args).returncode == 0  # once first: the runs compared both reuse the cached prompt
+    undisturbed = fleet.rbee(*args)
+    assert undisturbed.returncode == 0, undisturbed.stderr
+    sessions = {p.pid for p in host.processes() if p.name() == "sshd"}
+    assert sessions, "the queen's SSH session runs as the host user"
+    process = subprocess.Popen([*RBEE, *args, "-i", str(fleet.inventory)], env=fleet.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        head = b""
+        while len(head) < 16:  # tokens are flowing through the tunnel (os.read: nothing left in a buffer)
+            chunk = os.read(process.stdout.fileno(), 16 - len(head))
+            assert chunk, "the command ended before its answer streamed"
+            head += chunk
+        for session in [p for p in host.processes() if p.pid in sessions]:
+            session.kill()
+        tail, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()
+    assert (head + tail).decode() == undisturbed.stdout
+    assert {p.pid for p in host.processes() if p.name() == "sshd"} - sessions, "a new SSH session was opened"
 
 
 def test_queen_restart_reattaches_without_reinstalling(fleet: Fleet) -> None:

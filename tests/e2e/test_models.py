@@ -96,7 +96,7 @@ def short_idle(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_idle_workers_are_stopped(short_idle: None, queen_url: str) -> None:
     async with LinkClient(queen_url, "queen") as client:
         await warm_up(client)
-    pid = (await workers(queen_url))[0]["pid"]
+    pid = (await eventually(lambda: workers(queen_url)))[0]["pid"]  # the queen sees it with the next heartbeat
 
     async def stopped() -> bool:
         rows = await workers(queen_url)

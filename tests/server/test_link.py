@@ -165,3 +165,63 @@ async def test_resume_after_last_event_id(link: Any) -> None:
         full = [event async for event in client.stream(handle)]
         tail = [event async for event in client.stream(handle, last_event_id=3)]
     assert tail == full[3:]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a server that can cut every connection it carries, the way a
+    dropped SSH connection cuts a forward: mid-frame, with a clean close."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.cuts = 0
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.cut()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, split: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if split and self.cuts == 0 and b"t3 " in data:  # deliver half of a frame, then cut
+                        dst.write(data[: data.index(b"t3 ")])
+                        await dst.drain()
+                        self.cut()
+                        return
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    def cut(self) -> None:
+        self.cuts += 1
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+
+async def test_a_cut_stream_resumes_with_every_event_once(link: Any) -> None:
+    url, registry, counter = link
+    registry.resume_grace = 5.0
+    counter.tokens, counter.tick = 12, 0.02
+    proxy = CuttingProxy(int(url.rsplit(":", 1)[1]))
+    async with proxy as via, LinkClient(via, "worker:test") as client:
+        received = [event async for event in client.run({"prompt": "x"})]
+    assert proxy.cuts >= 1, "the stream was never cut"
+    tokens = [e["text"] for e in received if e.type == "token"]
+    assert tokens == [f"t{i} " for i in range(12)], tokens
+    assert received[-1].type == "end"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rbee.errors import ModelError, ModelNotFoundError, RequestError
+from rbee.errors import BadModelError, HubUnreachableError, ModelError, ModelNotFoundError, RequestError
 from rbee.hive.models import ModelCatalog
 from rbee.hive.provision import HubDownloader
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
@@ -196,3 +196,41 @@ def test_a_repo_without_the_asked_form_says_which_form_is_missing(hub: Any, tmp_
     catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
     with pytest.raises(ModelNotFoundError, match=r"acme/tiny-GGUF holds an MLX model \(config.json"):
         catalog.resolve("hf:acme/tiny-GGUF", Recorder(), "mlx")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("ref", ["hf:acme/tiny-GGUF", "hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf"])
+def test_an_unreachable_hub_is_named_and_fails_in_seconds(tmp_path: Path, ref: str) -> None:
+    import time
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=endpoint))
+    started = time.monotonic()
+    with pytest.raises(HubUnreachableError, match=f"the model hub at {endpoint} cannot be reached") as caught:
+        catalog.resolve(ref, Recorder())
+    assert caught.value.status == 502 and caught.value.code == "hub_unreachable"
+    assert time.monotonic() - started < 10  # not huggingface_hub's ~25 s of retries
+    assert catalog_files(tmp_path / "models") == []
+
+
+def test_a_file_that_is_not_a_model_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    secret = tmp_path / "secrets.txt"
+    secret.write_text("root:x:0:0:the first bytes of a private file\n")
+    catalog = ModelCatalog(tmp_path / "models")
+    with pytest.raises(BadModelError) as caught:
+        catalog.resolve(f"file:{secret}", Recorder())
+    assert caught.value.status == 400 and str(secret) in caught.value.message
+    assert "root" not in caught.value.message.replace(str(secret), "")
+
+
+def test_a_folder_that_is_not_a_model_is_refused_without_walking_it(tmp_path: Path) -> None:
+    catalog = ModelCatalog(tmp_path / "models")
+    with pytest.raises(BadModelError, match=r"is not an MLX model directory: it lacks config\.json"):
+        catalog.resolve("file:/", Recorder())

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rbee.config import QueenConfig
-from rbee.queen.app import Queen, create_app
+from rbee.queen.app import create_app
+from rbee.queen.service import Queen
 
 
 @pytest.fixture
@@ -22,7 +23,6 @@ def app(tmp_path: Path) -> Any:
 
 
 def test_every_route_is_in_the_openapi_document(app: Any) -> None:
-    document = app.test_client()
     routes = {
         (rule.rule.replace("<", "{").replace(">", "}"), method.lower())
         for rule in app.url_map.iter_rules()
@@ -34,7 +34,6 @@ def test_every_route_is_in_the_openapi_document(app: Any) -> None:
     doc = build()
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented, (routes - documented, documented - routes)
-    assert document is not None
 
 
 async def test_openapi_is_served(app: Any) -> None:

@@ -12,15 +12,15 @@ from quart import Quart
 
 from rbee.config import HiveConfig, QueenConfig, WorkerConfig
 from rbee.errors import ConfigError
-from rbee.hive.app import Hive
 from rbee.hive.app import create_app as hive_app
 from rbee.hive.models import ModelCatalog
+from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor
 from rbee.link.auth import load_token
 from rbee.link.jobs import JobRegistry, new_job_id
-from rbee.queen.app import Queen
 from rbee.queen.app import create_app as queen_app
 from rbee.queen.fleet.ssh import Command
+from rbee.queen.service import Queen
 from rbee.worker.app import create_app as worker_app
 from rbee.worker.runner import ModelRunner
 from tests.server.test_worker_app import FakeEngine

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.hive.engine import Choice, EngineError, Host, choose_engine
+from rbee.errors import EngineError
+from rbee.hive.engine import Choice, Host, choose_engine
 
 BOTH = frozenset({"mlx", "llama-cpp"})
 LLAMA = frozenset({"llama-cpp"})

@@ -1,7 +1,21 @@
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from rbee.errors import RequestError
+from rbee.link.client import LinkClient
 from rbee.link.heartbeat import is_overdue
-from rbee.queen.hives import HiveRegistry
+from rbee.link.jobs import Job, JobRegistry
+from rbee.link.peers import PeerState
+from rbee.queen.hives import HivePeer, HiveRegistry
+
+BEAT = {"name": "mac", "version": "0.1", "url": "http://h"}
+
+
+def connect(peer: HivePeer) -> LinkClient:
+    return LinkClient(peer.url or "http://127.0.0.1:9", peer.actor)
 
 
 def test_three_missed_intervals_make_a_peer_overdue() -> None:
@@ -9,16 +23,60 @@ def test_three_missed_intervals_make_a_peer_overdue() -> None:
     assert is_overdue(last_beat=10.0, now=16.1, interval=2.0)
 
 
-async def test_hive_registry_marks_down_with_reason_and_back_up() -> None:
-    registry = HiveRegistry(heartbeat_interval=1.0)
-    registry.heartbeat("mac", {"url": "http://h", "version": "0.1"}, now=100.0)
-    assert registry.check_overdue(now=102.9) == []
-    assert [h.name for h in registry.check_overdue(now=103.5)] == ["mac"]
-    hive = registry.hives["mac"]
-    assert hive.state == "down" and "missed heartbeats" in hive.reason
-    assert registry.get_up("mac") is None
-    registry.heartbeat("mac", {"url": "http://h"}, now=104.0)
-    assert registry.get_up("mac") is not None and hive.reason == "heartbeats resumed"
+async def test_a_silent_hive_goes_down_and_its_jobs_end_naming_it() -> None:
+    registry = HiveRegistry(1.0, connect)
+    jobs = JobRegistry("queen")
+
+    async def forever(job: Job) -> None:
+        await asyncio.Event().wait()
+
+    job = jobs.create(forever)
+    hive = registry.heartbeat("mac", BEAT, now=100.0)
+    assert hive.state == PeerState.UP
+    with registry.relaying(hive, job):
+        assert registry.check(now=102.9) == []
+        assert [h.name for h in registry.check(now=103.5)] == ["mac"]
+    assert hive.state == PeerState.DOWN and "missed 3 heartbeats" in hive.reason
+    last = job.history[-1]
+    assert last.type == "error" and last["code"] == "peer_down"
+    assert "hive:mac missed 3 heartbeats" in last["message"]
+    await asyncio.sleep(0)  # the cancelled producer ends
+    assert job.task is not None and job.task.done()
+    assert registry.serving("mac") is None
+    registry.heartbeat("mac", BEAT, now=104.0)
+    assert registry.serving("mac") is not None and hive.reason == "heartbeats resumed"
+    assert [c.state for c in hive.changes] == ["starting", "up", "down", "up"]
+    await jobs.close()
+    await registry.close()
+
+
+@pytest.mark.parametrize("body", [{"models": [{}]}, {"name": "mac", "workers": [{"state": "?"}]}, [], {"name": ""}])
+def test_a_malformed_heartbeat_is_a_bad_request_not_a_crash(body: object) -> None:
+    registry = HiveRegistry(1.0, connect)
+    with pytest.raises(RequestError, match="malformed heartbeat of hive:mac"):
+        registry.heartbeat("mac", body)
+
+
+async def test_gone_peers_are_dropped_after_the_retention_and_their_clients_closed() -> None:
+    registry = HiveRegistry(1.0, connect, retention=60.0)
+    hive = registry.heartbeat("mac", BEAT, now=100.0)
+    client = registry.client(hive)
+    hive.set_state(PeerState.STOPPED, "stopped by `fleet down`", now=110.0)
+    assert await registry.prune(now=169.0) == []
+    assert [p.name for p in await registry.prune(now=171.0)] == ["mac"]
+    assert "mac" not in registry and hive.client is None
+    assert client._http.is_closed
+
+
+async def test_a_new_address_gets_a_new_client_and_the_old_one_is_closed() -> None:
+    registry = HiveRegistry(1.0, connect)
+    hive = registry.launched("mac", "http://127.0.0.1:1001")
+    old = registry.client(hive)
+    registry.launched("mac", "http://127.0.0.1:1002")
+    new = registry.client(hive)
+    assert new is not old and new.base_url.endswith(":1002")
+    await registry.close()
+    assert old._http.is_closed and new._http.is_closed
 
 
 def test_new_workers_share_the_cores() -> None:

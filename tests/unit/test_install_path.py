@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from rbee.errors import WheelhouseError
+from rbee.link.schemas import HostProbe
 from rbee.queen.fleet.plan import CUDA_ARGS, METAL_ARGS, install_path, plan_host
-from rbee.queen.fleet.wheelhouse import Platform, WheelhouseError, platform_args
+from rbee.queen.fleet.wheelhouse import Platform, platform_args
 
 LINUX = Platform("linux", "x86_64", "3.11")
 LINUX_312 = Platform("linux", "x86_64", "3.12")
@@ -39,7 +41,7 @@ def test_install_path(queen: Platform, host: Platform, nvidia: bool, nvcc: bool,
 
 def test_plan_shows_the_install_path() -> None:
     path = install_path(LINUX, MAC, nvidia=False, nvcc=False)
-    probe = {"installed": None, "venv": False, "hive": None}
+    probe = HostProbe(system="darwin", machine="arm64", python="3.12")
     step = plan_host("mac-studio", probe, "d" * 24, path=path)
     assert step.action == "install" and "built on the host for Metal" in step.as_dict()["path"]
     assert plan_host("x", None, "", "timed out").as_dict()["path"] == ""

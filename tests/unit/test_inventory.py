@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbee.inventory import InventoryError, parse
+from rbee.errors import InventoryError
+from rbee.inventory import parse
 
 GOOD = """\
 [queen]

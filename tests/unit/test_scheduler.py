@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.queen.scheduler import HiveView, ModelLoad, NoHiveError, choose_hive
+from rbee.errors import NoHiveError
+from rbee.queen.scheduler import HiveView, ModelLoad, choose_hive
 
 GB = 1024**3
 
@@ -77,3 +78,39 @@ def test_a_burst_spreads_over_two_warm_hives() -> None:
         in_flight[pick] += 1
         picks.append(pick)
     assert sorted(picks) == ["a", "a", "b", "b"]
+
+
+def test_the_view_of_a_hive_comes_from_its_typed_report_alone() -> None:
+    from rbee.link.schemas import CatalogModel, HiveReport, Load, WorkerView
+    from rbee.queen.scheduler import hive_view
+
+    report = HiveReport(
+        name="mac", free_memory=8 << 30,
+        models=[CatalogModel(name="gemma3-270m", ref="gemma3-270m", size=250 << 20, path="/m/g.gguf"),
+                CatalogModel(name="qwen-q4", ref="hf:org/qwen:qwen-q4.gguf", size=4 << 30, path="/m/q.gguf")],
+        workers=[WorkerView(worker_id="w-1", state="busy", model_path="/m/g.gguf", backend="llama-cpp",
+                            load=Load(slots=4, slots_busy=3, queue=0)),
+                 WorkerView(worker_id="w-2", state="down", model_path="/m/q.gguf", backend="llama-cpp")],
+    )
+    view = hive_view("mac", report, True, {"gemma3-270m": 6})
+    assert view.warm == {"gemma3-270m"}  # the down worker's model is not warm
+    assert view.on_disk == {"gemma3-270m", "qwen-q4", "hf:org/qwen:qwen-q4.gguf", "hf:org/qwen"}
+    assert view.load_of("gemma3-270m") == ModelLoad(4, 4, 2)  # 6 jobs in flight on 4 slots
+    assert view.sizes["hf:org/qwen"] == 4 << 30 and view.free_memory == 8 << 30
+    assert hive_view("mac", None, True, {}, fallback_free=123).free_memory == 123
+
+
+def test_the_hive_gets_the_inventorys_settings_unless_the_job_chose() -> None:
+    from rbee.inventory import parse
+    from rbee.link.schemas import JobRequest
+    from rbee.queen.scheduler import hive_body
+
+    inventory = parse('[models.coder]\ngguf = "hf:org/coder:c.gguf"\nctx = 8192\ngpu_layers = 10\n\n'
+                      '[[hive]]\nname = "gpu"\nssh = "me@gpu"\nbackend = "llama-cpp"\ngpu_layers = -1\n'
+                      'gpu_split = true\n')
+    body = hive_body(JobRequest(prompt="x", model="coder", node="gpu"), inventory, "gpu")
+    assert body["forms"] == {"gguf": "hf:org/coder:c.gguf"} and body["ctx"] == 8192
+    assert body["gpu_layers"] == 10 and body["gpu_split"] is True and body["backend"] == "llama-cpp"
+    assert "node" not in body
+    chosen = hive_body(JobRequest(prompt="x", model="coder", ctx=2048, gpu_layers=0), inventory, "gpu")
+    assert chosen["ctx"] == 2048 and chosen["gpu_layers"] == 0

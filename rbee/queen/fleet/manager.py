@@ -5,21 +5,28 @@ bring one named hive up on demand (`infer --node NAME`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rbee import __version__
+from rbee.config import HiveConfig
 from rbee.errors import RbeeError, StartupError
 from rbee.inventory import HiveEntry, Inventory, SshSection
+from rbee.link.peers import PeerState
+from rbee.link.schemas import HostProbe
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet import plan as plans
 from rbee.queen.fleet.remote import RemoteHost
-from rbee.queen.fleet.wheelhouse import Platform, Wheelhouse, WheelSet, host_platform_of
-from rbee.queen.hives import HiveRegistry, HiveState
+from rbee.queen.fleet.wheelhouse import Platform, Wheelhouse, WheelSet, host_platform_of, planned_digest
+from rbee.queen.hives import HivePeer, HiveRegistry
 
 Narrate = Callable[[str, str], None]
+
+#: how long a hive whose SSH connection dropped is not judged by its heartbeats
+RECONNECT_GRACE_S = 10.0
 
 
 class Fleet:
@@ -30,7 +37,7 @@ class Fleet:
         catalog: HiveCatalog,
         wheelhouse: Wheelhouse,
         queen_port: int,
-        heartbeat_interval: float,
+        hive_settings: HiveConfig,
         hive_ready_timeout: float,
         token: str | None = None,
     ) -> None:
@@ -40,7 +47,7 @@ class Fleet:
         self.catalog = catalog
         self.wheelhouse = wheelhouse
         self.queen_port = queen_port
-        self.heartbeat_interval = heartbeat_interval
+        self.hive_settings = hive_settings
         self.hive_ready_timeout = hive_ready_timeout
         self.hosts: dict[str, RemoteHost] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -51,20 +58,30 @@ class Fleet:
             if host is not None:
                 asyncio.get_running_loop().create_task(host.close())
             host = self.hosts[entry.name] = RemoteHost(
-                entry, self.inventory.ssh, self.queen_port, self.heartbeat_interval, on_reconnect=self._reconnected,
+                entry, self.inventory.ssh, self.queen_port, self.hive_settings, on_reconnect=self._reconnected,
                 token=self.token,
             )
         return host
 
     def _reconnected(self, host: RemoteHost) -> None:
-        self.registry.set_url(host.name, host.hive_url)
+        hive = self.registry.launched(host.name, host.hive_url)
+        if hive.serving:
+            hive.last_beat = time.monotonic()  # its beats resume through the new forward: a fresh count
+
+    def excused(self, name: str) -> bool:
+        """Is this hive's SSH link being re-opened (for less than RECONNECT_GRACE s)? Its missed
+        heartbeats are the link's, not the hive's, and its streams resume once the link is back."""
+        host = self.hosts.get(name)
+        lost = host.link_lost_at if host is not None else None
+        return lost is not None and time.monotonic() - lost < RECONNECT_GRACE_S
 
     # plan / up / down ---------------------------------------------------------------------
 
     async def plan(self, inventory: Inventory, narrate: Narrate) -> list[plans.Step]:
-        """What `up` would do for ``inventory``; touches nothing (own SSH connections, closed after)."""
+        """What `up` would do for ``inventory``; touches nothing: no wheel is built or hashed, and
+        its SSH connections are its own, closed after."""
         remote = [entry for entry in inventory.hive if entry.remote]
-        hosts = [RemoteHost(entry, inventory.ssh, self.queen_port, self.heartbeat_interval) for entry in remote]
+        hosts = [RemoteHost(entry, inventory.ssh, self.queen_port, self.hive_settings) for entry in remote]
         try:
             steps = await asyncio.gather(*(self._plan_one(host, narrate) for host in hosts))
         finally:
@@ -78,10 +95,11 @@ class Fleet:
         except RbeeError as exc:
             return plans.plan_host(host.name, None, "", exc.message)
         path = install_path_of(host.entry, probe)
-        wheels = await self.wheels_for(host.entry, probe, path, narrate)
-        return plans.plan_host(host.name, probe, wheels.digest, path=path)
+        digest = await asyncio.to_thread(planned_digest, host_platform_of(probe), host.entry.backend == "mlx",
+                                         path.build is not None)
+        return plans.plan_host(host.name, probe, digest, path=path)
 
-    async def wheels_for(self, entry: HiveEntry, probe: dict[str, Any], path: plans.InstallPath,
+    async def wheels_for(self, entry: HiveEntry, probe: HostProbe, path: plans.InstallPath,
                          narrate: Narrate) -> WheelSet:
         return await self.wheelhouse.build(host_platform_of(probe), narrate, mlx=entry.backend == "mlx",
                                            llama_source=path.build is not None)
@@ -120,7 +138,7 @@ class Fleet:
             say("plan", f"{step.action} ({step.reason}); install path: {step.path}")
             self.catalog.upsert(entry.name, {"hive": entry.model_dump(), "ssh": self.inventory.ssh.model_dump()},
                                 launched=1)
-            hive = probe.get("hive") or {}
+            hive = probe.hive or {}
             if step.action in (plans.INSTALL, plans.UPGRADE):
                 if hive.get("alive"):
                     await host.stop_hive()
@@ -130,27 +148,41 @@ class Fleet:
                                     digest=wheels.digest)
                 hive = {}
             if hive.get("alive"):
-                if host.hive_port is None or not self.registry.get_up(entry.name):
+                if host.hive_port is None or not self.registry.serving(entry.name):
                     await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-                    self.registry.set_url(entry.name, host.hive_url)
+                    self.registry.launched(entry.name, host.hive_url)
             else:
                 await host.launch(say)
-                self.registry.set_url(entry.name, host.hive_url)
-            await self.wait_heartbeat(entry.name)
+                self.registry.launched(entry.name, host.hive_url)
+            await self._preload(entry, await self.wait_heartbeat(entry.name), say)
             return step
 
-    async def wait_heartbeat(self, name: str) -> HiveState:
-        beaten = self.registry.beaten(name)
+    async def _preload(self, entry: HiveEntry, hive: HivePeer, say: Narrate) -> None:
+        """The hive's ``models`` list, put in its catalog now (downloaded with progress, or found
+        there), so a first job does not wait for a download. A model that fails is reported;
+        the hive stays up."""
+        for ref in entry.models:
+            try:
+                await self._pull(hive, ref, say)
+            except RbeeError as exc:
+                say("preload", f"{ref} could not be preloaded: {exc.message}")
+
+    async def _pull(self, hive: HivePeer, ref: str, say: Narrate) -> None:
+        async with contextlib.aclosing(self.registry.client(hive).run({"ref": ref}, "/v1/catalog/jobs")) as events:
+            async for event in events:
+                if event.type == "narration" and event["action"] in ("download", "provision", "verify", "report"):
+                    say("preload", f"{ref}: {event['message']}")
+                elif event.type == "error":
+                    say("preload", f"{ref} could not be preloaded: {event['message']}")
+
+    async def wait_heartbeat(self, name: str) -> HivePeer:
         try:
-            await asyncio.wait_for(beaten.wait(), self.hive_ready_timeout)
+            return await self.registry.wait_beat(name, self.hive_ready_timeout)
         except TimeoutError:
             raise StartupError(
                 f"hive:{name} sent no heartbeat within {self.hive_ready_timeout:.0f} s; "
                 f"see `rbee fleet logs {name}`"
             ) from None
-        hive = self.registry.get_up(name)
-        assert hive is not None
-        return hive
 
     def _recorded_host(self, name: str) -> RemoteHost | None:
         """A host as it was when the fleet launched it (it may have left the inventory since)."""
@@ -162,7 +194,7 @@ class Fleet:
         if current is not None and current.entry == entry:
             return current
         ssh = SshSection.model_validate(record.entry["ssh"])
-        return RemoteHost(entry, ssh, self.queen_port, self.heartbeat_interval, token=self.token)
+        return RemoteHost(entry, ssh, self.queen_port, self.hive_settings, token=self.token)
 
     async def _remove(self, name: str, narrate: Narrate) -> None:
         host = self._recorded_host(name)
@@ -176,7 +208,7 @@ class Fleet:
         await host.close()
         self.hosts.pop(name, None)
         self.catalog.remove(name)
-        self.registry.forget(name)
+        await self.registry.remove(name)
 
     async def down(self, narrate: Narrate) -> list[dict[str, Any]]:
         """Stop every hive the fleet launched (and their workers)."""
@@ -196,7 +228,7 @@ class Fleet:
             narrate("down", f"hive:{name}: {exc.message}")
             return {"name": name, "action": "failed", "reason": exc.message}
         self.catalog.update(name, launched=0)
-        self.registry.mark(name, "stopped", "stopped by `fleet down`")
+        self.registry.peer(name).set_state(PeerState.STOPPED, "stopped by `fleet down`")
         narrate("down", f"hive:{name}: " + ("stopped" if was else "was not running"))
         return {"name": name, "action": "stopped" if was else "nothing", "reason": ""}
 
@@ -213,16 +245,16 @@ class Fleet:
         self.hosts[name] = host
         host.on_reconnect = self._reconnected
         probe = await host.probe()
-        hive = probe.get("hive") or {}
+        hive = probe.hive or {}
         if hive.get("alive"):
             await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-            self.registry.set_url(name, host.hive_url)
+            self.registry.launched(name, host.hive_url)
 
     # on demand ----------------------------------------------------------------------------
 
-    async def ensure(self, entry: HiveEntry, narrate: Narrate) -> HiveState:
+    async def ensure(self, entry: HiveEntry, narrate: Narrate) -> HivePeer:
         """A live hive for ``entry``: installed and launched if needed (SPEC: happy flow, step 3)."""
-        hive = self.registry.get_up(entry.name)
+        hive = self.registry.serving(entry.name)
         host = self.hosts.get(entry.name)
         if hive is not None and host is not None and host.hive_url:
             return hive
@@ -244,9 +276,9 @@ class Fleet:
         await asyncio.gather(*(host.close() for host in self.hosts.values()), return_exceptions=True)
 
 
-def install_path_of(entry: HiveEntry, probe: dict[str, Any]) -> plans.InstallPath:
-    return plans.install_path(Platform.local(), host_platform_of(probe), nvidia=bool(probe.get("nvidia")),
-                              nvcc=bool(probe.get("nvcc")), build=entry.build)
+def install_path_of(entry: HiveEntry, probe: HostProbe) -> plans.InstallPath:
+    return plans.install_path(Platform.local(), host_platform_of(probe), nvidia=probe.nvidia, nvcc=probe.nvcc,
+                              build=entry.build)
 
 
 def default_wheelhouse() -> Wheelhouse:

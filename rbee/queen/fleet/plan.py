@@ -6,8 +6,8 @@ from, and whether llama-cpp-python is built on the host, with which accelerator)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from rbee.link.schemas import HostProbe
 from rbee.queen.fleet.wheelhouse import Platform
 
 INSTALL = "install"
@@ -86,7 +86,7 @@ class Step:
         return {"name": self.name, "action": self.action, "reason": self.reason, "path": self.path}
 
 
-def plan_host(name: str, probe: dict[str, Any] | None, digest: str, error: str = "",
+def plan_host(name: str, probe: HostProbe | None, digest: str, error: str = "",
               path: InstallPath | None = None) -> Step:
     """``probe`` is what the remote script reported (None when the host could not be reached)."""
     if probe is None:
@@ -95,11 +95,11 @@ def plan_host(name: str, probe: dict[str, Any] | None, digest: str, error: str =
     return Step(step.name, step.action, step.reason, path.describe() if path else "")
 
 
-def _action(name: str, probe: dict[str, Any], digest: str) -> Step:
-    installed = probe.get("installed") or {}
-    hive = probe.get("hive") or {}
+def _action(name: str, probe: HostProbe, digest: str) -> Step:
+    installed = probe.installed or {}
+    hive = probe.hive or {}
     running = bool(hive.get("alive"))
-    if not installed.get("digest") or not probe.get("venv"):
+    if not installed.get("digest") or not probe.venv:
         return Step(name, INSTALL, "rbee is not installed there")
     if installed["digest"] != digest:
         return Step(

@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import posixpath
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 import httpx
 
 from rbee import __version__
+from rbee.config import HiveConfig, ServeOptions, to_args
+from rbee.errors import RemoteCommandError, RequestError, SshError, WheelhouseError
 from rbee.inventory import HiveEntry, SshSection
 from rbee.link.auth import bearer
+from rbee.link.schemas import HostProbe, parse_wire
 from rbee.link.transport import async_client
 from rbee.queen.fleet.plan import InstallPath
 from rbee.queen.fleet.remote_script import SCRIPT
-from rbee.queen.fleet.ssh import Command, RemoteCommandError, SshError, connect, run
-from rbee.queen.fleet.wheelhouse import WheelhouseError, WheelSet
+from rbee.queen.fleet.ssh import Command, connect, run
+from rbee.queen.fleet.wheelhouse import WheelSet
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class RemoteHost:
         entry: HiveEntry,
         ssh: SshSection,
         queen_port: int,
-        heartbeat_interval: float,
+        hive_settings: HiveConfig,
         on_reconnect: Callable[[RemoteHost], None] | None = None,
         token: str | None = None,
     ) -> None:
@@ -48,7 +53,7 @@ class RemoteHost:
         self.token = token
         self.ssh = ssh
         self.queen_port = queen_port
-        self.heartbeat_interval = heartbeat_interval
+        self.hive_settings = hive_settings  # timings etc. for the hive; name, home and port are set here
         self.on_reconnect = on_reconnect
         self.conn: asyncssh.SSHClientConnection | None = None
         self.home = ""
@@ -57,6 +62,9 @@ class RemoteHost:
         self.queen_url_there = ""  # through the remote forward, as the hive sees it
         self.launched_here = False
         self.reconnects = 0
+        #: when the SSH connection dropped, until it and the forwards are back (the hive is excused
+        #: its missed heartbeats meanwhile: its link is down, not the hive)
+        self.link_lost_at: float | None = None
         self._forwards: list[asyncssh.SSHListener] = []
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
@@ -89,6 +97,7 @@ class RemoteHost:
             if self._closing:
                 return
             log.warning("%s: SSH connection lost; reconnecting", self.actor)
+            self.link_lost_at = time.monotonic()
             delay = 0.25
             while not self._closing:
                 try:
@@ -100,6 +109,7 @@ class RemoteHost:
                     log.info("%s: reconnected (%d)", self.actor, self.reconnects)
                     if self.on_reconnect is not None:
                         self.on_reconnect(self)
+                    self.link_lost_at = None
                     break
                 except (SshError, OSError, asyncssh.Error, httpx.HTTPError) as exc:
                     log.info("%s: reconnect failed (%s); next try in %.1f s", self.actor, exc, delay)
@@ -116,17 +126,21 @@ class RemoteHost:
         except (ValueError, IndexError) as exc:
             raise RemoteCommandError(f"{self.actor}: {what} printed no JSON: {output[-300:]!r}") from exc
 
-    async def probe(self) -> dict[str, Any]:
-        facts: dict[str, Any] = await self.script("probe", self.entry.home, what="probing the host")
-        self.home = facts["home"]
-        return facts
+    async def probe(self) -> HostProbe:
+        facts = await self.script("probe", self.entry.home, what="probing the host")
+        try:
+            probe = parse_wire(HostProbe, facts, f"probe of {self.actor}")
+        except RequestError as exc:
+            raise RemoteCommandError(f"{exc.message}; is {self.entry.python} on the host a CPython 3?") from exc
+        self.home = probe.home
+        return probe
 
     # install ------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.home, *parts)
 
-    async def install(self, wheels: WheelSet, probe: dict[str, Any], path: InstallPath, narrate: Narrate) -> None:
+    async def install(self, wheels: WheelSet, probe: HostProbe, path: InstallPath, narrate: Narrate) -> None:
         """Push missing wheels over SFTP, make the venv, build llama-cpp-python there when the
         install path says so, then pip install rbee with no index at all."""
         conn = await self.connected()
@@ -143,25 +157,25 @@ class RemoteHost:
                     await sftp.put(str(local), partial)
                     await sftp.posix_rename(partial, posixpath.join(wheel_dir, local.name))
         python = self._path("venv", "bin", "python")
-        if not probe.get("venv"):
+        if not probe.venv:
             narrate("install", f"creating the venv {self._path('venv')}")
             await run(conn, Command.of(self.entry.python, "-m", "venv", "--without-pip", self._path("venv")),
                       what=f"{self.actor}: creating the venv", timeout=300)
-        apple = probe.get("system") == "darwin" and probe.get("machine") in ("arm64", "aarch64")
+        apple = probe.system == "darwin" and probe.machine in ("arm64", "aarch64")
         engines = "[mlx]" if apple or self.entry.backend == "mlx" else ""
         offline = {"PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         # pip runs from its own wheel (pip runs from a zip), so the venv needs no copy of it; no
         # byte-compiling of every file pip installs, only of what the hive and a worker import (below).
         pip = [python, posixpath.join(wheel_dir, wheels.named("pip-").name, "pip")]
         base = [*pip, "install", "--no-index", "--find-links", wheel_dir, "--quiet", "--no-compile"]
-        installed = probe.get("installed") or {}
-        if path.build and not (probe.get("venv") and installed.get("llama_cpp") == path.marker):
+        installed = probe.installed or {}
+        if path.build and not (probe.venv and installed.get("llama_cpp") == path.marker):
             await self._build_llama(conn, wheels, path, base, offline, narrate)
         narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
         rbee_wheel = posixpath.join(wheel_dir, wheels.named("rbee-").name)
         await run(conn, Command.of(*base, rbee_wheel + engines, env=offline),
                   what=f"{self.actor}: installing rbee", timeout=900)
-        if probe.get("venv"):
+        if probe.venv:
             # Same version, new code (the digest moved): replace rbee itself.
             await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", rbee_wheel, env=offline),
                       what=f"{self.actor}: installing rbee", timeout=300)
@@ -206,12 +220,12 @@ class RemoteHost:
         env = {}
         if self.token:
             env["RBEE_TOKEN_FILE"] = await self._push_token(conn)
-        command = Command.of(
-            self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach",
-            "--name", self.name, "--home", self.home,
-            "--models-dir", self._path("models"), "--heartbeat-interval", str(self.heartbeat_interval),
-            "--host", "127.0.0.1", "--port", "0", env=env,
+        config = dataclasses.replace(
+            self.hive_settings, name=self.name, queen_url="", home=Path(self.home),
+            models_dir=Path(self._path("models")), serve=ServeOptions("127.0.0.1", 0),
         )
+        command = Command.of(self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach", *to_args(config),
+                             env=env)
         narrate("launch", f"starting {self.actor} (detached)")
         output = await run(conn, command, what=f"{self.actor}: starting the hive", timeout=90)
         state = json.loads(output.strip().splitlines()[-1])

@@ -16,23 +16,10 @@ from pathlib import Path
 
 import asyncssh
 
-from rbee.errors import RbeeError
+from rbee.errors import HostKeyError, RemoteCommandError, SshError
 from rbee.inventory import HiveEntry, SshSection
 
 log = logging.getLogger(__name__)
-
-
-class SshError(RbeeError, ConnectionError):
-    code = "ssh_failed"
-    status = 502
-
-
-class HostKeyError(SshError):
-    code = "host_key_refused"
-
-
-class RemoteCommandError(SshError):
-    code = "remote_command_failed"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -23,16 +22,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import rbee
-from rbee.errors import RbeeError
+from rbee.errors import WheelhouseError
+from rbee.link.schemas import HostProbe
 
 Narrate = Callable[[str, str], None]
 
 # Installed for the hive only where it can run; the rest of rbee's closure always.
 OPTIONAL_ENGINES = {"mlx-lm", "mlx"}
-
-
-class WheelhouseError(RbeeError):
-    code = "wheelhouse_failed"
 
 
 @dataclass(frozen=True)
@@ -114,17 +110,17 @@ def wheel_key(filename: str) -> tuple[str, str]:
     return canonicalize_name(name), version.replace("_", "-")
 
 
-def file_sha256(path: Path, cache: dict[str, list[object]]) -> str:
-    stat = path.stat()
-    cached = cache.get(path.name)
-    if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-        return str(cached[2])
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    cache[path.name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
-    return digest.hexdigest()
+def planned_digest(target: Platform, mlx: bool = False, llama_source: bool = False) -> str:
+    """What a host would get, as a digest: rbee's source, every pinned requirement, the platform
+    and the install options. Computed without building or hashing a wheel (the model package
+    alone is 250 MB), so `fleet plan` touches nothing; equal digest = nothing to install."""
+    root = project_root()
+    parts = [target.tag, f"mlx={mlx or target.apple_silicon}", f"llama_source={llama_source}",
+             f"rbee={rbee.__version__}:{source_hash(root) if root else 'installed'}",
+             f"pip=={metadata.version('pip')}", *requirement_closure()]
+    if llama_source:
+        parts.append(f"llama-cpp-python-source=={metadata.version('llama-cpp-python')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 class Wheelhouse:
@@ -180,13 +176,7 @@ class Wheelhouse:
             if path is None:
                 raise WheelhouseError(f"no wheel of {req} for {target.tag} in {folder}")
             wheels.append(path)
-        cache_file = folder / "sha256.json"
-        cache: dict[str, list[object]] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-        digest = hashlib.sha256()
-        for path in sorted(wheels, key=lambda p: p.name):
-            digest.update(path.name.encode() + file_sha256(path, cache).encode())
-        cache_file.write_text(json.dumps(cache))
-        return WheelSet(tuple(wheels), digest.hexdigest()[:24])
+        return WheelSet(tuple(wheels), await asyncio.to_thread(planned_digest, target, mlx, llama_source))
 
     async def llama_sources(self, target: Platform, narrate: Narrate) -> list[Path]:
         """llama-cpp-python's source and its build tools as wheels for ``target``, so the host
@@ -225,7 +215,7 @@ class Wheelhouse:
                 "cannot build rbee's wheel: this rbee is not installed from a source tree. Install it with "
                 "`pip install -e .` from a checkout, which the queen needs to install hives"
             )
-        folder = self.cache_dir / "rbee" / source_hash(root)
+        folder = self.cache_dir / "rbee" / await asyncio.to_thread(source_hash, root)
         found = sorted(folder.glob("rbee-*.whl"))
         if found:
             return found[0]
@@ -261,6 +251,6 @@ async def _pip(args: list[str], what: str) -> None:
         raise WheelhouseError(f"{what} failed{hint}:\n{text[-1500:]}")
 
 
-def host_platform_of(probe: dict[str, object]) -> Platform:
-    return Platform(str(probe["system"]).lower(), str(probe["machine"]).lower(), str(probe["python"]))
+def host_platform_of(probe: HostProbe) -> Platform:
+    return Platform(probe.system.lower(), probe.machine.lower(), probe.python)
 

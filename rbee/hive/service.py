@@ -1,0 +1,196 @@
+"""The hive as one object: config, worker supervisor, model catalog, job registry and
+the link to the queen, wired together; and how a job runs here (engine choice,
+provisioning, admission, relaying to a worker). Routes live in ``app.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rbee import __version__
+from rbee.config import DEFAULT_QUEUE, HiveConfig
+from rbee.errors import LinkError, StallError, WorkerDiedError, WorkerStalledError
+from rbee.hive.devices import free_memory, probe
+from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
+from rbee.hive.engine import Host as EngineHost
+from rbee.hive.models import ModelCatalog, ModelEntry
+from rbee.hive.placement import Memory, Sized, size_worker
+from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
+from rbee.link import events
+from rbee.link.client import LinkClient
+from rbee.link.jobs import Job, JobRegistry
+from rbee.link.metrics import Metrics
+from rbee.link.peers import PeerState
+from rbee.link.relay import relay
+from rbee.link.schemas import CatalogModel, HiveReport, JobRequest
+
+
+class Hive:
+    """The hive's state, shared by its routes and its background tasks."""
+
+    def __init__(
+        self, config: HiveConfig, supervisor: Supervisor, catalog: ModelCatalog, token: str | None = None
+    ) -> None:
+        self.config = config
+        self.token = token
+        self.supervisor = supervisor
+        self.catalog = catalog
+        self.metrics = Metrics(config.actor)
+        self.registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace,
+                                    on_finish=self.metrics.job_finished)
+        self.stall_timeout = config.stall_timeout
+        self.stop = asyncio.Event()
+        self.queen: LinkClient | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        if config.queen_url:
+            self.set_queen(config.queen_url)
+
+    def set_queen(self, url: str) -> None:
+        """Where heartbeats go; the queen re-sends it after it re-opened an SSH forward.
+        The client it replaces is closed (its connections went with the old forward)."""
+        if self.queen is None or self.queen.base_url != url.rstrip("/"):
+            old, self.queen = self.queen, LinkClient(url, "queen", stall_timeout=10.0, token=self.token)
+            if old is not None:
+                task = asyncio.get_running_loop().create_task(old.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def worker_link(self, worker: WorkerRecord) -> Callable[[], LinkClient]:
+        """The client for a job's worker, asked again when its stream must be resumed: a worker
+        whose process exited is not waited for."""
+
+        def client() -> LinkClient:
+            if not worker.child.alive:
+                raise WorkerDiedError(
+                    f"{worker.actor} on {self.config.actor} died during the job (process "
+                    f"{worker.child.exit_reason()})", actor=worker.actor,
+                )
+            return self.supervisor.client(worker)
+
+        return client
+
+    def status(self, url: str = "") -> HiveReport:
+        """This hive now: its heartbeat body and /v1/status answer."""
+        devices = probe()
+        return HiveReport(
+            name=self.config.name, version=__version__, pid=os.getpid(), url=url,
+            workers=self.supervisor.views(), devices=devices,
+            free_memory=free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
+            models=[CatalogModel(name=e.name, ref=e.ref, size=e.size, path=str(e.path))
+                    for e in self.catalog.entries()],
+        )
+
+    def narrator(self, job: Job) -> Any:
+        """A narrate function that may be called from a worker thread (downloads run on one)."""
+        loop = asyncio.get_running_loop()
+
+        def narrate(action: str, message: str, **extra: Any) -> None:
+            loop.call_soon_threadsafe(lambda: job.narrate(action, message, **extra))
+
+        return narrate
+
+    async def provision(self, job: Job, ref: str | None, form: str | None = None) -> ModelEntry:
+        return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job), form)
+
+    async def host(self) -> EngineHost:
+        devices = probe()
+        nvidia = any(g.get("kind") == "cuda" for g in devices["gpus"])
+        offload = await asyncio.to_thread(gpu_offload_supported)  # cached after the first call
+        return EngineHost(devices["os"], devices["arch"], installed_engines(), nvidia, offload)
+
+    async def choose(self, job: Job, request: JobRequest) -> tuple[ModelEntry, Choice, EngineHost]:
+        """The engine for this host and the model form it needs, then that form on disk."""
+        requested = request.backend or self.config.backend
+        host = await self.host()
+        if request.forms:
+            choice = choose_engine(host, set(request.forms), requested)
+            entry = await self.provision(job, request.forms[choice.format], choice.format)  # type: ignore[index]
+        else:
+            entry = await self.provision(job, request.model)
+            choice = choose_engine(host, {entry.format}, requested)
+        job.narrate("engine", f"{choice.engine}: {choice.reason}")
+        return entry, choice, host
+
+    def sizer(self, entry: ModelEntry, engine: str, host: EngineHost, request: JobRequest,
+              gpu_layers: int) -> Callable[[], Sized]:
+        """Admission for a new worker, run when (and only when) one must be spawned."""
+
+        def size() -> Sized:
+            memory = Memory.from_probe(probe(), self.config.memory_budget, self.supervisor.reserved)
+            return size_worker(
+                memory, weights=entry.size, kv_per_token=entry.info.kv_cache_bytes(1), layers=entry.info.layers,
+                trained_ctx=entry.info.context_length, requested_ctx=request.ctx, engine=engine,
+                gpu_layers=gpu_layers, offload=host.offload if engine == "llama-cpp" else True,
+                allow_split=bool(request.gpu_split), name=f"{entry.name} on {self.config.actor}",
+            )
+
+        return size
+
+    async def run_job(self, job: Job, request: JobRequest) -> None:
+        entry, choice, host = await self.choose(job, request)
+        backend = choice.engine
+        body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
+                                  gpu_split=None, parallel=None, queue=None)
+        if request.gpu_layers is not None:
+            gpu_layers = request.gpu_layers
+        else:
+            gpu_layers = -1 if host.offload or backend == "mlx" else 0
+        spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
+                          queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
+        worker = await self.supervisor.worker_for(
+            spec, job.narrate, self.sizer(entry, backend, host, request, gpu_layers), choice.reason
+        )
+        try:
+            with self.supervisor.peers.relaying(worker, job):
+                await relay(job, self.worker_link(worker), body)
+        except LinkError as exc:
+            raise await self._explain_worker_failure(worker, exc) from exc
+        finally:
+            worker.active_jobs -= 1
+            worker.last_used = time.monotonic()
+
+    async def _explain_worker_failure(self, worker: WorkerRecord, exc: LinkError) -> LinkError:
+        """A broken worker stream usually means the worker died: say so, with its exit.
+        A stalled one (hung, stopped) is killed, so the next job gets a fresh worker."""
+        if isinstance(exc, WorkerDiedError):
+            worker.set_state(PeerState.DOWN, f"process {worker.child.exit_reason()}")
+            return exc
+        if isinstance(exc, StallError):
+            worker.set_state(PeerState.DOWN, f"stalled: nothing for {self.stall_timeout:g} s; killed")
+            worker.child.process.kill()
+            return WorkerStalledError(
+                f"{worker.actor} on {self.config.actor} stalled (nothing for {self.stall_timeout:g} s) and was "
+                "killed; the next job starts a fresh worker", actor=worker.actor,
+            )
+        try:
+            await asyncio.wait_for(worker.child.process.wait(), 1.0)
+        except TimeoutError:
+            return exc
+        worker.set_state(PeerState.DOWN, f"process {worker.child.exit_reason()}")
+        return WorkerDiedError(
+            f"{worker.actor} on {self.config.actor} died during the job ({worker.reason})", actor=worker.actor
+        )
+
+    async def pull(self, job: Job, ref: str) -> None:
+        started = time.monotonic()
+        entry = await self.provision(job, ref)
+        job.narrate("report", f"{entry.name} is in the catalog", model=entry.describe())
+        job.emit(events.end(0, time.monotonic() - started, "done"))
+
+    async def remove_model(self, name: str) -> dict[str, Any]:
+        entry = self.catalog.get(name)
+        if entry is not None:
+            for record in list(self.supervisor.workers.values()):
+                if record.model_path == entry.path and record.live:
+                    await self.supervisor.stop(record.worker_id, f"its model {name} was removed")
+        return self.catalog.remove(name).describe()
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.supervisor.stop_all()
+        if self.queen is not None:
+            await self.queen.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)

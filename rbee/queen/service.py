@@ -1,0 +1,183 @@
+"""The queen as one object: config, hive registry, local hive launcher, fleet, job
+registry and metrics, wired together; and how a job is routed (scheduler, the
+inventory's settings for the hive). Routes live in ``app.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from rbee import inventory
+from rbee.config import DEFAULT_MODEL, LOCAL_NODE, HiveConfig, QueenConfig
+from rbee.errors import NodeDownError, UnknownNodeError
+from rbee.link import events
+from rbee.link.client import LinkClient
+from rbee.link.jobs import Job, JobRegistry
+from rbee.link.metrics import Metrics
+from rbee.link.peers import PeerState
+from rbee.link.relay import relay
+from rbee.link.schemas import HiveView as HiveStatus
+from rbee.link.schemas import JobRequest
+from rbee.queen.catalog import HiveCatalog
+from rbee.queen.fleet.manager import Fleet, default_wheelhouse
+from rbee.queen.hives import HivePeer, HiveRegistry, LocalHiveLauncher
+from rbee.queen.scheduler import HiveView, choose_hive, hive_body, hive_view
+
+
+class Queen:
+    def __init__(self, config: QueenConfig, url: str, token: str | None = None) -> None:
+        self.config = config
+        self.token = token
+        self.url = url
+        self.hives = HiveRegistry(config.heartbeat_interval, self._connect, retention=config.peer_retention,
+                                  excused=lambda name: self.fleet.excused(name))
+        self.local = LocalHiveLauncher(config, url, self.hives)
+        self.metrics = Metrics(config.actor)
+        self.registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace,
+                                    on_finish=self.metrics.job_finished)
+        #: jobs this queen is relaying, per (hive, model): the scheduler's view between heartbeats
+        self.in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.stop = asyncio.Event()
+        self.catalog = HiveCatalog(config.home / "queen.db")
+        self.fleet = Fleet(
+            self.load_inventory(config.inventory),
+            self.hives,
+            self.catalog,
+            default_wheelhouse(),
+            queen_port=int(url.rsplit(":", 1)[1]),
+            hive_settings=HiveConfig(
+                heartbeat_interval=config.heartbeat_interval, ping_interval=config.ping_interval,
+                stall_timeout=config.stall_timeout, resume_grace=config.resume_grace,
+                peer_retention=config.peer_retention,
+            ),
+            hive_ready_timeout=config.hive_ready_timeout,
+            token=token,
+        )
+
+    @staticmethod
+    def load_inventory(path: str) -> inventory.Inventory:
+        return inventory.load(Path(path)) if path else inventory.Inventory.local_only()
+
+    def use_inventory(self, path: str | None) -> None:
+        if path:
+            self.fleet.inventory = self.load_inventory(path)
+
+    def _connect(self, hive: HivePeer) -> LinkClient:
+        return LinkClient(hive.url, hive.actor, stall_timeout=self.config.stall_timeout, token=self.token)
+
+    def client_for(self, hive: HivePeer) -> LinkClient:
+        return self.hives.client(hive)
+
+    def hive_link(self, hive: HivePeer) -> Callable[[], LinkClient]:
+        """The client for a job's hive, asked again when its stream is resumed: after an SSH
+        reconnect the hive is reached through a new forward."""
+        return lambda: self.hives.client(hive)
+
+    def known_nodes(self) -> list[str]:
+        return sorted({LOCAL_NODE, *self.fleet.inventory.names})
+
+    def views(self) -> list[HiveView]:
+        """What the scheduler needs of every hive: a pure function of the last typed reports."""
+        result = []
+        for name in self.known_nodes():
+            peer = self.hives.serving(name)
+            entry = self.fleet.inventory.get(name)
+            local = name == LOCAL_NODE and (entry is None or not entry.remote)
+            jobs = {model: n for (hive, model), n in self.in_flight.items() if hive == name}
+            fallback = psutil.virtual_memory().available if local else 0
+            report = peer.report if peer is not None else None
+            result.append(hive_view(name, report, peer is not None or local, jobs, fallback))
+        return result
+
+    async def hive_for(self, request: JobRequest, job: Job) -> HivePeer:
+        node = request.node
+        if node is None:
+            node = choose_hive(self.views(), request.model or DEFAULT_MODEL)
+            job.narrate("schedule", f"scheduler picked hive:{node} for {request.model or DEFAULT_MODEL}")
+        return await self.hive_named(node, job.narrate)
+
+    async def hive_named(self, node: str, narrate: Any) -> HivePeer:
+        """A live hive by name: the local one or an inventory host, started when needed."""
+        entry = self.fleet.inventory.get(node)
+        if node == LOCAL_NODE and (entry is None or not entry.remote):
+            return await self.local.ensure(narrate)
+        if entry is None:
+            raise UnknownNodeError(
+                f"unknown node {node!r}; known nodes: {', '.join(self.known_nodes())} "
+                f"(from {self.fleet.inventory.path or 'no inventory'})"
+            )
+        if not entry.remote:
+            raise UnknownNodeError(f"node {node!r} has no ssh target in the inventory; only localhost runs here")
+        state = self.hives.get(node)
+        if state is not None and state.state == PeerState.DOWN:
+            raise NodeDownError(
+                f"node {node!r} is down ({state.reason}); see `rbee fleet logs {node}` and bring it back "
+                "with `rbee fleet up`"
+            )
+        return await self.fleet.ensure(entry, narrate)
+
+    async def on_hive(self, node: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        hive = await self.hive_named(node, lambda action, message, **extra: None)
+        return await self.client_for(hive).request_json(method, path, body)
+
+    def up_nodes(self, node: str | None) -> list[str]:
+        if node is not None:
+            return [node]
+        return [v.name for v in self.views() if v.available]
+
+    async def run_job(self, job: Job, request: JobRequest) -> None:
+        hive = await self.hive_for(request, job)
+        job.narrate("route", f"job goes to hive:{hive.name}")
+        key = (hive.name, request.model or DEFAULT_MODEL)
+        self.in_flight[key] += 1
+        try:
+            with self.hives.relaying(hive, job):
+                await relay(job, self.hive_link(hive), hive_body(request, self.fleet.inventory, hive.name))
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+
+    async def run_fleet_job(self, job: Job, action: str) -> None:
+        started = time.monotonic()
+        if action == "up":
+            report = await self.fleet.up(job.narrate)
+        else:
+            report = await self.fleet.down(job.narrate)
+        job.narrate("report", f"fleet {action} done", report=report)
+        job.emit(events.end(0, time.monotonic() - started, "done"))
+
+    def status(self) -> list[HiveStatus]:
+        """Every hive of the inventory (plus any live one), with live state; no ghosts."""
+        now = time.monotonic()
+        listed = set(self.fleet.inventory.names)
+        rows = []
+        for name in sorted(listed | {h.name for h in self.hives if h.serving}):
+            row = self.hives.view(name, now)
+            record = self.catalog.get(name)
+            entry = self.fleet.inventory.get(name)
+            rows.append(row.model_copy(update={"installed": record.install_state if record else None,
+                                               "ssh": entry.ssh if entry else None}))
+        return rows
+
+    async def watch_heartbeats(self) -> None:
+        """Hives that miss their heartbeats go down and their jobs end; long-gone ones are dropped."""
+        while True:
+            self.hives.check()
+            await self.hives.prune()
+            await asyncio.sleep(self.config.heartbeat_interval / 2)
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.local.stop()
+        await self.fleet.close(stop_launched=self.config.ephemeral)
+        await self.hives.close()
+        with contextlib.suppress(Exception):
+            self.catalog.close()
