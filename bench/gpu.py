@@ -78,7 +78,7 @@ async def measure(model: Path, max_tokens: int = 128, runs: int = 3) -> dict[str
                 samples = await _measure(label, lambda f=fields: rbee.pieces(PROMPT, max_tokens, model=ref, **f),
                                          runs)
                 results[label] = summary(samples)
-            async with httpx.AsyncClient(base_url=rbee.url) as http:
+            async with httpx.AsyncClient(base_url=rbee.url, headers={"Authorization": f"Bearer {rbee.token}"}) as http:
                 workers = (await http.get("/v1/workers")).json()["workers"]
             results["workers"] = [{"gpu_layers": w["gpu_layers"], "n_ctx": w["n_ctx"], **w["engine"]}
                                   for w in workers]

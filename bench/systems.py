@@ -170,10 +170,12 @@ class Rbee:
                              inventory=str(self.inventory or ""))
         self.child = await start_queen(config, ephemeral=True)
         self.url = self.child.url
+        # one client (one pooled connection) for all requests, as the OpenAI systems get one
+        from rbee.link.auth import load_token
         from rbee.link.client import LinkClient
 
-        # one client (one pooled connection) for all requests, as the OpenAI systems get one
-        self.client = LinkClient(self.url, "queen", stall_timeout=None)
+        self.token = load_token(home=self.home)
+        self.client = LinkClient(self.url, "queen", stall_timeout=None, token=self.token)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -195,7 +197,7 @@ class Rbee:
                 raise RuntimeError(event["message"])
 
     async def hive(self, name: str) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=self.url) as http:
+        async with httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}) as http:
             hives = (await http.get("/v1/hives")).json()["hives"]
         return dict(next(h for h in hives if h["name"] == name))
 
@@ -203,7 +205,7 @@ class Rbee:
         from rbee.link.client import LinkClient
 
         started = time.perf_counter()
-        async with LinkClient(self.url, "queen", stall_timeout=None) as client:
+        async with LinkClient(self.url, "queen", stall_timeout=None, token=self.token) as client:
             async for event in client.run({"action": action, "inventory": str(self.inventory)},
                                           path="/v1/fleet/jobs"):
                 if event.type == "error":

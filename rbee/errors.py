@@ -28,6 +28,7 @@ across every hop.
     │   ├── StallError                     stalled                504  nothing, not even a keep-alive, for too long
     │   ├── PeerDownError                  peer_down              503  the peer missed its heartbeats
     │   ├── HubUnreachableError            hub_unreachable        502  the model hub's endpoint cannot be reached
+    │   ├── UnprovenPeerError              unproven_peer          502  a server that cannot prove it holds our secret
     │   ├── SshError                       ssh_failed             502  an SSH connection failed
     │   │   ├── HostKeyError               host_key_refused       502  the host key is not the pinned one
     │   │   └── RemoteCommandError         remote_command_failed  502  a command on the host failed
@@ -176,6 +177,10 @@ class PeerDownError(LinkError):
 
 class HubUnreachableError(LinkError):
     code = "hub_unreachable"
+
+
+class UnprovenPeerError(LinkError):
+    code = "unproven_peer"
 
 
 class SshError(LinkError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,16 @@ class QueenSection(BaseModel):
 
     port: int = Field(default=DEFAULT_QUEEN_PORT, ge=1, le=65535)
     heartbeat_interval: float = Field(default=2.0, ge=0.05, le=3600)
+    #: absolute folders under which the OpenAI API may name `file:` models (the CLI is not limited)
+    model_roots: tuple[str, ...] = ()
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for root in value:
+            if not root.startswith("/") or ".." in root.split("/"):
+                raise ValueError(f"{root!r} is not an absolute folder without '..'")
+        return value
 
 
 class SshSection(BaseModel):
@@ -204,10 +215,19 @@ def default_path(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -
 
 
 def load(path: Path) -> Inventory:
+    """Read and check ``path``. An inventory chooses the programs and SSH targets the queen runs
+    with the operator's keys, so it must be the operator's own file, writable by nobody else."""
     try:
+        info = path.stat()
         text = path.read_text()
     except OSError as exc:
         raise InventoryError(f"{path}: cannot read the inventory: {exc.strerror}") from exc
+    if info.st_uid != os.getuid():
+        raise InventoryError(f"{path} belongs to another user; rbee reads only an inventory its own user owns "
+                             f"(copy it: cp {path} ~/.config/rbee/inventory.toml)")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InventoryError(f"{path} is writable by other users, who could make rbee run their programs; "
+                             f"fix: chmod go-w {path}")
     return parse(text, str(path))
 
 

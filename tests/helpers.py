@@ -23,6 +23,18 @@ T = TypeVar("T")
 RBEE = [sys.executable, "-m", "rbee.keeper"]
 
 
+def owner_token() -> str:
+    """The secret of the rbee this test runs (RBEE_HOME/secret, made on first use), as the
+    owner's own keeper or OpenAI client would use it."""
+    from rbee.link.auth import load_token
+
+    return load_token()
+
+
+def owner_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {owner_token()}"}
+
+
 @contextlib.asynccontextmanager
 async def served(app: Quart, on_stop: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
     """Run ``app`` on Hypercorn on a free loopback port in this loop; yield its URL."""
@@ -82,7 +94,7 @@ async def worker_stops(worker_url: str, most: int, settle: float = 0.3) -> float
     import httpx
 
     async def idle() -> dict[str, Any] | None:
-        async with httpx.AsyncClient(base_url=worker_url, timeout=2) as http:
+        async with httpx.AsyncClient(headers=owner_headers(), base_url=worker_url, timeout=2) as http:
             health = dict((await http.get("/health")).json())
         idle = health["state"] == "ready" and not health.get("load", {}).get("slots_busy")
         return health if idle else None

@@ -19,7 +19,7 @@ def create_app(hive: Hive) -> Quart:
     app = Quart(__name__)
     config = hive.config
     install_error_handlers(app, config.actor)
-    install_auth(app, hive.token)
+    install_auth(app, hive.token, config.actor)
 
     def make_pull(body: dict[str, Any]) -> Producer:
         ref = body.get("ref")

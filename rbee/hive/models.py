@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import DEFAULT_MODEL
-from rbee.errors import BadModelError, DiskFullError, ModelError, ModelNotFoundError
+from rbee.errors import BadModelError, BadModelRefError, DiskFullError, ModelError, ModelNotFoundError
 from rbee.hive.gguf_meta import GgufInfo, read_info
 from rbee.hive.refs import ModelRef, entry_name, parse_ref
 
@@ -203,6 +203,8 @@ class ModelCatalog:
             if existing is not None:
                 return existing
         entry = self.get(name)
+        if entry is not None and ref.kind == "hf":
+            self.check_same(entry, ref)
         if entry is not None and (form is None or ref.kind != "hf" or entry.format == form):
             return entry
         if ref.kind == "default":
@@ -216,6 +218,15 @@ class ModelCatalog:
             f"no model {ref.value!r} in the catalog at {self.root} (it has: {known}); pull it with "
             f"`rbee models pull hf:org/repo` or use file:/path"
         )
+
+    def check_same(self, entry: ModelEntry, ref: ModelRef) -> None:
+        """Entries are keyed by their full reference: a model of another repo that would take the
+        same catalog name is refused, never served in its place."""
+        if ref.file is not None and entry.ref != str(ref):
+            raise BadModelRefError(
+                f"{ref} would be stored as {entry.name!r}, which already holds {entry.ref}; rbee will not serve one "
+                f"for the other. Remove it first (`rbee models rm {entry.name}`) or use that reference"
+            )
 
     def _file(self, ref: ModelRef) -> ModelEntry:
         path = Path(ref.value)

@@ -194,6 +194,7 @@ class HubDownloader:
         name = entry_name(full)
         existing = catalog.get(name)
         if existing is not None:
+            catalog.check_same(existing, full)
             return existing
         url = hf_hub_url(ref.value, filename, endpoint=self.endpoint)
         self.reachable(full)

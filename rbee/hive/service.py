@@ -72,11 +72,11 @@ class Hive:
 
         return client
 
-    def status(self, url: str = "") -> HiveReport:
+    def status(self) -> HiveReport:
         """This hive now: its heartbeat body and /v1/status answer."""
         devices = probe()
         return HiveReport(
-            name=self.config.name, version=__version__, pid=os.getpid(), url=url,
+            name=self.config.name, version=__version__, pid=os.getpid(),
             workers=self.supervisor.views(), devices=devices,
             free_memory=free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
             models=[CatalogModel(name=e.name, ref=e.ref, size=e.size, path=str(e.path))

@@ -44,6 +44,8 @@ def infer(
     gpu_layers: Annotated[int | None, typer.Option(help="Layers llama.cpp offloads to the GPU: -1 all, 0 none, N "
                                                         "[default: all where the build supports it].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only tokens and errors.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Print control characters of the answer as they are "
+                                                    "(on a terminal they are shown escaped).")] = False,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:
@@ -59,7 +61,7 @@ def infer(
     settings = run_sync(Settings.load, url, inventory_path)
     if settings.inventory_path is not None:
         run_sync(settings.inventory)  # a broken inventory stops here, before anything starts
-    printer = JobPrinter(quiet=quiet)
+    printer = JobPrinter(quiet=quiet, raw=raw)
     run(_infer(settings, request.downstream(), printer))
     if not printer.succeeded:
         raise typer.Exit(1)
@@ -95,6 +97,14 @@ def queen_stop(url: QueenUrl = None) -> None:
         err.print(f"queen at {settings.queen_url} stopped")
     else:
         err.print(f"no queen answers at {settings.queen_url}")
+
+
+@queen_app.command("key")
+def queen_key() -> None:
+    """Print the secret every request to this user's rbee needs, for an OpenAI client:
+    `OPENAI_API_KEY=$(rbee queen key)`. Keep it private: it opens the whole fleet."""
+    settings = run_sync(Settings.load, None)
+    typer.echo(settings.token)
 
 
 @queen_app.command("status")

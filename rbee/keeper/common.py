@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -41,7 +42,12 @@ class Settings:
     home: Path
     heartbeat_interval: float
     inventory_path: Path | None
-    token: str | None = None  # network mode; never printed
+
+    @functools.cached_property
+    def token(self) -> str:
+        """The secret (never printed), read when a command first talks to a queen: a command
+        that fails before, e.g. on a bad inventory, leaves RBEE_HOME untouched."""
+        return load_token(home=self.home)
 
     @classmethod
     def load(cls, url: str | None, inventory_path: Path | None = None) -> Settings:
@@ -53,7 +59,7 @@ class Settings:
         interval = heartbeat_interval()
         if "RBEE_HEARTBEAT_INTERVAL" not in os.environ and queen is not None:
             interval = queen.heartbeat_interval
-        return cls(url or queen_url(), rbee_home(), interval, path.resolve() if path else None, load_token())
+        return cls(url or queen_url(), rbee_home(), interval, path.resolve() if path else None)
 
     def client(self, url: str, stall_timeout: float | None = 300.0) -> LinkClient:
         return LinkClient(url, "queen", stall_timeout=stall_timeout, token=self.token)

@@ -151,13 +151,21 @@ async def _logs(settings: Settings, name: str, lines: int) -> list[str]:
 
 @fleet_app.command("trust")
 def fleet_trust(
-    name: Annotated[str, typer.Argument(help="Hive name")], inventory_path: InventoryPath = None
+    name: Annotated[str, typer.Argument(help="Hive name")], inventory_path: InventoryPath = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Trust without asking (check the fingerprint first!)")]
+    = False,
 ) -> None:
-    """Record a host's SSH key in known_hosts after showing its fingerprint. Refuses a changed key."""
+    """Show a host's SSH key fingerprint and, once you confirm, record it in known_hosts.
+    Refuses a changed key."""
     from rbee.keeper.trust import trust
 
+    def confirm(host: str, fingerprint: str) -> bool:
+        err.print(f"{host} offers the host key {fingerprint}")
+        return yes or typer.confirm("Is that the host's key (compare it on the host: ssh-keygen -lf "
+                                    "/etc/ssh/ssh_host_*_key.pub)? Trust it", default=False, err=True)
+
     settings = _settings(None, inventory_path)
-    fingerprint, path = run(trust(settings.inventory(), name))
+    fingerprint, path = run(trust(settings.inventory(), name, confirm))
     err.print(f"trusted hive {name!r}: {fingerprint} recorded in {path}")
 
 

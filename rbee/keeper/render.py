@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import TextIO
 
@@ -20,14 +21,26 @@ from rich.progress import (
 from rbee.link import events
 from rbee.link.events import Event
 
+#: C0 controls but newline and tab, DEL, and C1 controls (ESC starts every terminal escape)
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Model output made harmless for a terminal: control characters are shown escaped
+    (``\x1b``), so an answer cannot move the cursor, retitle the window or hide text."""
+    return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
 
 class JobPrinter:
-    """Prints one job's events; remembers how it ended for the exit code."""
+    """Prints one job's events; remembers how it ended for the exit code. Tokens go out as the
+    model wrote them only with ``raw`` or when stdout is not a terminal (a pipe, a file)."""
 
     def __init__(
-        self, out: TextIO | None = None, err: Console | None = None, quiet: bool = False, expect_tokens: bool = True
+        self, out: TextIO | None = None, err: Console | None = None, quiet: bool = False, expect_tokens: bool = True,
+        raw: bool = False,
     ) -> None:
         self.out = out or sys.stdout
+        self.raw = raw or not self.out.isatty()
         self.err = err or Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.expect_tokens = expect_tokens
@@ -39,7 +52,7 @@ class JobPrinter:
     def show(self, event: Event) -> None:
         kind = event.type
         if kind == events.TOKEN:
-            self.out.write(event["text"])
+            self.out.write(event["text"] if self.raw else printable(event["text"]))
             self.out.flush()
             self.text_written = True
         elif kind == events.NARRATION:

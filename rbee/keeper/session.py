@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from rbee.config import QueenConfig, ServeOptions, to_args
-from rbee.errors import LinkError, StartupError
-from rbee.link.auth import bearer
+from rbee.errors import LinkError, StartupError, UnprovenPeerError
+from rbee.link.auth import CHALLENGE, PROOF, bearer, proves
 from rbee.link.spawn import Child, bind_loopback, spawn
 from rbee.link.transport import async_client
 
@@ -27,12 +28,27 @@ class QueenHandle:
 
 
 async def queen_answers(url: str, timeout: float = 1.0, token: str | None = None) -> bool:
-    async with async_client(timeout=timeout, headers=bearer(token)) as http:
+    """Does this user's queen answer at ``url``? The secret is not sent to find out: the
+    server must prove it holds it (an HMAC of a fresh challenge). Something else on the
+    port that claims to be a queen is refused before anything is sent to it."""
+    challenge = secrets.token_hex(16)
+    async with async_client(timeout=timeout) as http:
         try:
-            response = await http.get(f"{url}/health")
+            response = await http.get(f"{url}/health", headers={CHALLENGE: challenge})
         except httpx.HTTPError:
             return False
-    return response.status_code == 200 and response.json().get("role") == "queen"
+    try:
+        role = response.json().get("role") if response.status_code == 200 else None
+    except ValueError:
+        role = None
+    if role != "queen":
+        return False
+    if token is None or proves(token, challenge, response.headers.get(PROOF)):
+        return True
+    raise UnprovenPeerError(
+        f"something at {url} answers as an rbee queen but cannot prove it holds your secret (RBEE_HOME/secret): "
+        "another user's queen, or an impostor. Nothing was sent to it. Point RBEE_QUEEN_URL elsewhere, or stop it"
+    )
 
 
 async def start_queen(config: QueenConfig, *, ephemeral: bool, port: int = 0, token: str | None = None) -> Child:
@@ -93,6 +109,8 @@ async def start_persistent(
 
 async def stop_persistent(url: str, timeout: float = 30.0, token: str | None = None) -> bool:
     """Ask the queen at ``url`` to stop; wait until it no longer answers. False if none ran."""
+    if not await queen_answers(url, token=token):  # proved first: the secret goes only to our queen
+        return False
     async with async_client(timeout=5.0, headers=bearer(token)) as http:
         try:
             await http.post(f"{url}/v1/admin/shutdown")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -13,7 +14,9 @@ from rbee.inventory import Inventory
 # the host-key logic itself is small enough to live here.
 
 
-async def trust(inventory: Inventory, name: str) -> tuple[str, Path]:
+async def trust(inventory: Inventory, name: str, confirm: Callable[[str, str], bool]) -> tuple[str, Path]:
+    """Read the host's key, show its fingerprint through ``confirm(host, fingerprint)``, and
+    record it only if that says yes."""
     entry = inventory.get(name)
     if entry is None or not entry.remote:
         raise TrustError(f"no hive {name!r} with an ssh target in {inventory.path}")
@@ -37,6 +40,8 @@ async def trust(inventory: Inventory, name: str) -> tuple[str, Path]:
                 f"-f {path}"
             )
     host = target.host if port == 22 else f"[{target.host}]:{port}"
+    if not confirm(host, key.get_fingerprint()):
+        raise TrustError(f"{host} was not trusted; nothing was written to {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         handle.write(f"{host} {key.export_public_key().decode().strip()}\n")

@@ -167,7 +167,6 @@ class HiveReport(Wire):
     name: str = Field(min_length=1, max_length=100)
     version: str = ""
     pid: int | None = None
-    url: str = ""
     workers: list[WorkerView] = Field(default_factory=list)
     devices: dict[str, Any] = Field(default_factory=dict)
     #: what admission would grant a new worker now, so the queen's scheduler uses the same rule

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 
 from rbee import __version__
 from rbee.config import QueenConfig, from_args
 from rbee.errors import RbeeError
-from rbee.link.auth import load_token
+from rbee.link.auth import ENV, load_token, secret_file
 from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.link.spawn import listening_url
 from rbee.queen.app import create_app
@@ -23,6 +24,8 @@ log = logging.getLogger("rbee.queen")
 async def main(config: QueenConfig) -> int:
     serve = config.serve
     url = listening_url(serve.fd, serve.host, serve.port)
+    # the hives and workers this queen starts read the same secret file
+    os.environ[ENV] = str(secret_file(home=config.home))
     queen = Queen(config, url, load_token())
     app = create_app(queen)
     watcher = asyncio.create_task(queen.watch_heartbeats())

@@ -24,7 +24,7 @@ from rbee.queen.service import Queen
 def create_app(queen: Queen) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, queen.config.actor)
-    install_auth(app, queen.token)
+    install_auth(app, queen.token, "queen")
 
     make_producer = request_producer(queen.run_job)
 
@@ -47,7 +47,7 @@ def create_app(queen: Queen) -> Quart:
         extra = {e.name: [*e.models, *inventory.models] for e in inventory.hive}
         return default_models(queen.known_nodes(), extra)
 
-    index = ModelIndex(served)
+    index = ModelIndex(served, lambda: list(queen.fleet.inventory.queen.model_roots))
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")

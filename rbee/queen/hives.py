@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from rbee.config import LOCAL_NODE, HiveConfig, QueenConfig, ServeOptions, to_args
-from rbee.errors import StartupError
+from rbee.errors import StartupError, UnknownNodeError
 from rbee.link.peers import Peer, PeerRegistry, PeerState
 from rbee.link.schemas import HiveReport, HiveView, parse_wire
 from rbee.link.spawn import Child, bind_loopback, spawn
@@ -34,12 +34,12 @@ class HiveRegistry(PeerRegistry[HivePeer]):
         return peer
 
     def heartbeat(self, name: str, body: Any, now: float | None = None) -> HivePeer:
-        """A hive's heartbeat; a malformed body raises RequestError (a 400)."""
-        report = parse_wire(HiveReport, body, f"heartbeat of hive:{name}")
-        peer = self.peer(name)
-        if not peer.url and report.url:  # a hive started by hand; launched hives get their URL from the launcher
-            peer.url = report.url
-        peer.beat(report, now=now)
+        """A hive's heartbeat, accepted only for a hive this queen launched (its address is the
+        launcher's, never the report's); a malformed body raises RequestError (a 400)."""
+        peer = self.get(name)
+        if peer is None:
+            raise UnknownNodeError(f"hive:{name} was not launched by this queen; `rbee fleet up` launches hives")
+        peer.beat(parse_wire(HiveReport, body, f"heartbeat of hive:{name}"), now=now)
         return peer
 
     async def wait_beat(self, name: str, timeout: float) -> HivePeer:
@@ -76,6 +76,10 @@ class LocalHiveLauncher:
             hive = self.registry.serving(LOCAL_NODE)
             if hive is not None and (self.child is None or self.child.alive):
                 return hive
+            if self.child is not None and self.child.alive:  # alive but silent (hung): replace it
+                peer = self.registry.peer(LOCAL_NODE)
+                narrate("launch", f"hive:{LOCAL_NODE} is {peer.state} ({peer.reason}): replacing it")
+                await self.child.stop(grace=2.0)
             return await self._launch(narrate)
 
     async def _launch(self, narrate: Any) -> HivePeer:

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -151,8 +152,9 @@ def parse(model: type[SamplingFields], body: dict[str, Any]) -> Any:
 class ModelIndex:
     """Which model ids the fleet serves: ``name`` anywhere, or ``node/name`` pinned to a host."""
 
-    def __init__(self, nodes: Callable[[], dict[str, list[str]]]) -> None:
+    def __init__(self, nodes: Callable[[], dict[str, list[str]]], file_roots: Callable[[], list[str]] = list) -> None:
         self.nodes = nodes  # node -> model names it can serve
+        self.file_roots = file_roots  # folders under which the API may name `file:` models
 
     def listing(self) -> list[dict[str, Any]]:
         data = []
@@ -167,6 +169,7 @@ class ModelIndex:
 
     def resolve(self, model_id: str) -> tuple[str | None, str]:
         nodes = self.nodes()
+        self.check_file_ref(model_id.partition("/")[2] if model_id.partition("/")[0] in nodes else model_id)
         node, _, name = model_id.partition("/")
         if name and node in nodes:
             if name in nodes[node] or name.startswith(("file:", "hf:")):
@@ -176,6 +179,22 @@ class ModelIndex:
         known = ", ".join(sorted({m["id"] for m in self.listing()}))
         raise OpenAIError(404, f"the model {model_id!r} does not exist here; known models: {known}",
                           param="model", code="model_not_found")
+
+
+    def check_file_ref(self, name: str) -> None:
+        """An API client (an app, a web UI) may not make the hive open any file it names: `file:`
+        models are allowed only under the inventory's ``[queen] model_roots``; the owner's CLI
+        is not limited."""
+        if not name.startswith("file:"):
+            return
+        path = PurePosixPath(name.removeprefix("file:"))
+        roots = [PurePosixPath(root) for root in self.file_roots()]
+        if path.is_absolute() and ".." not in path.parts and any(path.is_relative_to(root) for root in roots):
+            return
+        where = ", ".join(map(str, roots)) or "none are listed"
+        raise OpenAIError(400, f"{name!r}: the API serves `file:` models only under the inventory's [queen] "
+                          f"model_roots ({where}); the owner's `rbee infer -m file:…` is not limited",
+                          param="model", code="bad_model_ref")
 
 
 def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,

@@ -24,7 +24,7 @@ def create_app(
 ) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, config.actor)
-    install_auth(app, token)
+    install_auth(app, token, config.actor)
 
     async def generate(job: Job, request: JobRequest) -> None:
         if request.messages is not None:

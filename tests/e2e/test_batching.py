@@ -16,7 +16,7 @@ import pytest
 
 from rbee.link.client import LinkClient
 from rbee.link.events import Event
-from tests.helpers import eventually, queen
+from tests.helpers import eventually, owner_headers, owner_token, queen
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because"]
 #: The largest gap between the best two logits of a solo run at which a concurrent greedy
@@ -55,10 +55,10 @@ def margin(model: Path, text: str) -> float:
 
 async def test_concurrent_streams_answer_as_they_do_alone(queen_url: str, models_dir: Path) -> None:
     body = {"max_tokens": 24, "temperature": 0.0}
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         alone = [await tokens_of(client, {**body, "prompt": p}) for p in PROMPTS]
         together = await asyncio.gather(*(tokens_of(client, {**body, "prompt": p}) for p in PROMPTS))
-        async with httpx.AsyncClient(base_url=queen_url) as http:
+        async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
             (worker,) = (await http.get("/v1/workers")).json()["workers"]
     assert worker["load"]["slots"] == 8  # the default: up to 8, with 1024 tokens of context each
     model = next(models_dir.glob("gemma3-270m/*.gguf"))
@@ -76,7 +76,7 @@ async def test_concurrent_streams_answer_as_they_do_alone(queen_url: str, models
 
 async def worker_load(queen_url: str) -> dict[str, Any]:
     """The worker's load now, from the worker itself (the queen's view waits for a heartbeat)."""
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         workers = (await http.get("/v1/workers")).json()["workers"]
         if not workers:
             return {}
@@ -88,7 +88,7 @@ async def test_the_queue_is_bounded_says_where_a_request_waits_and_frees_slots(b
     # a grammar that admits one 300-word answer: no early end of text frees a slot behind the test's back
     words = " ".join(["word"] * 300)
     long = {"model": "small", "prompt": "Say word:", "max_tokens": 400, "grammar": f'root ::= "{words}"'}
-    async with LinkClient(batching_queen, "queen") as client:
+    async with LinkClient(batching_queen, "queen", token=owner_token()) as client:
         warm = [e async for e in client.run({**long, "max_tokens": 2})]
         assert warm[-1].type == "end"
         running = [await client.create(long) for _ in range(2)]  # both slots
@@ -106,7 +106,7 @@ async def test_the_queue_is_bounded_says_where_a_request_waits_and_frees_slots(b
         assert refused[-1].type == "error" and refused[-1]["code"] == "queue_full", refused[-1]
         assert refused[-1]["retry_after"] >= 1 and "queue limit 1" in refused[-1]["message"]
         # the OpenAI API: 429 with Retry-After, in OpenAI's error shape
-        api = openai.AsyncOpenAI(base_url=f"{batching_queen}/v1", api_key="unused", max_retries=0)
+        api = openai.AsyncOpenAI(base_url=f"{batching_queen}/v1", api_key=owner_token(), max_retries=0)
         with pytest.raises(openai.RateLimitError) as limited:
             await api.completions.create(model="small", prompt="Hi", max_tokens=4)
         assert int(limited.value.response.headers["Retry-After"]) >= 1
@@ -115,10 +115,10 @@ async def test_the_queue_is_bounded_says_where_a_request_waits_and_frees_slots(b
         await client.cancel(queued)
         ended = [event async for event in queued_stream]
         assert ended[-1].type == "error" and ended[-1]["code"] == "cancelled", ended[-1]
-        await client.cancel(running[0])
+        for handle in running:  # running ones free their slots on cancel
+            await client.cancel(handle)
         for stream in streams:
             await stream.aclose()
-        # the other one is dropped by its client: the server cancels it after the grace period
         await eventually(lambda: _idle(batching_queen), timeout=15)
         after = [e async for e in client.run({**long, "max_tokens": 3})]
     assert after[-1].type == "end", after[-1]
@@ -133,7 +133,7 @@ async def _idle(queen_url: str) -> bool:
 
 
 async def test_a_request_that_fails_in_the_engine_frees_its_slot(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         bad = [e async for e in client.run({"prompt": "Hi", "max_tokens": 4, "grammar": "root ::= ("})]
         good = [e async for e in client.run({"prompt": "Hi", "max_tokens": 4, "grammar": 'root ::= "yes" | "no"'})]
     assert bad[-1].type == "error" and "grammar" in bad[-1]["message"], bad[-1]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from rbee.link.client import LinkClient
-from tests.helpers import RBEE, eventually, run_rbee, warm_up, worker_stops
+from tests.helpers import RBEE, eventually, owner_headers, owner_token, run_rbee, warm_up, worker_stops
 
 GREEDY = {"temperature": 0.0, "seed": 7}
 
@@ -37,7 +37,7 @@ async def test_infer_streams_real_tokens_and_leaves_nothing(rbee_env: dict[str, 
 
 
 async def test_dual_call_shape_at_every_tier(queen_url: str) -> None:
-    async with httpx.AsyncClient(base_url=queen_url, timeout=60) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url, timeout=60) as http:
         hive = worker = None
         for _ in range(2):  # the first job brings the hive and the worker up
             await assert_link_shape(http, queen_url)
@@ -45,7 +45,7 @@ async def test_dual_call_shape_at_every_tier(queen_url: str) -> None:
         hive = hives[0]["url"]
         worker = hives[0]["workers"][0]["url"]
     for url in (hive, worker):
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async with httpx.AsyncClient(headers=owner_headers(), base_url=url, timeout=60) as http:
             await assert_link_shape(http, url)
 
 
@@ -62,7 +62,7 @@ async def assert_link_shape(http: httpx.AsyncClient, url: str) -> None:
 
 
 async def worker_of(queen_url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         hives = (await http.get("/v1/hives")).json()["hives"]
     return hives[0]["workers"][0]
 
@@ -71,7 +71,7 @@ async def worker_of(queen_url: str) -> dict[str, Any]:
 async def test_cancel_stops_generation_at_the_worker(queen_url: str, how: str) -> None:
     """An explicit DELETE, or a client that closes its stream on purpose (run() DELETEs then)."""
     body = {"prompt": "Count: one, two, three,", "max_tokens": 1500, **GREEDY}
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         if how == "delete":
             handle = await client.create(body)
             seen = 0
@@ -110,7 +110,7 @@ async def test_corrupt_model_file_fails_fast_naming_the_file(rbee_env: dict[str,
 
 
 async def test_killed_worker_is_marked_dead_by_its_hive(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
     worker = await worker_of(queen_url)
     os.kill(worker["pid"], signal.SIGKILL)
@@ -153,13 +153,13 @@ async def test_truncated_model_fails_fast_with_the_workers_own_error(
 
 async def test_prompt_longer_than_the_context_is_a_clear_400(queen_url: str) -> None:
     too_long = "word " * 3000
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         events = [e async for e in client.run({"prompt": too_long, "max_tokens": 8, "ctx": 2048})]
     error = events[-1]
     assert error.type == "error" and error["code"] == "bad_request", error
     assert "tokens" in error["message"] and "2048" in error["message"]
     far_too_long = "word " * 35_000  # past the default model's trained context, 32768
-    async with httpx.AsyncClient(base_url=queen_url, timeout=60) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url, timeout=60) as http:
         response = await http.post("/v1/completions", json={"model": "gemma3-270m", "prompt": far_too_long})
     assert response.status_code == 400 and "32768" in response.json()["error"]["message"]
 
@@ -167,7 +167,7 @@ async def test_prompt_longer_than_the_context_is_a_clear_400(queen_url: str) -> 
 async def test_default_model_answers_a_3000_token_prompt(queen_url: str) -> None:
     """The worker's context is the model's trained length (32768), not a fixed 2048."""
     prompt = "The sky is blue. " * 600 + "The colour of the sky is"
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         events = [e async for e in client.run({"prompt": prompt, "max_tokens": 4, "temperature": 0})]
     end = events[-1]
     assert end.type == "end", end

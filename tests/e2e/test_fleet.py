@@ -234,6 +234,26 @@ def test_a_stream_cut_by_a_dropped_ssh_connection_resumes_with_every_token(fleet
     assert {p.pid for p in host.processes() if p.name() == "sshd"} - sessions, "a new SSH session was opened"
 
 
+def test_another_fleet_hosts_user_is_refused_by_a_hive(fleet: Fleet) -> None:
+    """h2's user shares h1's loopback (one machine here, as two users of one host would): it can
+    reach h1's hive and the queen's forward there, and gets 401 for everything but liveness."""
+    from tests.e2e.test_intruder import ATTACK, RUNUSER
+
+    record = json.loads((fleet.hosts[0].home / ".rbee" / "run" / "hive.json").read_text())
+    hive = record["url"]
+    requests = [["GET", f"{hive}/v1/workers", None, {}], ["GET", f"{hive}/v1/status", None, {}],
+                ["POST", f"{hive}/v1/jobs", {"prompt": "hi"}, {}], ["POST", f"{hive}/v1/admin/shutdown", None, {}],
+                ["POST", f"{hive}/v1/admin/queen", {"url": "http://127.0.0.1:9"}, {}],
+                ["GET", f"{hive}/health", None, {}]]
+    done = subprocess.run([RUNUSER, "-u", fleet.hosts[1].user, "--", "/usr/bin/python3", "-c", ATTACK],
+                          input=json.dumps(requests), capture_output=True, text=True, timeout=60, cwd="/tmp",
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    statuses = [status for status, _ in json.loads(done.stdout)]
+    assert statuses == [401, 401, 401, 401, 401, 200], statuses
+    assert " up " in line_of(fleet, fleet.hosts[0].name)
+
+
 def test_queen_restart_reattaches_without_reinstalling(fleet: Fleet) -> None:
     host = fleet.hosts[0]
     workers = worker_pids(host)

@@ -12,7 +12,7 @@ import pytest
 
 from rbee.hive.gguf_meta import read_info
 from rbee.link.client import LinkClient
-from tests.helpers import eventually, queen, run_rbee, warm_up
+from tests.helpers import eventually, owner_headers, owner_token, queen, run_rbee, warm_up
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
 
 
@@ -26,12 +26,12 @@ def test_gguf_metadata_of_the_real_default_model(models_dir: Path) -> None:
 
 
 async def workers(queen_url: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         return list((await http.get("/v1/workers")).json()["workers"])
 
 
 async def test_second_infer_reuses_the_warm_worker(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         first = await warm_up(client)
         spawned = await workers(queen_url)
         second = await warm_up(client)
@@ -44,7 +44,7 @@ async def test_second_infer_reuses_the_warm_worker(queen_url: str) -> None:
 
 async def test_worker_reports_where_the_engine_put_the_model(queen_url: str, rbee_env: dict[str, str]) -> None:
     """What llama.cpp itself logged at load, not a guess: on this CPU-only build, no layer offloaded."""
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         events = await warm_up(client)
     ready = next(e for e in events if e.type == "narration" and e["action"] == "ready")
     assert "on CPU: 0/19 layers offloaded" in ready["message"] and "context 32768" in ready["message"]
@@ -64,7 +64,7 @@ async def test_worker_reports_where_the_engine_put_the_model(queen_url: str, rbe
 
 
 async def test_workers_are_shared_only_for_the_same_context_and_offload(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client, {"ctx": 4096})
         again = await warm_up(client, {"ctx": 4096})
         other = await warm_up(client, {"ctx": 8192})
@@ -80,7 +80,7 @@ def small_budget(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> N
 
 
 async def test_admission_refuses_a_model_too_large_for_the_budget(small_budget: None, queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         received = [e async for e in client.run({"prompt": "Hi", "max_tokens": 2})]
     error = received[-1]
     assert error.type == "error" and error["code"] == "no_capacity", error
@@ -94,7 +94,7 @@ def short_idle(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 async def test_idle_workers_are_stopped(short_idle: None, queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
     pid = (await eventually(lambda: workers(queen_url)))[0]["pid"]  # the queen sees it with the next heartbeat
 
@@ -148,7 +148,7 @@ async def test_inventory_sets_a_models_context_and_offload(rbee_env: dict[str, s
     gguf = next(models_dir.glob("gemma3-270m/*.gguf"))
     inventory = f'[models.short]\ngguf = "file:{gguf}"\nctx = 4096\ngpu_layers = 0\n\n[[hive]]\nname = "localhost"\n'
     async with queen(rbee_env, inventory, tmp_path) as url:
-        async with LinkClient(url, "queen") as client:
+        async with LinkClient(url, "queen", token=owner_token()) as client:
             events = await warm_up(client, {"model": "short"})
             asked = await warm_up(client, {"model": "short", "ctx": 2048})  # the job's own choice wins
         assert events[-1].type == "end" and asked[-1].type == "end"

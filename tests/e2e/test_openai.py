@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import queen, worker_stops
+from rbee.link.client import LinkClient
+from tests.helpers import owner_headers, owner_token, queen, worker_stops
 from tests.hub_server import HubServer, Repo
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -19,12 +20,12 @@ CHAT = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture
 def client(queen_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{queen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{queen_url}/v1", api_key=owner_token(), max_retries=0, timeout=120)
 
 
 @pytest.fixture
 def aclient(queen_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{queen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.AsyncOpenAI(base_url=f"{queen_url}/v1", api_key=owner_token(), max_retries=0, timeout=120)
 
 
 async def test_models_list(aclient: openai.AsyncOpenAI) -> None:
@@ -115,7 +116,7 @@ async def test_disconnect_mid_stream_stops_the_worker(aclient: openai.AsyncOpenA
         if seen == 5:
             break
     await stream.close()
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         worker_url = (await http.get("/v1/hives")).json()["hives"][0]["workers"][0]["url"]
 
     await worker_stops(worker_url, most=300)
@@ -137,15 +138,19 @@ BAD_MODELS = [
     ("hf:nobody/nothing", 404, "model_not_found"),
     ("hf:nobody/nothing:x.gguf", 404, "model_not_found"),
     ("hf:acme/tiny-GGUF", 404, "model_not_found"),  # a repo without a model
-    ("file:/etc/passwd", 400, "bad_model"),
-    ("file:/", 400, "bad_model"),
-    ("file:/no/such/model.gguf", 404, "model_not_found"),
     ("hf:../../etc", 400, "bad_model_ref"),
+    ("file:/etc/passwd", 400, "bad_model_ref"),  # the API names files only under [queen] model_roots
+    ("file:/", 400, "bad_model_ref"),
+]
+OWNER_FILE_MODELS = [  # the owner's CLI may name any file; what is not a model is still refused cleanly
+    ("file:/etc/passwd", "bad_model"),
+    ("file:/", "bad_model"),
+    ("file:/no/such/model.gguf", "model_not_found"),
 ]
 
 
 async def test_bad_model_values_get_4xx_naming_the_problem(hub_queen: str) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{hub_queen}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.AsyncOpenAI(base_url=f"{hub_queen}/v1", api_key=owner_token(), max_retries=0, timeout=60)
     for model, status, code in BAD_MODELS:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
@@ -153,13 +158,18 @@ async def test_bad_model_values_get_4xx_naming_the_problem(hub_queen: str) -> No
         assert error.status_code == status and isinstance(error.body, dict) and error.body["code"] == code, (
             model, error.status_code, error.body)
         assert "root:" not in error.message, "the file's contents were echoed"
+    async with LinkClient(hub_queen, "queen", token=owner_token()) as link:
+        for model, code in OWNER_FILE_MODELS:
+            ended = [event async for event in link.run({"prompt": "hi", "model": model, "max_tokens": 4})][-1]
+            assert ended.type == "error" and ended["code"] == code, (model, ended)
+            assert "root:" not in ended["message"]
 
 
 async def test_an_unreachable_hub_is_a_502_naming_it(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     endpoint = "http://127.0.0.1:9"  # the discard port: nothing listens
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     async with queen(rbee_env) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=owner_token(), max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as caught:
             await client.completions.create(model="hf:acme/tiny-GGUF", prompt="hi", max_tokens=4)
     assert caught.value.status_code == 502 and isinstance(caught.value.body, dict)

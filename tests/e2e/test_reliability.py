@@ -22,14 +22,14 @@ from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
 from rbee.link.events import Event
 from tests.conftest import processes_of
-from tests.helpers import RBEE, eventually, warm_up, worker_stops
+from tests.helpers import RBEE, eventually, owner_headers, owner_token, warm_up, worker_stops
 
 GREEDY = {"temperature": 0.0, "seed": 11}
 LONG = {"prompt": "Count from one to one thousand: one, two, three,", "max_tokens": 1500, **GREEDY}
 
 
 async def hives(queen_url: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         return list((await http.get("/v1/hives")).json()["hives"])
 
 
@@ -38,7 +38,7 @@ async def the_worker(queen_url: str) -> dict[str, Any]:
 
 
 async def worker_health(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=url, timeout=2) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=url, timeout=2) as http:
         return dict((await http.get("/health")).json())
 
 
@@ -70,7 +70,7 @@ async def signal_mid_stream(client: LinkClient, pid: int, signum: int) -> tuple[
 
 
 async def test_worker_killed_mid_stream(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
         first = await the_worker(queen_url)
         received, killed_at = await signal_mid_stream(client, first["pid"], signal.SIGKILL)
@@ -96,7 +96,7 @@ async def test_worker_killed_mid_stream(queen_url: str) -> None:
 async def test_a_hung_worker_misses_its_heartbeats_and_its_job_ends(fast_queen: str) -> None:
     """SIGSTOP: the worker's keep-alives would stop too, but its missed heartbeats end the job
     first (3 × 0.5 s), with an error naming it; the hung worker is killed."""
-    async with LinkClient(fast_queen, "queen") as client:
+    async with LinkClient(fast_queen, "queen", token=owner_token()) as client:
         await warm_up(client)
         worker = await the_worker(fast_queen)
         received, stopped_at = await signal_mid_stream(client, worker["pid"], signal.SIGSTOP)
@@ -111,7 +111,7 @@ async def test_a_hung_worker_misses_its_heartbeats_and_its_job_ends(fast_queen: 
 
 
 async def test_a_hung_hive_misses_its_heartbeats_and_its_job_ends(fast_queen: str) -> None:
-    async with LinkClient(fast_queen, "queen") as client:
+    async with LinkClient(fast_queen, "queen", token=owner_token()) as client:
         await warm_up(client)
         hive_pid = (await hives(fast_queen))[0]["pid"]
         try:
@@ -134,7 +134,7 @@ async def _state_of_first_hive(queen_url: str, state: str) -> dict[str, Any] | N
 
 
 async def test_killed_hive_is_marked_down_and_its_job_ends_with_an_error(queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
         hive_pid = (await hives(queen_url))[0]["pid"]
         received, killed_at = await signal_mid_stream(client, hive_pid, signal.SIGKILL)
@@ -152,7 +152,7 @@ async def test_killed_hive_is_marked_down_and_its_job_ends_with_an_error(queen_u
 @pytest.mark.parametrize("how", ["sigint", "delete"])
 async def test_cancel_reaches_the_worker_within_a_second(rbee_env: dict[str, str], queen_url: str, how: str) -> None:
     env = {**rbee_env, "RBEE_QUEEN_URL": queen_url}
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
     worker = await the_worker(queen_url)
     if how == "sigint":
@@ -165,7 +165,8 @@ async def test_cancel_reaches_the_worker_within_a_second(rbee_env: dict[str, str
         process.send_signal(signal.SIGINT)
         cancelled_at = time.monotonic()
     else:
-        async with LinkClient(queen_url, "queen") as client, contextlib.aclosing(client.run(LONG)) as events:
+        async with (LinkClient(queen_url, "queen", token=owner_token()) as client,
+                    contextlib.aclosing(client.run(LONG)) as events):
             async for event in events:  # closing the stream early DELETEs the job
                 if event.type == "token" and event["index"] == 3:
                     break
@@ -187,7 +188,7 @@ async def test_a_dropped_stream_is_kept_for_the_resume_grace_then_cancelled(
                          serve=ServeOptions())
     child = await start_queen(config, ephemeral=True)
     try:
-        async with LinkClient(child.url, "queen") as client:
+        async with LinkClient(child.url, "queen", token=owner_token()) as client:
             await warm_up(client)
             worker = await the_worker(child.url)
             handle = await client.create(LONG)
@@ -207,7 +208,7 @@ async def test_a_dropped_stream_is_kept_for_the_resume_grace_then_cancelled(
 
 async def test_two_jobs_at_once_on_one_worker_do_not_mix(queen_url: str) -> None:
     body = {"prompt": "The three primary colours are", "max_tokens": 24, **GREEDY}
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
 
         async def text() -> str:
             events = [e async for e in client.run(body)]
@@ -221,7 +222,7 @@ async def test_two_jobs_at_once_on_one_worker_do_not_mix(queen_url: str) -> None
 
 
 async def test_every_server_listens_on_loopback_only(rbee_env: dict[str, str], queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         await warm_up(client)
     listening = []
     for process in processes_of(Path(rbee_env["RBEE_HOME"])):
@@ -256,17 +257,17 @@ async def test_network_mode_keeps_the_token_secret(rbee_env: dict[str, str], tmp
 
 
 async def test_metrics_and_structured_logs(rbee_env: dict[str, str], queen_url: str) -> None:
-    async with LinkClient(queen_url, "queen") as client:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
         events = [e async for e in client.run({"prompt": "Hi", "max_tokens": 5, **GREEDY})]
     job_tokens = sum(e.type == "token" for e in events)
-    async with httpx.AsyncClient(base_url=queen_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=queen_url) as http:
         text = (await http.get("/metrics")).text
         hive_url = (await hives(queen_url))[0]["url"]
     assert 'rbee_jobs_total{role="queen",state="ok"} 1.0' in text
     assert f'rbee_tokens_total{{role="queen"}} {float(job_tokens)}' in text
     assert 'rbee_time_to_first_token_seconds_count{role="queen"} 1.0' in text
     assert 'rbee_peer_up{kind="hive",name="localhost",state="up"} 1.0' in text
-    async with httpx.AsyncClient(base_url=hive_url) as http:
+    async with httpx.AsyncClient(headers=owner_headers(), base_url=hive_url) as http:
         hive_text = (await http.get("/metrics")).text
     assert 'rbee_jobs_total{role="hive:localhost",state="ok"} 1.0' in hive_text
     assert 'rbee_peer_up{kind="worker"' in hive_text and "rbee_heartbeat_age_seconds" in hive_text

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from rbee.errors import BadModelError, HubUnreachableError, ModelError, ModelNotFoundError, RequestError
+from rbee.errors import (
+    BadModelError,
+    BadModelRefError,
+    HubUnreachableError,
+    ModelError,
+    ModelNotFoundError,
+    RequestError,
+)
 from rbee.hive.models import ModelCatalog
 from rbee.hive.provision import HubDownloader
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
@@ -234,3 +241,14 @@ def test_a_folder_that_is_not_a_model_is_refused_without_walking_it(tmp_path: Pa
     catalog = ModelCatalog(tmp_path / "models")
     with pytest.raises(BadModelError, match=r"is not an MLX model directory: it lacks config\.json"):
         catalog.resolve("file:/", Recorder())
+
+
+def test_a_model_of_another_repo_with_the_same_file_name_is_never_served_in_its_place(hub: Any, tmp_path: Path,
+                                                                                        gguf_bytes: bytes) -> None:
+    server, _ = hub
+    server.repos["mallory/x"] = Repo(files={"tiny-Q4_K_M.gguf": b"GGUF" + b"\0" * 64})
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    genuine = catalog.resolve("hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf", Recorder())
+    with pytest.raises(BadModelRefError, match=r"already holds hf:acme/tiny-GGUF:tiny-Q4_K_M\.gguf"):
+        catalog.resolve("hf:mallory/x:tiny-Q4_K_M.gguf", Recorder())
+    assert catalog.resolve("hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf", Recorder()).path == genuine.path

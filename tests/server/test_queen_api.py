@@ -69,3 +69,16 @@ async def test_garbage_is_400(app: Any) -> None:
     response = await app.test_client().post("/v1/chat/completions", data=b"\xff{", headers={})
     assert response.status_code == 400
     assert (await response.get_json())["error"]["type"] == "invalid_request_error"
+
+
+def test_the_api_names_files_only_under_the_model_roots() -> None:
+    from rbee.queen.openai_api import ModelIndex, OpenAIError
+
+    index = ModelIndex(lambda: {"localhost": ["gemma3-270m"]}, lambda: ["/srv/models"])
+    assert index.resolve("file:/srv/models/qwen.gguf") == (None, "file:/srv/models/qwen.gguf")
+    assert index.resolve("localhost/file:/srv/models/a/b") == ("localhost", "file:/srv/models/a/b")
+    for bad in ("file:/etc/passwd", "file:/", "file:/srv/models/../../etc/passwd", "localhost/file:/etc/x",
+                "file:/srv/modelsX/y.gguf", "file:relative.gguf"):
+        with pytest.raises(OpenAIError) as caught:
+            index.resolve(bad)
+        assert caught.value.status == 400 and caught.value.code == "bad_model_ref", bad

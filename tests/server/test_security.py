@@ -6,23 +6,26 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
-from quart import Quart
+from quart import Quart, request
 
 from rbee.config import HiveConfig, QueenConfig, WorkerConfig
-from rbee.errors import ConfigError
+from rbee.errors import ConfigError, UnprovenPeerError
 from rbee.hive.app import create_app as hive_app
 from rbee.hive.models import ModelCatalog
 from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor
-from rbee.link.auth import load_token
+from rbee.keeper.session import queen_answers, stop_persistent
+from rbee.link.auth import CHALLENGE, PROOF, load_token, proves
 from rbee.link.jobs import JobRegistry, new_job_id
 from rbee.queen.app import create_app as queen_app
 from rbee.queen.fleet.ssh import Command
 from rbee.queen.service import Queen
 from rbee.worker.app import create_app as worker_app
 from rbee.worker.runner import ModelRunner
+from tests.helpers import served
 from tests.server.test_worker_app import FakeEngine
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -60,9 +63,13 @@ async def test_every_endpoint_refuses_a_request_without_the_token(role: str, tmp
     for method, path in checked:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             response = await client.open(path, method=method, headers=headers, json={})
-            assert response.status_code == 401, (role, method, path, headers, response.status_code)
-            assert (await response.get_json())["error"]["code"] == "unauthorized"
+            body = await response.get_json()
             assert TOKEN not in (await response.get_data(as_text=True))
+            if (method, path) == ("GET", "/health"):  # a bare liveness answer: who is there, nothing more
+                assert response.status_code == 200 and set(body) == {"role"}, (role, body)
+                continue
+            assert response.status_code == 401, (role, method, path, headers, response.status_code)
+            assert body["error"]["code"] == "unauthorized"
 
 
 @pytest.mark.parametrize("role", ["queen", "hive", "worker"])
@@ -80,7 +87,42 @@ def test_token_file_must_be_private(tmp_path: Path) -> None:
         load_token({"RBEE_TOKEN_FILE": str(path)})
     path.chmod(0o600)
     assert load_token({"RBEE_TOKEN_FILE": str(path)}) == TOKEN
-    assert load_token({}) is None
+
+
+def test_the_secret_is_made_private_at_first_need(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    token = load_token({"RBEE_HOME": str(home)})
+    assert len(token) >= 32 and load_token({"RBEE_HOME": str(home)}) == token  # made once, then read
+    assert (home / "secret").stat().st_mode & 0o777 == 0o600
+    assert home.stat().st_mode & 0o777 == 0o700
+
+
+async def test_health_proves_the_secret_without_revealing_it(tmp_path: Path) -> None:
+    client = apps(tmp_path)["queen"].test_client()
+    response = await client.get("/health", headers={CHALLENGE: "nonce-1"})
+    assert response.status_code == 200 and await response.get_json() == {"role": "queen"}
+    assert proves(TOKEN, "nonce-1", response.headers.get(PROOF))
+    assert not proves("another-secret-0123456789", "nonce-1", response.headers.get(PROOF))
+    assert TOKEN not in str(response.headers)
+
+
+async def test_the_keeper_sends_nothing_to_a_queen_that_cannot_prove_itself(tmp_path: Path) -> None:
+    """An impostor on the queen's port (another user bound it first) gets no secret."""
+    seen: list[dict[str, str]] = []
+    impostor = Quart(__name__)
+
+    @impostor.route("/<path:path>", methods=["GET", "POST"])
+    async def anything(path: str) -> Any:
+        seen.append(dict(request.headers))
+        return {"role": "queen"}
+
+    async with served(impostor) as url:
+        with pytest.raises(UnprovenPeerError, match="cannot prove it holds your secret"):
+            await queen_answers(url, token=TOKEN)
+        with pytest.raises(UnprovenPeerError):
+            await stop_persistent(url, token=TOKEN)
+    assert seen and all(TOKEN not in str(headers) for headers in seen)
 
 
 def test_job_ids_carry_at_least_128_random_bits() -> None:

@@ -18,7 +18,8 @@ EXPECTED = {  # the table of the module docstring, spelled out: a changed status
     "unknown_node": 404, "unknown_worker": 404, "job_not_found": 404, "model_error": 500,
     "model_load_failed": 500, "download_failed": 502, "disk_full": 507, "no_capacity": 503, "no_hive": 503,
     "queue_full": 429, "cancelled": 499, "link_failed": 502, "stalled": 504, "peer_down": 503,
-    "hub_unreachable": 502, "ssh_failed": 502, "host_key_refused": 502, "remote_command_failed": 502,
+    "hub_unreachable": 502, "unproven_peer": 502, "ssh_failed": 502, "host_key_refused": 502,
+    "remote_command_failed": 502,
     "peer_error": 502, "worker_died": 503, "worker_stalled": 503, "unauthorized": 401, "startup_failed": 503,
     "node_down": 503, "wheelhouse_failed": 500,
 }

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -69,3 +71,16 @@ def test_parser_only_ever_raises_inventory_errors(text: str) -> None:
         parse(text, "fuzz.toml")
     except InventoryError:
         pass
+
+
+def test_an_inventory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Another user who can edit it could make the queen run their program with the operator's keys."""
+    from rbee.inventory import load
+
+    path = tmp_path / "inventory.toml"
+    path.write_text('[[hive]]\nname = "gpu"\nssh = "me@gpu"\n')
+    path.chmod(0o666)
+    with pytest.raises(InventoryError, match=r"writable by other users.*chmod go-w"):
+        load(path)
+    path.chmod(0o644)
+    assert load(path).names == ["gpu"]

@@ -2,7 +2,7 @@
 the program on stdin), before rbee is installed there. Standard library only; prints JSON."""
 
 SCRIPT = r'''
-import json, os, platform, signal, sys, time
+import json, os, platform, signal, subprocess, sys, time, urllib.request
 
 def read_json(path):
     try:
@@ -20,10 +20,54 @@ def alive(pid):
         return True
     return True
 
-def hive_state(home):
+def command_line(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        try:
+            return subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True,
+                                  timeout=5).stdout
+        except Exception:
+            return ""
+
+def started_at(pid):
+    """The process's start, wall clock (Linux); None where /proc does not say."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+def health_role(url):
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return json.load(response).get("role")
+    except Exception:
+        return None
+
+def is_our_hive(hive, name):
+    """Is hive.json's pid still the hive it recorded? A pid is reused after a reboot or a crash:
+    the process must run rbee.hive, have started before the record was written, and, if it
+    answers, say it is hive:NAME."""
+    pid = hive.get("pid")
+    if not isinstance(pid, int) or not alive(pid):
+        return False
+    if "rbee.hive" not in command_line(pid):
+        return False
+    start, recorded = started_at(pid), hive.get("started")
+    if start is not None and isinstance(recorded, (int, float)) and start > recorded + 2:
+        return False
+    role = health_role(str(hive.get("url", "")))
+    return role is None or role == "hive:" + str(hive.get("name", name))
+
+def hive_state(home, name=""):
     hive = read_json(os.path.join(home, "run", "hive.json"))
     if hive and isinstance(hive.get("pid"), int):
-        hive["alive"] = alive(hive["pid"])
+        hive["alive"] = is_our_hive(hive, name)
     return hive
 
 def probe(home):

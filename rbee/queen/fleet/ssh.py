@@ -83,7 +83,9 @@ async def connect(entry: HiveEntry, section: SshSection) -> asyncssh.SSHClientCo
         options["client_keys"] = [str(Path(entry.identity_file).expanduser())]
     try:
         return await asyncio.wait_for(
-            asyncssh.connect(target.host, keepalive_interval=10, keepalive_count_max=3, **options),
+            # no agent forwarding, whatever ~/.ssh/config says: a host must not use the operator's keys
+            asyncssh.connect(target.host, keepalive_interval=10, keepalive_count_max=3, agent_forwarding=False,
+                             **options),
             section.connect_timeout,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
