@@ -23,7 +23,7 @@ from rbee.hive.models import ModelCatalog
 from rbee.hive.provision import HubDownloader
 from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor
-from rbee.link.auth import ENV, load_token, secret_file
+from rbee.link.auth import load_token
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.serving import Listen, run_role, run_server, setup_logging
 from rbee.link.spawn import bind_loopback, listening_url, spawn
@@ -39,8 +39,7 @@ async def main(config: HiveConfig) -> int:
         sock.close()
         serve = type(serve)(serve.host, serve.port, fd, serve.parent_pid)
     url = listening_url(serve.fd, serve.host, serve.port)
-    os.environ[ENV] = str(secret_file(home=config.home))  # its workers read the same file
-    token = load_token()
+    token = load_token(home=config.home)  # the secret its queen gave it (RBEE_TOKEN_FILE)
     hive = Hive(config, Supervisor(config, url, token), ModelCatalog(config.models_dir, HubDownloader()), token)
     app = create_app(hive)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 
 from rbee import __version__
 from rbee.errors import RequestError, UnknownWorkerError
 from rbee.hive.service import Hive
-from rbee.link.auth import install_auth
+from rbee.link.auth import accepted, install_auth
 from rbee.link.jobs import Job, Producer
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 
@@ -19,7 +19,14 @@ def create_app(hive: Hive) -> Quart:
     app = Quart(__name__)
     config = hive.config
     install_error_handlers(app, config.actor)
-    install_auth(app, hive.token, config.actor)
+    def worker_secret() -> str | None:
+        """A worker's heartbeat proves the worker with the secret it was spawned with."""
+        if request.endpoint != "worker_heartbeat":
+            return None
+        record = hive.supervisor.workers.get(str((request.view_args or {}).get("worker_id", "")))
+        return record.secret if record is not None else None
+
+    install_auth(app, accepted(hive.token or ""), config.actor, peer_secret=worker_secret)
 
     def make_pull(body: dict[str, Any]) -> Producer:
         ref = body.get("ref")

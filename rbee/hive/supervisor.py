@@ -22,6 +22,7 @@ from typing import Any
 from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
 from rbee.hive.placement import Sized
+from rbee.link.auth import ENV, write_secret
 from rbee.link.client import LinkClient
 from rbee.link.peers import Peer, PeerRegistry, PeerState
 from rbee.link.schemas import Load, WorkerReport, WorkerView, parse_wire
@@ -140,8 +141,12 @@ class Supervisor:
         self._spawning: dict[WorkerSpec, asyncio.Lock] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
+    def secret_path(self, worker_id: str) -> Path:
+        return self.config.home / "run" / f"worker-{worker_id}.secret"
+
     def _connect(self, record: WorkerRecord) -> LinkClient:
-        return LinkClient(record.url, record.actor, stall_timeout=self.config.stall_timeout, token=self.token)
+        return LinkClient(record.url, record.actor, stall_timeout=self.config.stall_timeout,
+                          token=record.secret or self.token)
 
     @property
     def workers(self) -> dict[str, WorkerRecord]:
@@ -217,26 +222,31 @@ class Supervisor:
             serve=ServeOptions(),
         )
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"
+        secret_path = self.secret_path(worker_id)
+        secret = write_secret(secret_path)  # its own: it proves itself with it, the hive calls it with it
         narrate("spawn", f"starting worker:{worker_id} ({spec.backend}) for {spec.model_path.name} on "
                          f"{placement.device}, context {sized.n_ctx} ({sized.why}), needs "
                          f"{placement.need / 1e9:.2f} GB of {placement.free / 1e9:.2f} GB free in {placement.pool}")
         child = await spawn(
             f"worker:{worker_id}", self.worker_module, to_args(config), sock=bind_loopback(), log_path=log_path,
-            env={**os.environ, **placement.env()},
+            env={**os.environ, **placement.env(), ENV: str(secret_path)},
         )
         record = self.peers.add(WorkerRecord(worker_id, spec, child, sized, engine_reason=reason))
+        record.secret = secret
         self._watch(record)
         started = time.monotonic()
         try:
-            ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=self.token)
+            ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=secret)
         except StartupError as exc:
             record.set_state(PeerState.DOWN, "failed to start")
             await child.stop(grace=1.0)
             await self.peers.remove(worker_id)
+            secret_path.unlink(missing_ok=True)
             raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
         except BaseException:
             await child.stop(grace=1.0)
             await self.peers.remove(worker_id)
+            secret_path.unlink(missing_ok=True)
             raise
         report = parse_wire(WorkerReport, ready, f"ready answer of worker:{worker_id}")
         record.beat(report)  # the same report its heartbeats carry: slots, engine
@@ -294,6 +304,7 @@ class Supervisor:
                 await self.stop(record.worker_id, f"idle for more than {self.config.worker_idle_timeout:.0f} s")
             for record in await self.peers.prune():
                 record.child.log_path.unlink(missing_ok=True)  # kept while the worker was listed, for post-mortems
+                self.secret_path(record.worker_id).unlink(missing_ok=True)
             await asyncio.sleep(min(self.config.heartbeat_interval / 2, 1.0))
 
     async def stop(self, worker_id: str, reason: str) -> WorkerRecord:
@@ -309,6 +320,8 @@ class Supervisor:
 
     async def stop_all(self, reason: str = "hive shutting down") -> None:
         await asyncio.gather(*(self.stop(w, reason) for w in list(self.workers)))
+        for worker_id in self.workers:
+            self.secret_path(worker_id).unlink(missing_ok=True)
         for task in list(self._watchers):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

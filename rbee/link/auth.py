@@ -1,15 +1,23 @@
 """Every hop is authenticated, on loopback too: ``Authorization: Bearer <secret>``.
 
 Loopback is not a boundary: every other unix user of the queen's machine, and of
-every fleet host the SSH forwards reach, can connect to 127.0.0.1. So each rbee
-has a secret, made at first need in ``RBEE_HOME/secret`` (0600, RBEE_HOME 0700):
-the queen, the keeper run by the same user, and the local hive and workers read
-it there; a remote hive gets it as a 0600 file over SFTP (``RBEE_TOKEN_FILE``,
-only the path on a command line). With ``RBEE_TOKEN_FILE`` set, that file is the
-secret instead (network mode). The secret is compared in constant time, never
-logged, and never sent to a server that has not proved it knows it: a bare
-``/health`` answers who is there, and with ``X-Rbee-Challenge: NONCE`` also
-``X-Rbee-Proof: HMAC(secret, NONCE)``, which the keeper checks first.
+every fleet host the SSH forwards reach, can connect to 127.0.0.1. So:
+
+- the owner's secret is made at first need in ``RBEE_HOME/secret`` (0600, RBEE_HOME
+  0700); the queen and the keeper of the same user read it there. With
+  ``RBEE_TOKEN_FILE`` set, that file is the secret instead (network mode);
+- each hive gets its own secret when the queen launches it, each worker its own
+  when its hive spawns it: a 0600 file whose path is the child's ``RBEE_TOKEN_FILE``
+  (pushed over SFTP to a remote host). The parent calls the child with it, and the
+  child proves itself with it in its heartbeats, so a heartbeat is accepted only
+  from a peer this queen or hive launched. On the queen's machine the local hive and
+  workers also accept the owner's secret (``RBEE_OWNER_TOKEN_FILE``); remote hosts
+  never see it.
+
+Secrets are compared in constant time, never logged, and never sent to a server that
+has not proved it knows them: a bare ``/health`` answers who is there, and with
+``X-Rbee-Challenge: NONCE`` also ``X-Rbee-Proof: HMAC(secret, NONCE)``, which the
+keeper checks first.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from quart import Quart, Response, jsonify, request
@@ -29,6 +37,7 @@ from rbee.config import rbee_home
 from rbee.errors import ConfigError
 
 ENV = "RBEE_TOKEN_FILE"
+OWNER_ENV = "RBEE_OWNER_TOKEN_FILE"
 SECRET_FILE = "secret"
 CHALLENGE = "X-Rbee-Challenge"
 PROOF = "X-Rbee-Proof"
@@ -100,21 +109,48 @@ def proves(token: str, challenge: str, answer: str | None) -> bool:
     return answer is not None and hmac.compare_digest(proof(token, challenge), answer)
 
 
-def install_auth(app: Quart, token: str | None, role: str) -> None:
-    """Refuse every request without the secret (401). ``GET /health`` without it answers only
-    the role (a liveness check), plus the proof for a challenge."""
-    if not token:
+def accepted(token: str, env: Mapping[str, str] = os.environ) -> list[str]:
+    """The secrets a role accepts: its own, and the owner's where its parent gave it
+    (``RBEE_OWNER_TOKEN_FILE``: the queen's machine only, so the owner's key opens the local
+    hive and workers too; remote hives never get it)."""
+    owner = env.get(OWNER_ENV)
+    return [token, _read_private(Path(owner), OWNER_ENV)] if owner else [token]
+
+
+def write_secret(path: Path) -> str:
+    """A new secret for a peer this process launches, in a 0600 file (only its path travels)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(secret)
+    return secret
+
+
+PeerSecret = Callable[[], "str | None"]
+
+
+def install_auth(app: Quart, tokens: Sequence[str], role: str, peer_secret: PeerSecret | None = None) -> None:
+    """Refuse every request without one of ``tokens`` (401). ``peer_secret`` may name one more
+    secret for this request: a heartbeat route accepts the sending peer's own secret, so a hive
+    or worker proves who it is. ``GET /health`` without a secret answers only the role (a
+    liveness check), plus the proof of a challenge."""
+    expected = [f"Bearer {token}".encode() for token in tokens if token]
+    if not expected:
         return
-    expected = f"Bearer {token}".encode()
 
     @app.before_request
     async def _check() -> tuple[Response, int, dict[str, str]] | None:
         given = request.headers.get("Authorization", "").encode()
-        if hmac.compare_digest(given, expected):
+        if any(hmac.compare_digest(given, want) for want in expected):
+            return None
+        peer = peer_secret() if peer_secret is not None else None
+        if peer and hmac.compare_digest(given, f"Bearer {peer}".encode()):
             return None
         if request.path == "/health" and request.method in ("GET", "HEAD"):
             challenge = request.headers.get(CHALLENGE, "")[:200]
-            headers = {PROOF: proof(token, challenge)} if challenge else {}
+            headers = {PROOF: proof(tokens[0], challenge)} if challenge else {}
             return jsonify({"role": role}), 200, headers
         body = {"error": {"code": "unauthorized", "message": "every rbee request needs 'Authorization: Bearer "
                           "<secret>'; the owner's secret is in RBEE_HOME/secret (`rbee queen key` prints it)",

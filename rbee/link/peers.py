@@ -73,6 +73,8 @@ class Peer(Generic[R]):
         self.report: R | None = None
         self.jobs: set[Job] = set()
         self.beaten = asyncio.Event()
+        #: the secret this peer was launched with: it proves itself with it, and is called with it
+        self.secret: str | None = None
 
     @property
     def actor(self) -> str:

@@ -24,7 +24,14 @@ from rbee.queen.service import Queen
 def create_app(queen: Queen) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, queen.config.actor)
-    install_auth(app, queen.token, "queen")
+    def hive_secret() -> str | None:
+        """A heartbeat proves the hive with the secret it was launched with."""
+        if request.endpoint != "hive_heartbeat":
+            return None
+        peer = queen.hives.get(str((request.view_args or {}).get("name", "")))
+        return peer.secret if peer is not None else None
+
+    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret)
 
     make_producer = request_producer(queen.run_job)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from rbee.config import LOCAL_NODE, HiveConfig, QueenConfig, ServeOptions, to_args
 from rbee.errors import StartupError, UnknownNodeError
+from rbee.link.auth import ENV, OWNER_ENV, secret_file, write_secret
 from rbee.link.peers import Peer, PeerRegistry, PeerState
 from rbee.link.schemas import HiveReport, HiveView, parse_wire
 from rbee.link.spawn import Child, bind_loopback, spawn
@@ -25,9 +26,13 @@ class HiveRegistry(PeerRegistry[HivePeer]):
         peer = self.get(name)
         return peer if peer is not None else self.add(Peer("hive", name, reason="known from the inventory"))
 
-    def launched(self, name: str, url: str) -> HivePeer:
-        """A hive was (re)launched or re-attached at ``url`` (maybe a tunnel): wait for its beat."""
+    def launched(self, name: str, url: str, secret: str | None = None) -> HivePeer:
+        """A hive was (re)launched or re-attached at ``url`` (maybe a tunnel) with ``secret``:
+        wait for its beat."""
         peer = self.peer(name)
+        if secret is not None and secret != peer.secret:
+            peer.secret = secret
+            self.set_url(peer, "")  # a client with the old secret must not be reused
         self.set_url(peer, url)
         if not peer.serving:
             peer.set_state(PeerState.STARTING, f"launched at {url}")
@@ -96,15 +101,18 @@ class LocalHiveLauncher:
         )
         narrate("launch", f"starting hive:{LOCAL_NODE} on this machine")
         started = time.monotonic()
+        secret_path = self.config.home / "run" / f"hive-{LOCAL_NODE}.secret"
+        secret = write_secret(secret_path)
         self.child = await spawn(
             f"hive:{LOCAL_NODE}",
             "rbee.hive",
             to_args(hive_config),
             sock=bind_loopback(),
             log_path=self.config.home / "logs" / "hive-localhost.log",
-            env=dict(os.environ),
+            # its own secret, and the owner's: on this machine the owner's key opens the hive too
+            env={**os.environ, ENV: str(secret_path), OWNER_ENV: str(secret_file(home=self.config.home))},
         )
-        hive = self.registry.launched(LOCAL_NODE, self.child.url)
+        hive = self.registry.launched(LOCAL_NODE, self.child.url, secret)
         await self._wait_first_heartbeat(self.child, hive)
         narrate("launch", f"hive:{LOCAL_NODE} is up after {time.monotonic() - started:.1f} s")
         return hive

@@ -58,7 +58,7 @@ class Queen:
                 peer_retention=config.peer_retention,
             ),
             hive_ready_timeout=config.hive_ready_timeout,
-            token=token,
+            secrets_dir=config.home / "run",
         )
 
     @staticmethod
@@ -70,7 +70,8 @@ class Queen:
             self.fleet.inventory = self.load_inventory(path)
 
     def _connect(self, hive: HivePeer) -> LinkClient:
-        return LinkClient(hive.url, hive.actor, stall_timeout=self.config.stall_timeout, token=self.token)
+        return LinkClient(hive.url, hive.actor, stall_timeout=self.config.stall_timeout,
+                          token=hive.secret or self.token)
 
     def client_for(self, hive: HivePeer) -> LinkClient:
         return self.hives.client(hive)

@@ -11,7 +11,7 @@ from quart import Quart, Response, jsonify
 
 from rbee.config import WorkerConfig
 from rbee.link import events
-from rbee.link.auth import install_auth
+from rbee.link.auth import accepted, install_auth
 from rbee.link.jobs import Job, JobRegistry
 from rbee.link.schemas import JobRequest, Load, WorkerReport
 from rbee.link.server import add_job_routes, install_error_handlers, request_producer
@@ -24,7 +24,7 @@ def create_app(
 ) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, config.actor)
-    install_auth(app, token, config.actor)
+    install_auth(app, accepted(token or ""), config.actor)
 
     async def generate(job: Job, request: JobRequest) -> None:
         if request.messages is not None:

@@ -47,6 +47,7 @@ async def test_a_hive_is_flat_after_200_worker_start_kill_cycles(tmp_path: Path)
         await record.child.process.wait()
         await eventually(lambda: record.worker_id not in supervisor.workers, timeout=5)
         assert record.client is None and not record.child.log_path.exists()
+        assert not supervisor.secret_path(record.worker_id).exists()
 
     me = psutil.Process()
     try:

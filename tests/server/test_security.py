@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -147,3 +148,50 @@ def test_remote_commands_quote_hostile_values(evil: str, tmp_path: Path) -> None
     assert not marker.exists()
 
 
+
+
+async def test_a_hive_proves_itself_with_its_own_secret_and_opens_nothing_else(tmp_path: Path) -> None:
+    queen = Queen(QueenConfig(home=tmp_path / "q"), "http://127.0.0.1:7833", TOKEN)
+    first = queen.hives.launched("h1", "http://127.0.0.1:1001", "secret-of-h1-0123456789")
+    queen.hives.launched("h2", "http://127.0.0.1:1002", "secret-of-h2-0123456789")
+    client = queen_app(queen).test_client()
+    beat = {"name": "h1"}
+
+    async def status(method: str, path: str, secret: str, body: object = None) -> int:
+        response = await client.open(path, method=method, headers={"Authorization": f"Bearer {secret}"}, json=body)
+        return response.status_code
+
+    assert await status("POST", "/v1/hives/h1/heartbeat", "secret-of-h1-0123456789", beat) == 200
+    assert first.serving
+    assert await status("POST", "/v1/hives/h1/heartbeat", "secret-of-h2-0123456789", beat) == 401  # h2 posing as h1
+    assert await status("GET", "/v1/hives", "secret-of-h1-0123456789") == 401  # a hive's secret is not the owner's
+    assert await status("POST", "/v1/admin/shutdown", "secret-of-h1-0123456789") == 401
+    assert await status("GET", "/v1/hives", TOKEN) == 200
+    await queen.hives.close()
+
+
+async def test_a_worker_proves_itself_with_its_own_secret(tmp_path: Path) -> None:
+    from rbee.hive.supervisor import WorkerRecord, WorkerSpec
+    from rbee.link.spawn import Child
+    from tests.server.test_hive_leaks import size
+
+    hive = Hive(HiveConfig(home=tmp_path / "h", models_dir=tmp_path / "m"),
+                Supervisor(HiveConfig(home=tmp_path / "h"), "http://127.0.0.1:7835", TOKEN), ModelCatalog(tmp_path),
+                TOKEN)
+    for worker_id in ("w-1", "w-2"):
+        process = SimpleNamespace(pid=1, returncode=None)  # a record only: no process is needed here
+        child = Child(name=worker_id, process=process, url="http://127.0.0.1:9", log_path=tmp_path / "w.log")  # type: ignore[arg-type]
+        record = hive.supervisor.peers.add(WorkerRecord(worker_id, WorkerSpec(tmp_path / "m.gguf", "llama-cpp"),
+                                                        child, size()))
+        record.secret = f"secret-of-{worker_id}-0123456789"
+    client = hive_app(hive).test_client()
+    beat = {"worker_id": "w-1", "state": "ready", "model_path": "/m.gguf", "backend": "llama-cpp"}
+
+    async def status(path: str, secret: str, method: str = "POST") -> int:
+        response = await client.open(path, method=method, headers={"Authorization": f"Bearer {secret}"}, json=beat)
+        return response.status_code
+
+    assert await status("/v1/workers/w-1/heartbeat", "secret-of-w-1-0123456789") == 200
+    assert await status("/v1/workers/w-1/heartbeat", "secret-of-w-2-0123456789") == 401
+    assert await status("/v1/workers", "secret-of-w-1-0123456789", "GET") == 401
+    assert await status("/v1/workers", TOKEN, "GET") == 200

@@ -39,9 +39,9 @@ class Fleet:
         queen_port: int,
         hive_settings: HiveConfig,
         hive_ready_timeout: float,
-        token: str | None = None,
+        secrets_dir: Path | None = None,
     ) -> None:
-        self.token = token
+        self.secrets_dir = secrets_dir  # the queen's copy of each remote hive's secret
         self.inventory = inventory
         self.registry = registry
         self.catalog = catalog
@@ -59,12 +59,12 @@ class Fleet:
                 asyncio.get_running_loop().create_task(host.close())
             host = self.hosts[entry.name] = RemoteHost(
                 entry, self.inventory.ssh, self.queen_port, self.hive_settings, on_reconnect=self._reconnected,
-                token=self.token,
+                secrets_dir=self.secrets_dir,
             )
         return host
 
     def _reconnected(self, host: RemoteHost) -> None:
-        hive = self.registry.launched(host.name, host.hive_url)
+        hive = self.registry.launched(host.name, host.hive_url, host.secret)
         if hive.serving:
             hive.last_beat = time.monotonic()  # its beats resume through the new forward: a fresh count
 
@@ -139,6 +139,10 @@ class Fleet:
             self.catalog.upsert(entry.name, {"hive": entry.model_dump(), "ssh": self.inventory.ssh.model_dump()},
                                 launched=1)
             hive = probe.hive or {}
+            if hive.get("alive") and host.secret is None:  # launched by another queen: not ours to call
+                say("launch", "the running hive was started with a secret this queen does not hold: restarting it")
+                await host.stop_hive()
+                hive = {}
             if step.action in (plans.INSTALL, plans.UPGRADE):
                 if hive.get("alive"):
                     await host.stop_hive()
@@ -150,10 +154,10 @@ class Fleet:
             if hive.get("alive"):
                 if host.hive_port is None or not self.registry.serving(entry.name):
                     await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-                    self.registry.launched(entry.name, host.hive_url)
+                    self.registry.launched(entry.name, host.hive_url, host.secret)
             else:
                 await host.launch(say)
-                self.registry.launched(entry.name, host.hive_url)
+                self.registry.launched(entry.name, host.hive_url, host.secret)
             await self._preload(entry, await self.wait_heartbeat(entry.name), say)
             return step
 
@@ -194,7 +198,7 @@ class Fleet:
         if current is not None and current.entry == entry:
             return current
         ssh = SshSection.model_validate(record.entry["ssh"])
-        return RemoteHost(entry, ssh, self.queen_port, self.hive_settings, token=self.token)
+        return RemoteHost(entry, ssh, self.queen_port, self.hive_settings, secrets_dir=self.secrets_dir)
 
     async def _remove(self, name: str, narrate: Narrate) -> None:
         host = self._recorded_host(name)
@@ -206,6 +210,8 @@ class Fleet:
         except RbeeError as exc:
             narrate("stop", f"hive:{name}: could not stop it: {exc.message}")
         await host.close()
+        if host.secret_path is not None:
+            host.secret_path.unlink(missing_ok=True)
         self.hosts.pop(name, None)
         self.catalog.remove(name)
         await self.registry.remove(name)
@@ -246,9 +252,9 @@ class Fleet:
         host.on_reconnect = self._reconnected
         probe = await host.probe()
         hive = probe.hive or {}
-        if hive.get("alive"):
+        if hive.get("alive") and host.secret is not None:
             await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-            self.registry.launched(name, host.hive_url)
+            self.registry.launched(name, host.hive_url, host.secret)
 
     # on demand ----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from rbee import __version__
 from rbee.config import HiveConfig, ServeOptions, to_args
 from rbee.errors import RemoteCommandError, RequestError, SshError, WheelhouseError
 from rbee.inventory import HiveEntry, SshSection
-from rbee.link.auth import bearer
+from rbee.link.auth import ENV, bearer, write_secret
 from rbee.link.schemas import HostProbe, parse_wire
 from rbee.link.transport import async_client
 from rbee.queen.fleet.plan import InstallPath
@@ -47,10 +47,12 @@ class RemoteHost:
         queen_port: int,
         hive_settings: HiveConfig,
         on_reconnect: Callable[[RemoteHost], None] | None = None,
-        token: str | None = None,
+        secrets_dir: Path | None = None,
     ) -> None:
         self.entry = entry
-        self.token = token
+        #: the queen's copy of this hive's secret (pushed to the host at launch, kept for re-attaching)
+        self.secret_path = secrets_dir / f"hive-{entry.name}.secret" if secrets_dir is not None else None
+        self.secret = self._read_secret()
         self.ssh = ssh
         self.queen_port = queen_port
         self.hive_settings = hive_settings  # timings etc. for the hive; name, home and port are set here
@@ -218,8 +220,9 @@ class RemoteHost:
         heartbeats go (it sends none before that)."""
         conn = await self.connected()
         env = {}
-        if self.token:
-            env["RBEE_TOKEN_FILE"] = await self._push_token(conn)
+        if self.secret_path is not None:
+            self.secret = write_secret(self.secret_path)
+            env[ENV] = await self._push_token(conn)
         config = dataclasses.replace(
             self.hive_settings, name=self.name, queen_url="", home=Path(self.home),
             models_dir=Path(self._path("models")), serve=ServeOptions("127.0.0.1", 0),
@@ -232,13 +235,21 @@ class RemoteHost:
         self.launched_here = True
         await self.attach(int(state["url"].rsplit(":", 1)[1]))
 
+    def _read_secret(self) -> str | None:
+        if self.secret_path is None:
+            return None
+        try:
+            return self.secret_path.read_text().strip() or None
+        except OSError:
+            return None
+
     async def _push_token(self, conn: asyncssh.SSHClientConnection) -> str:
-        """The token reaches the host in a 0600 file over SFTP; only its path is on a command line."""
+        """The hive's secret reaches the host in a 0600 file over SFTP; only its path is on a command line."""
         path = self._path("token")
         async with conn.start_sftp_client() as sftp:
             await sftp.makedirs(self.home, exist_ok=True)
             async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as handle:
-                await handle.write(str(self.token))
+                await handle.write(str(self.secret))
             await sftp.chmod(path, 0o600)
         return path
 
@@ -260,7 +271,7 @@ class RemoteHost:
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
 
     async def _tell_hive_queen_url(self) -> None:
-        async with async_client(base_url=self.hive_url, timeout=10, headers=bearer(self.token)) as http:
+        async with async_client(base_url=self.hive_url, timeout=10, headers=bearer(self.secret)) as http:
             response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
             response.raise_for_status()
 
