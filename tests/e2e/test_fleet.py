@@ -354,6 +354,21 @@ def test_changed_host_key_is_refused(fleet: Fleet) -> None:
     assert "rbee fleet trust" in result.stdout + result.stderr
 
 
+def test_fleet_trust_shows_the_fingerprint_and_asks_before_recording(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    known = fleet.workdir / "known_hosts-trust"
+    known.write_text("")
+    inventory = fleet.workdir / "inventory-trust.toml"
+    inventory.write_text(fleet.inventory.read_text().replace(str(fleet.known_hosts), str(known)))
+    command = [*RBEE, "fleet", "trust", host.name, "-i", str(inventory)]
+    said_no = subprocess.run(command, input="n\n", env=fleet.env, capture_output=True, text=True, timeout=60)
+    assert said_no.returncode != 0 and "SHA256:" in said_no.stderr and "was not trusted" in said_no.stderr
+    assert known.read_text() == "", "nothing may be written before the operator says yes"
+    said_yes = subprocess.run([*command, "--yes"], env=fleet.env, capture_output=True, text=True, timeout=60)
+    assert said_yes.returncode == 0, said_yes.stderr
+    assert f"[{host.address}]:{host.port} " in known.read_text()
+
+
 def test_bad_inventory_starts_nothing(fleet: Fleet, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[hive]]\nname = "x"\nssh = "not a target"\n')
