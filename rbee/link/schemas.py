@@ -39,6 +39,8 @@ class JobRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     #: a llama.cpp GBNF grammar (rule ``root``) the output must match
     grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
+    #: structured output: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: dict[str, Any] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
     #: engine: auto (the hive decides), mlx or llama-cpp
@@ -59,6 +61,15 @@ class JobRequest(BaseModel):
     def _prompt_or_messages(self) -> JobRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> JobRequest:
+        if self.grammar is not None and self.response_format is not None:
+            raise ValueError("give a grammar or a response_format, not both")
+        if self.response_format is not None and self.response_format.get("type") not in ("json_object",
+                                                                                          "json_schema"):
+            raise ValueError('response_format.type must be "json_object" or "json_schema"')
         return self
 
     @field_validator("stop", mode="before")

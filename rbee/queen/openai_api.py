@@ -104,7 +104,7 @@ class SamplingFields(BaseModel):
             raise OpenAIError(400, "rbee generates one choice per request: n must be 1", param="n")
         if self.logprobs or self.top_logprobs:
             raise OpenAIError(400, "rbee does not return logprobs", param="logprobs")
-        for name in ("logit_bias", "tools", "response_format"):
+        for name in ("logit_bias", "tools"):
             if getattr(self, name):
                 raise OpenAIError(400, f"rbee does not support {name}", param=name)
 
@@ -116,7 +116,21 @@ class SamplingFields(BaseModel):
             "repeat_penalty": self.repeat_penalty,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
         }
+        fields["response_format"] = self.structured()
         return {key: value for key, value in fields.items() if value is not None}
+
+    def structured(self) -> dict[str, Any] | None:
+        """OpenAI's response_format as the job's: json_object, or json_schema with its schema."""
+        fmt = self.response_format
+        if not fmt or fmt.get("type") == "text":
+            return None
+        if fmt.get("type") == "json_object":
+            return {"type": "json_object"}
+        spec = fmt.get("json_schema")
+        if fmt.get("type") == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+            return {"type": "json_schema", "schema": spec["schema"]}
+        raise OpenAIError(400, 'response_format must be {"type": "text" | "json_object"} or {"type": "json_schema", '
+                               '"json_schema": {"name": …, "schema": {…}}}', param="response_format")
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -22,6 +22,7 @@ from rbee.errors import ModelLoadError, RbeeError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.engine_report import parse_load_log
 from rbee.worker.backends.llama_batch import BatchEngine, Emit, Sequence
+from rbee.worker.structured import grammar_for
 
 GGML_LOG_LEVEL_ERROR = 3
 STUB_CTX = 256  # the high-level Llama's own context (and an 8-token batch): it computes nothing
@@ -116,7 +117,10 @@ class LlamaCppBackend:
         """Tokenize and queue one request; its pieces (or an exception) reach ``emit`` from the
         engine thread. Returns its place in the queue (0: it starts at the next step)."""
         assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
-        prompt = self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        if request.response_format is not None:
+            request = request.model_copy(update={"grammar": grammar_for(request.response_format),
+                                                 "response_format": None})
+        prompt = self._llm.tokenize(str(request.prompt).encode(), add_bos=True, special=True)
         n_ctx = self.engine.n_ctx
         if len(prompt) + 1 > n_ctx:
             raise RequestError(

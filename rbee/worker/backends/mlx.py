@@ -80,6 +80,9 @@ class MlxBackend:
     def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
                on_start: Callable[[int], None] | None = None) -> int:
         assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+        if request.grammar is not None or request.response_format is not None:
+            raise RequestError("MLX workers cannot constrain their output (grammar, response_format); run the "
+                               "model's GGUF form on llama.cpp (--backend llama-cpp) for that")
         prompt = list(self._tokenizer.encode(request.prompt))
         if len(prompt) + 1 > self.n_ctx:
             raise RequestError(f"the prompt is {len(prompt)} tokens; the worker's context holds {self.n_ctx}. "
