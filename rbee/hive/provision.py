@@ -92,11 +92,15 @@ class HubDownloader:
         self.endpoint = endpoint  # None: HF_ENDPOINT or the public Hub
         self.token = token  # None: HF_TOKEN or the cached login
 
+    @property
+    def hub(self) -> str:
+        """The endpoint downloads go to: the one given, else HF_ENDPOINT or the public Hub."""
+        return self.endpoint or hf_constants.ENDPOINT
+
     def reachable(self, ref: ModelRef) -> None:
         """Fail in seconds, naming the endpoint, when the hub's host does not even accept a
         connection: huggingface_hub retries that for about 25 s. Skipped behind a proxy."""
-        endpoint = self.endpoint or hf_constants.ENDPOINT
-        parts = urlsplit(endpoint)
+        parts = urlsplit(self.hub)
         if parts.scheme in urllib.request.getproxies() or not parts.hostname:
             return
         try:
@@ -117,9 +121,8 @@ class HubDownloader:
             raise self._unreachable(ref, exc) from exc
 
     def _unreachable(self, ref: ModelRef, exc: BaseException) -> HubUnreachableError:
-        endpoint = self.endpoint or hf_constants.ENDPOINT
         return HubUnreachableError(
-            f"the model hub at {endpoint} cannot be reached for {ref} ({_brief(exc)}); check this host's "
+            f"the model hub at {self.hub} cannot be reached for {ref} ({_brief(exc)}); check this host's "
             "network, or set HF_ENDPOINT to a reachable mirror"
         )
 

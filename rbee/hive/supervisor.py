@@ -237,16 +237,12 @@ class Supervisor:
         started = time.monotonic()
         try:
             ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=secret)
-        except StartupError as exc:
-            record.set_state(PeerState.DOWN, "failed to start")
+        except BaseException as exc:
             await child.stop(grace=1.0)
             await self.peers.remove(worker_id)
             secret_path.unlink(missing_ok=True)
-            raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
-        except BaseException:
-            await child.stop(grace=1.0)
-            await self.peers.remove(worker_id)
-            secret_path.unlink(missing_ok=True)
+            if isinstance(exc, StartupError):
+                raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
             raise
         report = parse_wire(WorkerReport, ready, f"ready answer of worker:{worker_id}")
         record.beat(report)  # the same report its heartbeats carry: slots, engine

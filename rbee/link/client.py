@@ -111,7 +111,8 @@ class LinkClient:
                     try:
                         event = Event.from_json(sse.data)
                     except EventFormatError as exc:
-                        raise LinkError(f"{self.peer} sent a malformed event: {exc}") from exc
+                        # the peer's answer, not the connection: not resumed (same code as before)
+                        raise PeerError(f"{self.peer} sent a malformed event: {exc}", code=LinkError.code) from exc
                     event_id = int(sse.id) if sse.id.isdigit() else event_id + 1
                     if event.terminal:
                         terminal = (event_id, event)
@@ -156,13 +157,10 @@ class Resume:
     budget: float = 10.0
 
 
-NO_RESUME = Resume(attempts=0)
-
-
 def resumable(exc: LinkError) -> bool:
     """A broken or refused connection may heal; an answer (an error status, a 404 job,
-    a malformed event) or a stall (the peer is there but silent) will not."""
-    return type(exc) is LinkError and "malformed event" not in exc.message
+    a malformed event: a PeerError) or a stall (the peer is there but silent) will not."""
+    return type(exc) is LinkError
 
 
 async def run_job(

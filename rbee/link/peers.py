@@ -174,7 +174,7 @@ class PeerRegistry(Generic[P]):
         """Track ``peer``; one already there under its name is replaced and its client closed."""
         old = self.peers.get(peer.name)
         if old is not None and old is not peer:
-            self._close_later(old)
+            self.drop_client(old)
         self.peers[peer.name] = peer
         return peer
 
@@ -182,9 +182,7 @@ class PeerRegistry(Generic[P]):
         """A peer's address changed (a relaunch, an SSH forward re-opened): a new client."""
         if peer.url != url:
             peer.url = url
-            if peer.client is not None:
-                client, peer.client = peer.client, None
-                self._close_later_client(client)
+            self.drop_client(peer)
 
     def client(self, peer: P) -> LinkClient:
         if peer.client is None:
@@ -238,12 +236,11 @@ class PeerRegistry(Generic[P]):
     async def close(self) -> None:
         await asyncio.gather(*(peer.close() for peer in self), *list(self._closing), return_exceptions=True)
 
-    def _close_later(self, peer: P) -> None:
+    def drop_client(self, peer: P) -> None:
+        """Forget ``peer``'s client (its address or secret changed): the next call makes a new one.
+        The old one is closed in the background; jobs streaming on it see their stream end."""
         if peer.client is not None:
-            client, peer.client = peer.client, None
-            self._close_later_client(client)
-
-    def _close_later_client(self, client: LinkClient) -> None:
-        task = asyncio.get_running_loop().create_task(client.aclose())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+            task = asyncio.get_running_loop().create_task(peer.client.aclose())
+            peer.client = None
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

@@ -32,7 +32,7 @@ class HiveRegistry(PeerRegistry[HivePeer]):
         peer = self.peer(name)
         if secret is not None and secret != peer.secret:
             peer.secret = secret
-            self.set_url(peer, "")  # a client with the old secret must not be reused
+            self.drop_client(peer)  # a client with the old secret must not be reused
         self.set_url(peer, url)
         if not peer.serving:
             peer.set_state(PeerState.STARTING, f"launched at {url}")

@@ -92,8 +92,8 @@ class Queen:
             entry = self.fleet.inventory.get(name)
             local = name == LOCAL_NODE and (entry is None or not entry.remote)
             jobs = {model: n for (hive, model), n in self.in_flight.items() if hive == name}
-            fallback = psutil.virtual_memory().available if local else 0
             report = peer.report if peer is not None else None
+            fallback = psutil.virtual_memory().available if local and report is None else 0
             result.append(hive_view(name, report, peer is not None or local, jobs, fallback))
         return result
 
