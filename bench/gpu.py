@@ -53,9 +53,11 @@ def summary(samples: list[Sample]) -> dict[str, float]:
             "tokens": statistics.median(s.tokens for s in samples)}
 
 
-async def measure(model: Path, max_tokens: int = 128, runs: int = 3) -> dict[str, Any]:
+async def measure(model: Path, max_tokens: int = 128, runs: int = 3,
+                  levels: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
     """In-process (all layers on the GPU), then the rbee chain with offload (the default) and with
-    ``gpu_layers = 0``, with the workers' own reports of where the model went."""
+    ``gpu_layers = 0``, with the workers' own reports of where the model went; then ``levels``
+    streams at once to one batching worker."""
     from llama_cpp import Llama
 
     results: dict[str, Any] = {"card": card(), "date": datetime.date.today().isoformat(), "model": str(model),
@@ -82,6 +84,13 @@ async def measure(model: Path, max_tokens: int = 128, runs: int = 3) -> dict[str
                 workers = (await http.get("/v1/workers")).json()["workers"]
             results["workers"] = [{"gpu_layers": w["gpu_layers"], "n_ctx": w["n_ctx"], **w["engine"]}
                                   for w in workers]
+            # many streams at once to one offloaded worker with room for them all (its own worker:
+            # a different ctx and parallel), after the two single-stream workers were read
+            top = max(levels)
+            results["concurrency"] = await systems.concurrency(
+                {"rbee chain": lambda prompt, n: rbee.pieces(prompt, n, model=ref, parallel=top,
+                                                             ctx=top * (max_tokens + 128))},
+                PROMPT, max_tokens, list(levels))
     chain, cpu, direct = (results[k]["decode_tps"] for k in ("rbee chain (default: offload)",
                                                             "rbee chain gpu_layers=0", "in-process n_gpu_layers=-1"))
     results["offload speed-up"] = chain / cpu if cpu else 0.0
@@ -115,8 +124,20 @@ def render(results: dict[str, Any]) -> str:
         "| gpu_layers asked | device | layers offloaded | device memory | context |",
         "|---|---|---|---|---|",
         *workers,
+        *concurrency_rows(results),
         END,
     ])
+
+
+def concurrency_rows(results: dict[str, Any]) -> list[str]:
+    rows = results.get("concurrency") or []
+    if not rows:
+        return []
+    one = next(r for r in rows if r["streams"] == 1)["aggregate_tps"]
+    return ["", "Many streams at once to one offloaded worker (`parallel` = the most streams, same run):", "",
+            "| streams | aggregate tok/s | × 1 stream | TTFT p50 ms | TTFT p95 ms |", "|---|---|---|---|---|",
+            *(f"| {r['streams']} | {r['aggregate_tps']:.0f} | {r['aggregate_tps'] / one:.1f} | "
+              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} |" for r in rows)]
 
 
 def splice(document: str, section: str) -> str:
