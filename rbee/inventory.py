@@ -179,6 +179,8 @@ class Inventory(BaseModel):
     ssh: SshSection = SshSection()
     hive: tuple[HiveEntry, ...] = ()
     models: dict[str, LogicalModel] = {}
+    #: other names for models: ``coder = "hf:org/repo"`` (a ref, a catalog name or a logical model)
+    aliases: dict[str, str] = {}
     path: str = ""
 
     @model_validator(mode="after")
@@ -188,7 +190,17 @@ class Inventory(BaseModel):
             if entry.name in seen:
                 raise ValueError(f"hive.{index}.name: duplicate hive name {entry.name!r}")
             seen.add(entry.name)
+        for alias, target in self.aliases.items():
+            if alias in self.models:
+                raise ValueError(f"aliases.{alias}: {alias!r} is also a [models] name; use one of the two")
+            if not target.strip() or target in self.aliases:
+                raise ValueError(f"aliases.{alias}: must name a model (a ref, a catalog name or a [models] "
+                                 f"name), not {target!r}")
         return self
+
+    def resolve_alias(self, name: str | None) -> str | None:
+        """The model an ``[aliases]`` name stands for; any other name as it is."""
+        return self.aliases.get(name, name) if name is not None else None
 
     def get(self, name: str) -> HiveEntry | None:
         return next((entry for entry in self.hive if entry.name == name), None)

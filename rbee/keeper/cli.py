@@ -4,6 +4,8 @@ from typer goes further than the keeper."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee import __version__
+from rbee.keeper.chat import HELP, Conversation, chat
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
 from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.models_cli import models_app, workers_app
@@ -37,6 +40,15 @@ def infer(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the K likeliest tokens; 0 is all [default: 40].")
+                     ] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below this share of the likeliest one "
+                                                     "[default: 0.05].")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens; 1 is none.")] = None,
+    presence_penalty: Annotated[float | None, typer.Option(help="-2 to 2: penalise tokens already present.")
+                                ] = None,
+    frequency_penalty: Annotated[float | None, typer.Option(help="-2 to 2: penalise tokens by their count.")
+                                 ] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Engine: auto, mlx or llama-cpp.")] = "auto",
     ctx: Annotated[int | None, typer.Option(help="Context length in tokens [default: the model's trained length, "
@@ -46,25 +58,75 @@ def infer(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only tokens and errors.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Print control characters of the answer as they are "
                                                     "(on a terminal they are shown escaped).")] = False,
+    no_template: Annotated[bool, typer.Option("--no-template", help="Send the prompt as a plain completion, "
+                                              "even to a model with a chat template.")] = False,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:
-    """Stream a completion: tokens on stdout, narration on stderr."""
-    request = run_sync(
-        parse_job_request,
-        {
-            "prompt": prompt, "model": model, "node": node, "max_tokens": max_tokens,
-            "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or [],
-            "backend": None if backend == "auto" else backend, "ctx": ctx, "gpu_layers": gpu_layers,
-        },
-    )
-    settings = run_sync(Settings.load, url, inventory_path)
-    if settings.inventory_path is not None:
-        run_sync(settings.inventory)  # a broken inventory stops here, before anything starts
+    """Stream an answer: tokens on stdout, narration on stderr. A model with a chat template
+    gets the prompt as one user turn through it; a base model gets it as a plain completion."""
+    fields = {
+        "prompt": prompt, "model": model, "node": node, "max_tokens": max_tokens,
+        "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop or [],
+        "backend": None if backend == "auto" else backend, "ctx": ctx, "gpu_layers": gpu_layers,
+        "template": None if no_template else "auto", "top_k": top_k, "min_p": min_p,
+        "repeat_penalty": repeat_penalty, "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+    }
+    request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
+    settings = _settings(url, inventory_path)
     printer = JobPrinter(quiet=quiet, raw=raw)
     run(_infer(settings, request.downstream(), printer))
     if not printer.succeeded:
         raise typer.Exit(1)
+
+
+@app.command("chat")
+def chat_command(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")] = None,
+    node: Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="A system message that leads the "
+                                                                        "conversation.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Narration for every answer, not only "
+                                                                   "the first.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Print control characters of answers as they are.")] = False,
+    url: QueenUrl = None,
+    inventory_path: InventoryPath = None,
+) -> None:
+    """Talk with a model, turn by turn, in its own chat template. /reset forgets the conversation,
+    /exit ends it (or Ctrl+D); Ctrl+C stops the answer being written."""
+    fields = {"model": model, "node": node, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    run_sync(parse_job_request, {**fields, "prompt": "-"})  # bad flags stop here, before anything starts
+    settings = _settings(url, inventory_path)
+    answers = 0
+
+    def printer() -> JobPrinter:
+        nonlocal answers
+        answers += 1
+        return JobPrinter(quiet=answers > 1 and not verbose, raw=raw)
+
+    if not run(_chat(settings, {k: v for k, v in fields.items() if v is not None}, Conversation(system), printer)):
+        raise typer.Exit(1)
+
+
+async def _chat(settings: Settings, fields: dict[str, Any], conversation: Conversation,
+                printer: Callable[[], JobPrinter]) -> bool:
+    async with settings.session() as queen:
+        if queen.child is not None:
+            err.print(f"[dim]keeper[/dim] started an ephemeral queen at {queen.url}; it stops with this chat")
+        err.print(f"[dim]{HELP}[/dim]")
+        async with settings.client(queen.url, stall_timeout=None) as client:
+            return await chat(client, fields, conversation, printer, err)
+
+
+def _settings(url: str | None, inventory_path: Path | None) -> Settings:
+    settings: Settings = run_sync(Settings.load, url, inventory_path)
+    if settings.inventory_path is not None:
+        run_sync(settings.inventory)  # a broken inventory stops here, before anything starts
+    return settings
 
 
 async def _infer(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> None:

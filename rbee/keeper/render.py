@@ -102,10 +102,16 @@ class JobPrinter:
                 "try another prompt or a higher temperature"
             )
             return
+        prompt = f", prompt {event['prompt_tokens']} tokens" if event.get("prompt_tokens") else ""
         self.err.print(
             f"[green]done[/]: {event['tokens']} tokens in {event['duration_ms'] / 1000:.2f} s "
-            f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={escape(event['finish_reason'])})"
+            f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={escape(event['finish_reason'])}{prompt})"
         )
+
+    def show_cancelled(self) -> None:
+        self._finish_download()
+        self._newline_after_text()
+        self.err.print("[yellow]stopped[/]: the answer was cancelled")
 
     def _newline_after_text(self) -> None:
         if self.text_written:

@@ -27,6 +27,9 @@ class JobRequest(BaseModel):
 
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
+    #: with ``prompt``: "auto" sends it as one user turn through the model's own chat template when
+    #: the model has one, and as a plain completion when it has none (what `rbee infer` asks for)
+    template: Literal["auto"] | None = None
     model: str | None = Field(default=None, min_length=1, max_length=500)
     node: str | None = Field(default=None, min_length=1, max_length=100)
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)

@@ -16,7 +16,7 @@ from rbee.link.jobs import Job, Producer
 from rbee.link.relay import relay
 from rbee.link.schemas import FleetWorker
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
-from rbee.queen.openai_api import ModelIndex, default_models, mount_openai
+from rbee.queen.openai_api import ModelIndex, mount_openai
 from rbee.queen.openapi import document as openapi_document
 from rbee.queen.service import Queen
 
@@ -49,12 +49,7 @@ def create_app(queen: Queen) -> Quart:
     add_job_routes(app, queen.registry, make_producer)
     queen.metrics.mount(app, lambda: [("hive", h.name, h.state, h.heartbeat_age_s) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
-    def served() -> dict[str, list[str]]:
-        inventory = queen.fleet.inventory
-        extra = {e.name: [*e.models, *inventory.models] for e in inventory.hive}
-        return default_models(queen.known_nodes(), extra)
-
-    index = ModelIndex(served, lambda: list(queen.fleet.inventory.queen.model_roots))
+    index = ModelIndex(queen.model_names, lambda: list(queen.fleet.inventory.queen.model_roots))
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")

@@ -19,7 +19,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Quart, Response, jsonify
 
-from rbee.config import DEFAULT_MODEL
 from rbee.errors import RequestError, http_status
 from rbee.link import events
 from rbee.link.events import Event
@@ -375,8 +374,4 @@ async def _chunks(shape: Shape, stream: AsyncGenerator[Event, None], include_usa
         yield events.DONE_FRAME
     finally:
         await stream.aclose()
-
-
-def default_models(nodes: list[str], extra: dict[str, list[str]]) -> dict[str, list[str]]:
-    return {node: [DEFAULT_MODEL, *extra.get(node, [])] for node in nodes}
 

@@ -84,6 +84,19 @@ class Queen:
     def known_nodes(self) -> list[str]:
         return sorted({LOCAL_NODE, *self.fleet.inventory.names})
 
+    def model_names(self) -> dict[str, list[str]]:
+        """Every name each node answers to: the default model, the hive's own `models`, the
+        inventory's logical models and aliases, and what its catalog holds (from its last report)."""
+        inventory = self.fleet.inventory
+        names: dict[str, list[str]] = {}
+        for node in self.known_nodes():
+            entry = inventory.get(node)
+            peer = self.hives.serving(node)
+            catalog = [model.name for model in peer.report.models] if peer is not None and peer.report else []
+            listed = [DEFAULT_MODEL, *(entry.models if entry else ()), *inventory.models, *inventory.aliases, *catalog]
+            names[node] = list(dict.fromkeys(listed))
+        return names
+
     def views(self) -> list[HiveView]:
         """What the scheduler needs of every hive: a pure function of the last typed reports."""
         result = []
@@ -134,6 +147,10 @@ class Queen:
         return [v.name for v in self.views() if v.available]
 
     async def run_job(self, job: Job, request: JobRequest) -> None:
+        target = self.fleet.inventory.resolve_alias(request.model)
+        if target != request.model:
+            job.narrate("alias", f"{request.model} is {target} (the inventory's [aliases])")
+            request = request.model_copy(update={"model": target})
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
         key = (hive.name, request.model or DEFAULT_MODEL)

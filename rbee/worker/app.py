@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from quart import Quart, Response, jsonify
@@ -13,7 +14,7 @@ from rbee.config import WorkerConfig
 from rbee.link import events
 from rbee.link.auth import accepted, install_auth
 from rbee.link.jobs import Job, JobRegistry
-from rbee.link.schemas import JobRequest, Load, WorkerReport
+from rbee.link.schemas import ChatMessage, JobRequest, Load, WorkerReport
 from rbee.link.server import add_job_routes, install_error_handlers, request_producer
 from rbee.worker.chat import render as render_chat
 from rbee.worker.runner import ModelRunner
@@ -27,6 +28,7 @@ def create_app(
     install_auth(app, accepted(token or ""), config.actor)
 
     async def generate(job: Job, request: JobRequest) -> None:
+        request = as_chat(request, runner.backend.metadata, job.narrate)
         if request.messages is not None:
             chat = render_chat(request.messages, runner.backend.metadata)
             job.narrate("template", f"chat formatted with {chat.template}")
@@ -62,6 +64,18 @@ def create_app(
         return jsonify({"stopping": config.actor}), 202
 
     return app
+
+
+def as_chat(request: JobRequest, metadata: Mapping[str, str], narrate: Callable[[str, str], None]) -> JobRequest:
+    """A prompt with ``template = "auto"`` becomes one user turn when the model has its own chat
+    template; a base model (none) gets the prompt as it is, which is what it was trained on."""
+    if request.template != "auto" or request.prompt is None:
+        return request
+    if not metadata.get("tokenizer.chat_template"):
+        narrate("template", "the prompt is sent as it is: the model has no chat template (a base model)")
+        return request
+    return request.model_copy(update={"messages": [ChatMessage(role="user", content=request.prompt)],
+                                      "prompt": None, "template": None})
 
 
 def info(config: WorkerConfig, runner: ModelRunner) -> dict[str, Any]:

@@ -174,3 +174,32 @@ async def test_an_unreachable_hub_is_a_502_naming_it(rbee_env: dict[str, str], m
             await client.completions.create(model="hf:acme/tiny-GGUF", prompt="hi", max_tokens=4)
     assert caught.value.status_code == 502 and isinstance(caught.value.body, dict)
     assert caught.value.body["code"] == "hub_unreachable" and endpoint in caught.value.message
+
+
+async def test_models_lists_aliases_and_pulled_models_and_each_name_answers(
+        rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.helpers import eventually
+    from tests.tiny_gguf import write_tiny_gguf
+
+    with HubServer() as server:
+        model = write_tiny_gguf(tmp_path / "tiny.gguf")
+        server.repos["acme/tiny-GGUF"] = Repo(files={"tiny.gguf": model.read_bytes()})
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        inventory = '[[hive]]\nname = "localhost"\n\n[aliases]\ncoder = "hf:acme/tiny-GGUF"\n'
+        async with queen(rbee_env, inventory, tmp_path) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=owner_token(), max_retries=0, timeout=120)
+            before = {m.id: m.owned_by for m in (await client.models.list()).data}
+            assert before["coder"] == before["localhost/coder"] == "localhost"
+            answer = await client.completions.create(model="coder", prompt="hello", max_tokens=4, temperature=0)
+            assert answer.model == "coder" and answer.choices[0].text
+
+            async def pulled() -> set[str]:  # the hive's catalog reaches the queen with its next heartbeat
+                return {m.id for m in (await client.models.list()).data} - set(before)
+
+            new = await eventually(pulled, timeout=15)
+            name = next(model_id for model_id in new if not model_id.startswith("localhost/"))
+            assert f"localhost/{name}" in new, new
+            again = await client.completions.create(model=name, prompt="hello", max_tokens=4, temperature=0)
+            assert again.choices[0].text

@@ -9,8 +9,12 @@ import typer
 from rbee.keeper.cli import app
 
 EXPECTED = {
-    "rbee infer": ["prompt", "--model", "--node", "--max-tokens", "--temperature", "--top-p", "--seed", "--stop",
-                   "--backend", "--ctx", "--gpu-layers", "--quiet", "--raw", "--queen-url", "--inventory"],
+    "rbee infer": ["prompt", "--model", "--node", "--max-tokens", "--temperature", "--top-p", "--seed", "--top-k",
+                   "--min-p", "--repeat-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
+                   "--backend", "--ctx", "--gpu-layers", "--quiet", "--raw", "--no-template", "--queen-url",
+                   "--inventory"],
+    "rbee chat": ["--model", "--node", "--system", "--max-tokens", "--temperature", "--seed", "--verbose", "--raw",
+                  "--queen-url", "--inventory"],
     "rbee version": [],
     "rbee queen start": ["--queen-url", "--inventory"],
     "rbee queen stop": ["--queen-url"],

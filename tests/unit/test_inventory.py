@@ -49,6 +49,8 @@ def test_good_inventory() -> None:
         ('[[hive]]\nname = "a"\ngpu_layers = -2\n', "inv.toml:3: hive.0.gpu_layers"),
         ('[[hive]]\nname = "a"\nbuild = "wheel"\n', "inv.toml:3: hive.0.build"),
         ('[models.m]\ngguf = "hf:a/b"\nctx = 100\n', "inv.toml:3: models.m.ctx"),
+        ('[models.m]\ngguf = "hf:a/b"\n[aliases]\nm = "hf:c/d"\n', "aliases.m: 'm' is also a [models] name"),
+        ('[aliases]\na = "b"\nb = "hf:c/d"\n', "aliases.a: must name a model"),
     ],
 )
 def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
@@ -84,3 +86,9 @@ def test_an_inventory_others_can_write_is_refused(tmp_path: Path) -> None:
         load(path)
     path.chmod(0o644)
     assert load(path).names == ["gpu"]
+
+
+def test_an_alias_stands_for_its_model() -> None:
+    inventory = parse('[aliases]\ncoder = "hf:org/coder-GGUF"\n', "inv.toml")
+    assert inventory.resolve_alias("coder") == "hf:org/coder-GGUF"
+    assert inventory.resolve_alias("gemma3-270m") == "gemma3-270m" and inventory.resolve_alias(None) is None
