@@ -15,8 +15,12 @@ MAX_TOKENS_LIMIT = 32_768
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
+    #: an assistant turn's calls, in OpenAI's shape ({"id", "type", "function": {"name", "arguments"}})
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    #: a tool turn: which call this is the result of
+    tool_call_id: str | None = Field(default=None, max_length=200)
 
 
 class JobRequest(BaseModel):
@@ -44,6 +48,8 @@ class JobRequest(BaseModel):
     grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
     #: structured output: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
     response_format: dict[str, Any] | None = None
+    #: functions the model may call, in OpenAI's shape: shown to it through its chat template
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8)
     #: engine: auto (the hive decides), mlx or llama-cpp

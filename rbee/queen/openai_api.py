@@ -25,6 +25,7 @@ from rbee.link.events import Event
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.schemas import MAX_TOKENS_LIMIT
 from rbee.link.server import read_json_body, sse_response
+from rbee.queen.tools import ToolPlan, call, plan
 
 
 class OpenAIError(Exception):
@@ -44,19 +45,50 @@ class OpenAIError(Exception):
                    retry_after=event.get("retry_after"))
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+#: content parts rbee cannot read yet, and what they would need
+UNREADABLE_PARTS = {"image_url": "a vision model (a GGUF with its multimodal projector)",
+                    "input_audio": "an audio model", "file": "a model that reads files"}
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+    def text(self, index: int) -> str:
+        if self.content is None:
+            if self.role == "assistant" and self.tool_calls:
+                return ""
+            raise OpenAIError(400, f"messages[{index}].content: missing; only an assistant turn with tool_calls "
+                                   "may leave it out", param=f"messages[{index}].content")
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for number, part in enumerate(self.content):
+            kind = part.get("type")
+            where = f"messages[{index}].content[{number}]"
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in UNREADABLE_PARTS:
+                raise OpenAIError(400, f"{where}: rbee serves text models only so far; a {kind} part needs "
+                                       f"{UNREADABLE_PARTS[kind]}. Send text parts", param=where,
+                                  code="unsupported_content")
+            else:
+                raise OpenAIError(400, f"{where}: a content part is {{\"type\": \"text\", \"text\": …}}; got "
+                                       f"type {kind!r}", param=where)
+        return "".join(texts)
+
+    def job_message(self, index: int) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text(index)}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -103,9 +135,8 @@ class SamplingFields(BaseModel):
             raise OpenAIError(400, "rbee generates one choice per request: n must be 1", param="n")
         if self.logprobs or self.top_logprobs:
             raise OpenAIError(400, "rbee does not return logprobs", param="logprobs")
-        for name in ("logit_bias", "tools"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"rbee does not support {name}", param=name)
+        if self.logit_bias:
+            raise OpenAIError(400, "rbee does not support logit_bias yet", param="logit_bias")
 
     def job_fields(self, max_tokens: int | None) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -135,6 +166,17 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    tool_choice: Any = None
+
+    def tool_plan(self) -> ToolPlan | None:
+        try:
+            planned = plan(self.tools, self.tool_choice)
+        except RequestError as exc:
+            raise OpenAIError(400, exc.message, param="tools") from exc
+        if planned is not None and planned.forced and self.structured() is not None:
+            raise OpenAIError(400, "a forced tool call and a response_format both shape the answer; send one",
+                              param="response_format")
+        return planned
 
 
 class CompletionRequest(SamplingFields):
@@ -225,10 +267,15 @@ def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
     async def chat_completions() -> Response:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await _body())
         node, model = index.resolve(req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages = [message.job_message(number) for number, message in enumerate(req.messages)]
+        tools = req.tool_plan()
         job_body = {"messages": messages, "model": model, "node": node,
                     **req.job_fields(req.max_completion_tokens)}
-        return await _respond(registry, make_producer, job_body, req, chat=True)
+        if tools is not None:
+            job_body["tools"] = tools.tools()
+            if tools.forced:
+                job_body["response_format"] = tools.response_format()
+        return await _respond(registry, make_producer, job_body, req, chat=True, tools=tools)
 
     @app.post("/v1/completions")
     async def completions() -> Response:
@@ -259,13 +306,14 @@ async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None
 
 
 async def _respond(registry: JobRegistry, make_producer: Callable[[dict[str, Any]], Producer],
-                   job_body: dict[str, Any], req: SamplingFields, *, chat: bool) -> Response:
+                   job_body: dict[str, Any], req: SamplingFields, *, chat: bool,
+                   tools: ToolPlan | None = None) -> Response:
     try:
         producer = make_producer(job_body)  # validates the body: a 400 before any job exists
     except RequestError as exc:
         raise OpenAIError(400, exc.message) from exc
     job = registry.create(producer)
-    shape = Shape(job.id, req.model, chat)
+    shape = Shape(job.id, req.model, chat, tools)
     stream = _events(registry, job)
     # Wait for the first token (or the failure) before answering, so errors get their status code.
     async for first in stream:
@@ -294,11 +342,36 @@ async def _starting_with(first: Event, stream: AsyncGenerator[Event, None]) -> A
 class Shape:
     """OpenAI's JSON for one response."""
 
-    def __init__(self, job_id: str, model: str, chat: bool) -> None:
+    def __init__(self, job_id: str, model: str, chat: bool, tools: ToolPlan | None = None) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id.removeprefix("job-")
         self.model = model
         self.chat = chat
+        self.tools = tools
         self.created = int(time.time())
+
+    def calls(self, text: str, finish: str) -> list[dict[str, Any]] | None:
+        """The answer's tool calls, or None for a text answer (or a forced call cut off by
+        max_tokens before its JSON was whole: it is returned as text, with finish "length")."""
+        if self.tools is None:
+            return None
+        try:
+            return self.tools.calls(text)
+        except (ValueError, KeyError, TypeError):
+            if finish == "length":
+                return None
+            raise
+
+    def tool_chunk(self, calls: list[dict[str, Any]], first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+        delta["tool_calls"] = [{"index": number, **c} for number, c in enumerate(calls)]
+        return self._chunk_of(delta, None)
+
+    def arguments_chunk(self, text: str) -> dict[str, Any]:
+        return self._chunk_of({"tool_calls": [{"index": 0, "function": {"arguments": text}}]}, None)
+
+    def _chunk_of(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
     def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         if self.chat:
@@ -312,9 +385,15 @@ class Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
 
     def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": finish, "logprobs": None}
+        calls = self.calls(text, finish)
+        if calls:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": None,
+                                                              "tool_calls": calls},
+                                      "finish_reason": "tool_calls", "logprobs": None}
+            kind = "chat.completion"
+        elif self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish, "logprobs": None}
             kind = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -358,15 +437,36 @@ async def _chunks(shape: Shape, stream: AsyncGenerator[Event, None], include_usa
         return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
     first = True
+    tools = shape.tools
+    held: list[str] = []  # a call whose name comes last (required among several, auto) is read whole
     try:
         async for event in stream:
-            if event.type == events.TOKEN:
+            if event.type == events.TOKEN and tools is not None:
+                if not tools.streams_arguments:
+                    held.append(event["text"])
+                    continue
+                if first:
+                    yield frame(shape.tool_chunk([call(tools.name or "", "")], first=True))
+                    first = False
+                yield frame(shape.arguments_chunk(event["text"]))
+            elif event.type == events.TOKEN:
                 yield frame(shape.chunk(event["text"], None, first=first))
                 first = False
             elif event.type == events.END:
+                finish = finish_of(event)
+                if tools is not None and tools.streams_arguments and not first:
+                    finish = "tool_calls" if finish == "stop" else finish
+                elif tools is not None:
+                    calls = shape.calls("".join(held), finish)
+                    if calls:
+                        yield frame(shape.tool_chunk(calls, first=True))
+                        finish = "tool_calls"
+                    else:
+                        yield frame(shape.chunk("".join(held), None, first=True))
+                    first = False
                 if first and shape.chat:
                     yield frame(shape.chunk("", None, first=True))
-                yield frame(shape.chunk(None if shape.chat else "", finish_of(event)))
+                yield frame(shape.chunk(None if shape.chat else "", finish))
                 if include_usage:
                     yield frame(shape.usage_chunk(usage_of(event)))
             elif event.type == events.ERROR:

@@ -30,10 +30,10 @@ def create_app(
     async def generate(job: Job, request: JobRequest) -> None:
         request = as_chat(request, runner.backend.metadata, job.narrate)
         if request.messages is not None:
-            chat = render_chat(request.messages, runner.backend.metadata)
+            chat = render_chat(request.messages, runner.backend.metadata, request.tools)
             job.narrate("template", f"chat formatted with {chat.template}")
             request = request.model_copy(
-                update={"prompt": chat.prompt, "messages": None, "stop": [*request.stop, *chat.stop]}
+                update={"prompt": chat.prompt, "messages": None, "tools": None, "stop": [*request.stop, *chat.stop]}
             )
         started = time.perf_counter()
         index = 0

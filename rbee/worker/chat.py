@@ -7,8 +7,10 @@ choice also gives the stop strings that end an assistant turn.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -23,10 +25,12 @@ class ChatPrompt:
     template: str  # which template made it, for narration
 
 
-def render(messages: Sequence[ChatMessage], metadata: Mapping[str, str]) -> ChatPrompt:
+def render(messages: Sequence[ChatMessage], metadata: Mapping[str, str],
+           tools: list[dict[str, Any]] | None = None) -> ChatPrompt:
     template = metadata.get("tokenizer.chat_template")
     if template:
-        return _jinja(template, messages, metadata)
+        return _jinja(template, messages, metadata, tools)
+    messages = as_text_turns(messages, tools)
     family = metadata.get("general.architecture", "")
     if family.startswith("gemma"):
         return _gemma(messages)
@@ -35,11 +39,33 @@ def render(messages: Sequence[ChatMessage], metadata: Mapping[str, str]) -> Chat
     return _plain(messages)
 
 
-def _jinja(template: str, messages: Sequence[ChatMessage], metadata: Mapping[str, str]) -> ChatPrompt:
+def as_text_turns(messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None) -> list[ChatMessage]:
+    """For a fallback format, which knows no tools: the functions as a system note, calls and
+    results as plain text, so the model still sees what happened."""
+    turns: list[ChatMessage] = []
+    if tools:
+        listed = "\n".join(f"- {t['function']['name']}: {t['function'].get('description', '')} "
+                           f"arguments: {json.dumps(t['function'].get('parameters', {}))}" for t in tools)
+        turns.append(ChatMessage(role="system", content=f"Functions you can call, with JSON arguments:\n{listed}"))
+    for message in messages:
+        if message.role == "tool":
+            turns.append(ChatMessage(role="user", content=f"Result of {message.tool_call_id or 'the call'}: "
+                                                         f"{message.content}"))
+        elif message.tool_calls:
+            calls = "; ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in message.tool_calls)
+            turns.append(ChatMessage(role="assistant", content=f"{message.content}\nCalled: {calls}".strip()))
+        else:
+            turns.append(message)
+    return turns
+
+
+def _jinja(template: str, messages: Sequence[ChatMessage], metadata: Mapping[str, str],
+           tools: list[dict[str, Any]] | None = None) -> ChatPrompt:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
         prompt = env.from_string(template).render(
-            messages=[m.model_dump() for m in messages],
+            messages=[m.model_dump(exclude_none=True) for m in messages],
+            tools=tools,
             add_generation_prompt=True,
             bos_token="",  # llama.cpp adds BOS itself when it tokenizes
             eos_token=metadata.get("rbee.eos_text", ""),

@@ -49,7 +49,7 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
-          "logprobs", "node"]
+          "logprobs", "node", "tools", "tool_choice", "response_format", "template", "top_k"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
