@@ -12,7 +12,7 @@ from typing import Any
 
 from rbee import __version__
 from rbee.config import DEFAULT_QUEUE, HiveConfig
-from rbee.errors import LinkError, StallError, WorkerDiedError, WorkerStalledError
+from rbee.errors import LinkError, RequestError, StallError, WorkerDiedError, WorkerStalledError
 from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
 from rbee.hive.engine import Host as EngineHost
@@ -132,6 +132,11 @@ class Hive:
     async def run_job(self, job: Job, request: JobRequest) -> None:
         entry, choice, host = await self.choose(job, request)
         backend = choice.engine
+        if request.input is not None:
+            if backend != "llama-cpp":
+                raise RequestError(f"embeddings run on llama.cpp with a GGUF model; {entry.name} is served by "
+                                   f"{backend} here. Name a GGUF model (or its logical model's gguf form)")
+            backend = "llama-cpp-embed"
         body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
                                   gpu_split=None, parallel=None, queue=None)
         if request.gpu_layers is not None:
@@ -141,7 +146,7 @@ class Hive:
         spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
                           queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
         worker = await self.supervisor.worker_for(
-            spec, job.narrate, self.sizer(entry, backend, host, request, gpu_layers), choice.reason
+            spec, job.narrate, self.sizer(entry, choice.engine, host, request, gpu_layers), choice.reason
         )
         try:
             with self.supervisor.peers.relaying(worker, job):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -118,10 +119,14 @@ def scale_out(kind: str, live: int) -> bool:
 
 def engine_summary(report: dict[str, Any]) -> str:
     """One line from a worker's engine report; tolerant of an older or partial report."""
+    known = {field.name for field in dataclasses.fields(EngineReport)}
     try:
-        return EngineReport(**report).summary
+        summary = EngineReport(**{key: value for key, value in report.items() if key in known}).summary
     except TypeError:
         return ""
+    if "dimensions" in report:  # a worker loaded for embeddings
+        summary += f"; {report['dimensions']}-dimension embeddings, {report.get('pooling', '')} pooling"
+    return summary
 
 
 class Supervisor:

@@ -3,6 +3,8 @@ from typer goes further than the keeper."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee import __version__
+from rbee.config import DEFAULT_MODEL
 from rbee.keeper.chat import HELP, Conversation, chat
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
 from rbee.keeper.fleet_cli import fleet_app
@@ -79,6 +82,45 @@ def infer(
     run(_infer(settings, request.downstream(), printer))
     if not printer.succeeded:
         raise typer.Exit(1)
+
+
+@app.command()
+def embed(
+    texts: Annotated[list[str], typer.Argument(help="The texts to embed.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")] = None,
+    node: Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only results and errors.")] = False,
+    url: QueenUrl = None,
+    inventory_path: InventoryPath = None,
+) -> None:
+    """Embed texts with a worker loaded for embeddings: each vector's dimension and norm, or
+    the vectors as JSON (--json). Vectors are L2-normalised, as OpenAI's are."""
+    fields = {"input": texts, "model": model, "node": node}
+    request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
+    settings = _settings(url, inventory_path)
+    printer = JobPrinter(quiet=quiet, expect_tokens=False)
+    vectors = run(_embed(settings, request.downstream(), printer))
+    if not printer.succeeded:
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps({"model": model or DEFAULT_MODEL, "data": [
+            {"index": index, "text": text, "embedding": vector} for index, (text, vector) in enumerate(
+                zip(texts, vectors, strict=True))]}))
+        return
+    for index, vector in enumerate(vectors):
+        typer.echo(f"{index}: {len(vector)} dimensions, norm {math.sqrt(sum(v * v for v in vector)):.4f}, "
+                   f"[{', '.join(f'{v:.4f}' for v in vector[:4])}, …]")
+
+
+async def _embed(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> list[list[float]]:
+    vectors: dict[int, list[float]] = {}
+    async with settings.session() as queen, settings.client(queen.url, stall_timeout=None) as client:
+        async for event in client.run(body):
+            if event.type == "embedding":
+                vectors[int(event["index"])] = event["embedding"]
+            printer.show(event)
+    return [vectors[index] for index in sorted(vectors)]
 
 
 @app.command("chat")

@@ -13,6 +13,7 @@ from typing import Any
 
 NARRATION = "narration"
 TOKEN = "token"
+EMBEDDING = "embedding"
 END = "end"
 ERROR = "error"
 
@@ -20,6 +21,7 @@ ERROR = "error"
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     NARRATION: ("actor", "action", "message"),
     TOKEN: ("index", "text"),
+    EMBEDDING: ("index", "embedding"),
     END: ("tokens", "duration_ms", "tokens_per_s", "finish_reason"),
     ERROR: ("code", "message", "actor"),
 }
@@ -92,6 +94,10 @@ def narration(actor: str, action: str, message: str, **extra: Any) -> Event:
 
 def token(index: int, text: str) -> Event:
     return Event({"type": TOKEN, "index": index, "text": text})
+
+
+def embedding(index: int, vector: list[float]) -> Event:
+    return Event({"type": EMBEDDING, "index": index, "embedding": vector})
 
 
 def end(tokens: int, duration_s: float, finish_reason: str, **extra: Any) -> Event:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,6 +30,9 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    #: texts to embed instead of a generation: a vector each, from a worker loaded for embeddings
+    input: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=2048)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
     #: with ``prompt``: "auto" sends it as one user turn through the model's own chat template when
     #: the model has one, and as a plain completion when it has none (what `rbee infer` asks for)
@@ -68,8 +71,8 @@ class JobRequest(BaseModel):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> JobRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        if sum(part is not None for part in (self.prompt, self.messages, self.input)) != 1:
+            raise ValueError("give exactly one of prompt, messages or input (to embed)")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The queen's OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+"""The queen's OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
 A thin adapter: each request becomes a job on the queen's own job registry — the
 same path and the same dual-call chain as `rbee infer` — and the job's events are
@@ -8,9 +8,11 @@ naming them, never ignored silently.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import PurePosixPath
@@ -193,14 +195,44 @@ class CompletionRequest(SamplingFields):
         return self.prompt
 
 
-def parse(model: type[SamplingFields], body: dict[str, Any]) -> Any:
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=500)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        if not texts or len(texts) > 2048:
+            raise OpenAIError(400, "input: one string, or a list of 1 to 2048 strings", param="input")
+        if not all(isinstance(text, str) for text in texts):
+            raise OpenAIError(400, "input: rbee embeds text; send strings, not token ids", param="input")
+        if any(not text for text in texts):
+            raise OpenAIError(400, "input: empty strings have no embedding", param="input")
+        if self.dimensions is not None:
+            raise OpenAIError(400, "dimensions: rbee returns the model's own dimension; leave it out",
+                              param="dimensions")
+        return [str(text) for text in texts]
+
+
+def encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's ``base64``: the float32 values, little-endian, base64-encoded."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise OpenAIError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
-    parsed.refuse_unsupported()
+    if isinstance(parsed, SamplingFields):
+        parsed.refuse_unsupported()
     return parsed
 
 
@@ -276,6 +308,30 @@ def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
             if tools.forced:
                 job_body["response_format"] = tools.response_format()
         return await _respond(registry, make_producer, job_body, req, chat=True, tools=tools)
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        req: EmbeddingRequest = parse(EmbeddingRequest, await _body())
+        texts = req.texts()
+        node, model = index.resolve(req.model)
+        try:
+            producer = make_producer({"input": texts, "model": model, "node": node})
+        except RequestError as exc:
+            raise OpenAIError(400, exc.message) from exc
+        job = registry.create(producer)
+        vectors: dict[int, list[float]] = {}
+        async with contextlib.aclosing(_events(registry, job)) as stream:
+            async for event in stream:
+                if event.type == events.EMBEDDING:
+                    vectors[int(event["index"])] = event["embedding"]
+                elif event.type == events.ERROR:
+                    raise OpenAIError.from_event(event)
+                elif event.type == events.END:
+                    tokens = int(event.get("prompt_tokens") or 0)
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(vectors[i], req.encoding_format)}
+                for i in range(len(texts))]
+        return jsonify({"object": "list", "data": data, "model": req.model,
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/completions")
     async def completions() -> Response:

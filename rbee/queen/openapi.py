@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from rbee import __version__
 from rbee.link.schemas import FleetWorker, HiveReport, HiveView, JobRequest
-from rbee.queen.openai_api import ChatCompletionRequest, CompletionRequest
+from rbee.queen.openai_api import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 JOB_CREATED = {
@@ -72,8 +72,8 @@ def _with(operation: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[s
 
 
 def document() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, HiveReport, HiveView,
-                                     FleetWorker]
+    models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                                     HiveReport, HiveView, FleetWorker]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -126,6 +126,8 @@ def document() -> dict[str, Any]:
                                              errors=("400", "404", "503"))},
         "/v1/completions": {"post": _op("OpenAI: text completion", body=CompletionRequest,
                                         errors=("400", "404", "503"))},
+        "/v1/embeddings": {"post": _op("OpenAI: embeddings (a worker loaded for them)", body=EmbeddingRequest,
+                                       errors=("400", "404", "503"))},
     }
     return {
         "openapi": "3.1.0",

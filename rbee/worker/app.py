@@ -28,6 +28,13 @@ def create_app(
     install_auth(app, accepted(token or ""), config.actor)
 
     async def generate(job: Job, request: JobRequest) -> None:
+        if request.input is not None:
+            started = time.perf_counter()
+            vectors, tokens = await runner.embed(request.input)
+            for index, vector in enumerate(vectors):
+                job.emit(events.embedding(index, vector))
+            job.emit(events.end(0, time.perf_counter() - started, "stop", prompt_tokens=tokens))
+            return
         request = as_chat(request, runner.backend.metadata, job.narrate)
         if request.messages is not None:
             chat = render_chat(request.messages, runner.backend.metadata, request.tools)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from rbee.errors import RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Backend, BatchingBackend, Piece, SerialBackend
 
@@ -80,6 +81,25 @@ class ModelRunner:
                 return cast(BatchingBackend, self.backend).load_report()
             return {"slots": int(getattr(self.backend, "slots", 1)), "slots_busy": 0, "queue": 0, "tokens_per_s": 0.0}
         return {"slots": 1, "slots_busy": int(self._turn.locked()), "queue": self.waiting, "tokens_per_s": 0.0}
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for ``texts`` and their token count, from a backend loaded for embeddings."""
+        embed = getattr(self.backend, "embed", None)
+        if embed is None:
+            raise RequestError("this worker generates text; embeddings need a worker loaded for them (the hive "
+                               "starts one when a job brings `input`)")
+        self.waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            result: tuple[list[list[float]], int] = await asyncio.get_running_loop().run_in_executor(
+                self._thread, embed, texts)
+        finally:
+            self._turn.release()
+        self.jobs_done += 1
+        return result
 
     async def generate(self, request: JobRequest, narrate: Narrate | None = None) -> AsyncGenerator[Piece, None]:
         """Pieces of one generation, each as soon as the engine made it.

@@ -15,6 +15,7 @@ EXPECTED = {
                    "--inventory"],
     "rbee chat": ["--model", "--node", "--system", "--max-tokens", "--temperature", "--seed", "--verbose", "--raw",
                   "--queen-url", "--inventory"],
+    "rbee embed": ["texts", "--model", "--node", "--json", "--quiet", "--queen-url", "--inventory"],
     "rbee version": [],
     "rbee queen start": ["--queen-url", "--inventory"],
     "rbee queen stop": ["--queen-url"],

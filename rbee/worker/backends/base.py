@@ -63,6 +63,7 @@ class SerialBackend(Backend, Protocol):
 
 BACKENDS = {
     "llama-cpp": "rbee.worker.backends.llama_cpp:LlamaCppBackend",
+    "llama-cpp-embed": "rbee.worker.backends.llama_embed:LlamaEmbedBackend",
     "mlx": "rbee.worker.backends.mlx:MlxBackend",
 }
 

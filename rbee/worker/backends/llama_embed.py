@@ -1,0 +1,87 @@
+"""A llama.cpp worker loaded for embeddings (``embedding=True``): one vector per input.
+
+Pooled as the model says; a model that says none (a causal LM, such as the default model)
+is pooled by the mean of its token vectors, as llama-server does for such models. Vectors
+are L2-normalised, as OpenAI's are. One request at a time, on the runner's thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Floats
+from pathlib import Path
+from typing import Any
+
+from rbee.errors import ModelLoadError, RequestError
+from rbee.link.schemas import JobRequest
+from rbee.worker.backends.base import Piece
+from rbee.worker.backends.engine_report import parse_load_log
+from rbee.worker.backends.llama_cpp import captured_llama_log
+
+#: tokens one input may have: inputs are embedded whole (one micro-batch each), never cut
+MAX_INPUT_TOKENS = 8192
+
+
+class LlamaEmbedBackend:
+    name = "llama-cpp-embed"
+
+    def __init__(self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
+                 slots: int = 0, queue_limit: int = 0) -> None:
+        self.n_ctx = min(n_ctx, MAX_INPUT_TOKENS)
+        self.threads = threads or os.cpu_count() or 1
+        self.gpu_layers = gpu_layers
+        self.tensor_split = list(tensor_split) or None
+        self._llm: Any = None
+        self.pooling = ""
+        self.metadata: dict[str, str] = {}
+        self.report: dict[str, Any] = {}
+
+    def load(self, path: Path) -> None:
+        import llama_cpp
+
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        log: list[str] = []
+        try:
+            with captured_llama_log(log):
+                self._llm = self._open(llama_cpp, path, llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
+                self.pooling = "the model's own"
+                if self._llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                    self._llm.close()
+                    log.clear()
+                    self._llm = self._open(llama_cpp, path, llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+                    self.pooling = "mean (the model defines none)"
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not load {path} for embeddings: {exc}") from exc
+        layers = int(llama_cpp.llama_model_n_layer(self._llm.model)) + 1
+        self.report = parse_load_log("".join(log), layers_total=layers, n_ctx=self.n_ctx,
+                                     gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload())).as_dict()
+        self.report["pooling"] = self.pooling
+        self.report["dimensions"] = int(self._llm.n_embd())
+        self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
+
+    def _open(self, llama_cpp: Any, path: Path, pooling: int) -> Any:
+        return llama_cpp.Llama(model_path=str(path), embedding=True, pooling_type=pooling, n_ctx=self.n_ctx,
+                               n_batch=self.n_ctx, n_ubatch=self.n_ctx, n_threads=self.threads,
+                               n_gpu_layers=self.gpu_layers, tensor_split=self.tensor_split, verbose=False)
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The vectors of ``texts``, in order, and how many tokens they were."""
+        counts = [len(self._llm.tokenize(text.encode(), add_bos=True, special=False)) for text in texts]
+        for index, count in enumerate(counts):
+            if count > self.n_ctx:
+                raise RequestError(f"input[{index}] is {count} tokens; this embedding worker takes up to "
+                                   f"{self.n_ctx} per input. Split it")
+        # one decode per text: llama.cpp's sums run in another order when texts share a batch, which
+        # moved vectors by ~1e-3 (seen); alone, a text gets the same vector in any request
+        vectors = [self._llm.embed(text, normalize=True, truncate=False) for text in texts]
+        return [list(map(float, vector)) for vector in vectors], sum(counts)
+
+    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
+        raise RequestError("this worker is loaded for embeddings: send `input`, not a prompt")
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
