@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE
 from rbee.errors import InventoryError
+from rbee.link.schemas import Duration
 
 HIVE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SSH_TARGET = re.compile(
@@ -92,6 +93,8 @@ class HiveEntry(BaseModel):
     gpu_split: bool = False
     #: "source": build llama-cpp-python on the host even where the queen could push a wheel
     build: Literal["auto", "source"] = "auto"
+    #: how long an idle worker stays loaded on this host ("15m"; 0 unloads after each job, -1 keeps)
+    keep_alive: Duration | None = None
 
     @field_validator("name")
     @classmethod

@@ -13,7 +13,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tiny_gguf(path: Path, chat_template: str | None = None, hidden: int = 64, layers: int = 2) -> Path:
+def write_tiny_model(path: Path, chat_template: str | None = None, hidden: int = 64, layers: int = 2) -> Path:
     import gguf
     import numpy as np
 

@@ -138,7 +138,7 @@ class Hive:
                                    f"{backend} here. Name a GGUF model (or its logical model's gguf form)")
             backend = "llama-cpp-embed"
         body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
-                                  gpu_split=None, parallel=None, queue=None)
+                                  gpu_split=None, parallel=None, queue=None, keep_alive=None)
         if request.gpu_layers is not None:
             gpu_layers = request.gpu_layers
         else:
@@ -154,6 +154,8 @@ class Hive:
         except LinkError as exc:
             raise await self._explain_worker_failure(worker, exc) from exc
         finally:
+            if request.keep_alive is not None:
+                worker.keep_alive = request.keep_alive
             worker.active_jobs -= 1
             worker.last_used = time.monotonic()
 

@@ -68,6 +68,8 @@ class WorkerRecord(Peer[WorkerReport]):
         self.engine: dict[str, Any] = {}  # the engine's own load report
         self.last_used = time.monotonic()
         self.active_jobs = 0
+        #: seconds it stays loaded once idle, as its last job asked (None: the hive's default; -1: kept)
+        self.keep_alive: float | None = None
 
     @property
     def worker_id(self) -> str:
@@ -189,7 +191,7 @@ class Supervisor:
             elif record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
             if record is None:
-                record = await self._spawn(spec, narrate, size(), reason)
+                record = await self._spawn(spec, narrate, await self.admit(spec, narrate, size), reason)
             record.active_jobs += 1
             return record
 
@@ -289,20 +291,48 @@ class Supervisor:
                 record.child.process.kill()
         return newly
 
+    def keep_alive(self, record: WorkerRecord) -> float:
+        return self.config.worker_idle_timeout if record.keep_alive is None else record.keep_alive
+
     def idle(self, now: float | None = None) -> list[WorkerRecord]:
+        """Workers idle past their keep-alive (0: as soon as their job ended; -1: never)."""
         now = time.monotonic() if now is None else now
         return [
             r for r in self.peers
-            if r.state == PeerState.UP and not r.active_jobs and now - r.last_used > self.config.worker_idle_timeout
+            if r.state == PeerState.UP and not r.active_jobs and 0 <= self.keep_alive(r) < now - r.last_used
         ]
 
+    def least_recently_used(self, spec: WorkerSpec) -> WorkerRecord | None:
+        """The idle worker to unload when a new one needs its memory: not one of ``spec``, not
+        one kept with keep_alive -1, the longest unused first."""
+        idle = [r for r in self.peers if r.state == PeerState.UP and not r.active_jobs and r.spec != spec
+                and self.keep_alive(r) >= 0]
+        return min(idle, key=lambda r: r.last_used) if idle else None
+
+    async def admit(self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized]) -> Sized:
+        """Room for a new worker of ``spec``: when memory is short, idle workers are unloaded,
+        least recently used first, until it fits; with none left to unload, NoCapacityError."""
+        while True:
+            try:
+                return size()
+            except NoCapacityError:
+                victim = self.least_recently_used(spec)
+                if victim is None:
+                    raise
+                unused = time.monotonic() - victim.last_used
+                narrate("unload", f"memory is short for {spec.model_path.name}: unloading {victim.actor} "
+                                  f"({victim.model_path.name}, idle for {unused:.0f} s, the least recently used)")
+                await self.stop(victim.worker_id, f"unloaded to make room for {spec.model_path.name}")
+
     async def watch_heartbeats(self) -> None:
-        """Mark silent workers down; stop workers idle past the timeout; drop long-gone ones."""
+        """Mark silent workers down; stop workers idle past their keep-alive; drop long-gone ones."""
         while True:
             self.check_overdue()
             for record in self.idle():
+                limit = self.keep_alive(record)
                 log.info("stopping %s: idle for %.0f s", record.actor, time.monotonic() - record.last_used)
-                await self.stop(record.worker_id, f"idle for more than {self.config.worker_idle_timeout:.0f} s")
+                await self.stop(record.worker_id, "keep_alive 0: unloaded after its job" if limit == 0
+                                else f"idle for more than {limit:.0f} s")
             for record in await self.peers.prune():
                 record.child.log_path.unlink(missing_ok=True)  # kept while the worker was listed, for post-mortems
                 self.secret_path(record.worker_id).unlink(missing_ok=True)

@@ -63,6 +63,9 @@ def infer(
                                                     "(on a terminal they are shown escaped).")] = False,
     no_template: Annotated[bool, typer.Option("--no-template", help="Send the prompt as a plain completion, "
                                               "even to a model with a chat template.")] = False,
+    keep_alive: Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, "
+                                                        "1h; 0 unloads after, -1 keeps [default: the hive's]."
+                                                   )] = None,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:
@@ -74,7 +77,7 @@ def infer(
         "backend": None if backend == "auto" else backend, "ctx": ctx, "gpu_layers": gpu_layers,
         "template": None if no_template else "auto", "top_k": top_k, "min_p": min_p,
         "repeat_penalty": repeat_penalty, "presence_penalty": presence_penalty,
-        "frequency_penalty": frequency_penalty,
+        "frequency_penalty": frequency_penalty, "keep_alive": keep_alive,
     }
     request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
     settings = _settings(url, inventory_path)
@@ -135,12 +138,16 @@ def chat_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Narration for every answer, not only "
                                                                    "the first.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Print control characters of answers as they are.")] = False,
+    keep_alive: Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, "
+                                                        "1h; 0 unloads after, -1 keeps [default: the hive's]."
+                                                   )] = None,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:
     """Talk with a model, turn by turn, in its own chat template. /reset forgets the conversation,
     /exit ends it (or Ctrl+D); Ctrl+C stops the answer being written."""
-    fields = {"model": model, "node": node, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    fields = {"model": model, "node": node, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
+              "keep_alive": keep_alive}
     run_sync(parse_job_request, {**fields, "prompt": "-"})  # bad flags stop here, before anything starts
     settings = _settings(url, inventory_path)
     answers = 0

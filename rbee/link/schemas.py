@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbee.errors import RequestError
 
 MAX_PROMPT_CHARS = 200_000
 MAX_TOKENS_LIMIT = 32_768
+
+
+DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def seconds(value: Any) -> Any:
+    """A keep-alive as Ollama takes it: seconds (a number or "300"), "30s", "5m", "1h30m";
+    0 unloads right after, any negative keeps the model loaded."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return -1.0 if value < 0 else value
+    if not isinstance(value, str):
+        return value  # pydantic says what is wrong
+    text = value.strip()
+    if text.startswith("-"):
+        return -1.0
+    match = DURATION.match(text)
+    if not text or match is None:
+        raise ValueError(f"{value!r} is not a duration: seconds, or like 30s, 5m, 1h30m; 0 unloads at once, "
+                         "-1 keeps the model loaded")
+    hours, minutes, secs = (float(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + secs
+
+
+#: seconds; from a number or "5m"-style text
+Duration = Annotated[float, BeforeValidator(seconds), Field(ge=-1, le=10 * 365 * 86400)]
 
 
 class ChatMessage(BaseModel):
@@ -66,6 +94,9 @@ class JobRequest(BaseModel):
     #: sequences a new worker decodes together, and how many may wait (the model's `parallel =`, `queue =`)
     parallel: int | None = Field(default=None, ge=1, le=64)
     queue: int | None = Field(default=None, ge=0, le=10_000)
+    #: how long the worker stays loaded once idle, in seconds: 0 unloads after this job, -1 keeps it
+    #: (default: the hive's `keep_alive`, else RBEE_WORKER_IDLE_TIMEOUT)
+    keep_alive: Duration | None = None
     #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
     forms: dict[Literal["gguf", "mlx"], str] | None = None
 

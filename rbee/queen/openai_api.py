@@ -123,6 +123,8 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    #: Ollama's: how long the model stays loaded once idle (seconds or "5m"; 0 unload after, -1 keep)
+    keep_alive: float | str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -145,7 +147,7 @@ class SamplingFields(BaseModel):
             "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
             "max_tokens": max_tokens or self.max_tokens, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
-            "repeat_penalty": self.repeat_penalty,
+            "repeat_penalty": self.repeat_penalty, "keep_alive": self.keep_alive,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
         }
         fields["response_format"] = self.structured()
@@ -202,6 +204,7 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    keep_alive: float | str | None = None
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else self.input
@@ -315,7 +318,7 @@ def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
         texts = req.texts()
         node, model = index.resolve(req.model)
         try:
-            producer = make_producer({"input": texts, "model": model, "node": node})
+            producer = make_producer({"input": texts, "model": model, "node": node, "keep_alive": req.keep_alive})
         except RequestError as exc:
             raise OpenAIError(400, exc.message) from exc
         job = registry.create(producer)

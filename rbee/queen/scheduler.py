@@ -145,4 +145,6 @@ def hive_body(request: JobRequest, inventory: Inventory, node: str) -> dict[str,
                 break
     if request.gpu_split is None and entry is not None and entry.gpu_split:
         changes["gpu_split"] = True
+    if request.keep_alive is None and entry is not None and entry.keep_alive is not None:
+        changes["keep_alive"] = entry.keep_alive
     return request.downstream(**changes)

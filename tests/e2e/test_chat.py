@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import RBEE, eventually, run_rbee
-from tests.tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf
+from tests.tiny_gguf import CHAT_TEMPLATE, write_tiny_model
 
 PROMPT_TOKENS = re.compile(r"prompt (\d+) tokens")
 
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("chat") / "tiny-chat.gguf", CHAT_TEMPLATE)
+    return write_tiny_model(tmp_path_factory.mktemp("chat") / "tiny-chat.gguf", CHAT_TEMPLATE)
 
 
 async def test_infer_uses_the_models_chat_template_unless_told_not_to(rbee_env: dict[str, str],

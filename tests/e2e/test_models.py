@@ -106,6 +106,55 @@ async def test_idle_workers_are_stopped(short_idle: None, queen_url: str) -> Non
     await eventually(lambda: not _alive(pid), timeout=10)
 
 
+@pytest.fixture
+def two_small_workers_do_not_fit(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # one worker of the default model with a 4096-token context (~0.33 GB) fits, a second does not
+    monkeypatch.setenv("RBEE_MEMORY_BUDGET", str(500 * 1024 * 1024))
+
+
+async def test_short_memory_unloads_the_least_recently_used_idle_worker(two_small_workers_do_not_fit: None,
+                                                                      queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
+        await warm_up(client, {"ctx": 4096})
+        first = (await eventually(lambda: workers(queen_url)))[0]
+        second = await warm_up(client, {"ctx": 2048})
+    unloads = [e["message"] for e in second if e.type == "narration" and e["action"] == "unload"]
+    assert len(unloads) == 1 and f"worker:{first['worker_id']}" in unloads[0] and "least recently used" in unloads[0]
+    assert second[-1].type == "end", second[-1]
+
+    async def first_stopped_second_up() -> bool:  # as the queen sees them with the hive's next heartbeat
+        states = {w["worker_id"]: w["state"] for w in await workers(queen_url)}
+        return states.pop(first["worker_id"], None) == "stopped" and list(states.values()) == ["up"]
+
+    await eventually(first_stopped_second_up, timeout=10)
+    await eventually(lambda: not _alive(first["pid"]), timeout=10)
+
+
+async def test_keep_alive_minus_one_is_never_unloaded_for_room(two_small_workers_do_not_fit: None,
+                                                              queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
+        await warm_up(client, {"ctx": 4096, "keep_alive": -1})
+        refused = await warm_up(client, {"ctx": 2048})
+    assert refused[-1].type == "error" and refused[-1]["code"] == "no_capacity", refused[-1]
+
+    async def kept() -> bool:  # the queen sees the worker's state with the hive's next heartbeat
+        return [w["state"] for w in await workers(queen_url)] == ["up"]
+
+    await eventually(kept, timeout=10)
+
+
+async def test_keep_alive_zero_unloads_after_the_job(queen_url: str) -> None:
+    async with LinkClient(queen_url, "queen", token=owner_token()) as client:
+        ended = await warm_up(client, {"keep_alive": "0s"})
+    assert ended[-1].type == "end"
+
+    async def unloaded() -> str:
+        rows = await workers(queen_url)
+        return rows[0]["reason"] if rows and rows[0]["state"] == "stopped" else ""
+
+    assert "keep_alive 0" in await eventually(unloaded, timeout=10)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

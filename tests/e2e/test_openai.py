@@ -179,10 +179,10 @@ async def test_an_unreachable_hub_is_a_502_naming_it(rbee_env: dict[str, str], m
 async def test_models_lists_aliases_and_pulled_models_and_each_name_answers(
         rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tests.helpers import eventually
-    from tests.tiny_gguf import write_tiny_gguf
+    from tests.tiny_gguf import write_tiny_model
 
     with HubServer() as server:
-        model = write_tiny_gguf(tmp_path / "tiny.gguf")
+        model = write_tiny_model(tmp_path / "tiny.gguf")
         server.repos["acme/tiny-GGUF"] = Repo(files={"tiny.gguf": model.read_bytes()})
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")

@@ -11,10 +11,10 @@ from rbee.keeper.cli import app
 EXPECTED = {
     "rbee infer": ["prompt", "--model", "--node", "--max-tokens", "--temperature", "--top-p", "--seed", "--top-k",
                    "--min-p", "--repeat-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
-                   "--backend", "--ctx", "--gpu-layers", "--quiet", "--raw", "--no-template", "--queen-url",
-                   "--inventory"],
+                   "--backend", "--ctx", "--gpu-layers", "--quiet", "--raw", "--no-template", "--keep-alive",
+                   "--queen-url", "--inventory"],
     "rbee chat": ["--model", "--node", "--system", "--max-tokens", "--temperature", "--seed", "--verbose", "--raw",
-                  "--queen-url", "--inventory"],
+                  "--keep-alive", "--queen-url", "--inventory"],
     "rbee embed": ["texts", "--model", "--node", "--json", "--quiet", "--queen-url", "--inventory"],
     "rbee version": [],
     "rbee queen start": ["--queen-url", "--inventory"],

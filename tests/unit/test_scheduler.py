@@ -107,10 +107,10 @@ def test_the_hive_gets_the_inventorys_settings_unless_the_job_chose() -> None:
 
     inventory = parse('[models.coder]\ngguf = "hf:org/coder:c.gguf"\nctx = 8192\ngpu_layers = 10\n\n'
                       '[[hive]]\nname = "gpu"\nssh = "me@gpu"\nbackend = "llama-cpp"\ngpu_layers = -1\n'
-                      'gpu_split = true\n')
+                      'gpu_split = true\nkeep_alive = "10m"\n')
     body = hive_body(JobRequest(prompt="x", model="coder", node="gpu"), inventory, "gpu")
-    assert body["forms"] == {"gguf": "hf:org/coder:c.gguf"} and body["ctx"] == 8192
+    assert body["forms"] == {"gguf": "hf:org/coder:c.gguf"} and body["ctx"] == 8192 and body["keep_alive"] == 600
     assert body["gpu_layers"] == 10 and body["gpu_split"] is True and body["backend"] == "llama-cpp"
     assert "node" not in body
-    chosen = hive_body(JobRequest(prompt="x", model="coder", ctx=2048, gpu_layers=0), inventory, "gpu")
-    assert chosen["ctx"] == 2048 and chosen["gpu_layers"] == 0
+    chosen = hive_body(JobRequest(prompt="x", model="coder", ctx=2048, gpu_layers=0, keep_alive=0), inventory, "gpu")
+    assert chosen["ctx"] == 2048 and chosen["gpu_layers"] == 0 and chosen["keep_alive"] == 0

@@ -6,7 +6,7 @@ import pytest
 
 from rbee.config import HiveConfig, QueenConfig, ServeOptions, WorkerConfig, from_args, heartbeat_interval, to_args
 from rbee.errors import ConfigError, RequestError
-from rbee.link.schemas import parse_job_request
+from rbee.link.schemas import JobRequest, parse_job_request
 
 
 def test_defaults_and_downstream_body() -> None:
@@ -52,3 +52,18 @@ def test_heartbeat_interval_from_env() -> None:
     assert heartbeat_interval({"RBEE_HEARTBEAT_INTERVAL": "0.5"}) == 0.5
     with pytest.raises(ConfigError, match="RBEE_HEARTBEAT_INTERVAL"):
         heartbeat_interval({"RBEE_HEARTBEAT_INTERVAL": "soon"})
+
+
+@pytest.mark.parametrize("given, expected", [
+    (0, 0.0), ("0", 0.0), (300, 300.0), ("300", 300.0), ("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
+    (-1, -1.0), (-20, -1.0), ("-1", -1.0), ("-5m", -1.0),
+])
+def test_keep_alive_takes_ollama_durations(given: object, expected: float) -> None:
+    assert JobRequest(prompt="x", keep_alive=given).keep_alive == expected
+
+
+@pytest.mark.parametrize("given", ["soon", "5 minutes", "", "1d"])
+def test_a_keep_alive_that_is_no_duration_is_refused_naming_the_forms(given: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_job_request({"prompt": "x", "keep_alive": given})
+    assert "keep_alive" in caught.value.message and "5m" in caught.value.message
