@@ -8,10 +8,12 @@ checksum matches, so a failure never leaves a partial model in the catalog.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,10 @@ class ModelCatalog:
         self.root = root
         self.downloader = downloader  # rbee.hive.provision.HubDownloader, for hf: refs
         self._parsed: dict[Path, tuple[int, ModelEntry]] = {}
+        #: one provisioning of a reference at a time: two first jobs for a model (or a request's
+        #: n choices) would write the same staging file; the second waits and finds it in place
+        self._provisioning: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._provisioning_guard = threading.Lock()
 
     @property
     def staging(self) -> Path:
@@ -193,6 +199,12 @@ class ModelCatalog:
 
         Blocking (it may download or write hundreds of MB): call it off the event loop.
         """
+        with self._provisioning_guard:
+            lock = self._provisioning[f"{ref_text}|{form}"]
+        with lock:
+            return self._resolve(ref_text, narrate, form)
+
+    def _resolve(self, ref_text: str | None, narrate: Narrate, form: str | None) -> ModelEntry:
         ref = parse_ref(ref_text)
         if ref.kind == "file":
             return self._file(ref)

@@ -17,7 +17,18 @@ from rich.table import Table
 from rbee import __version__
 from rbee.config import DEFAULT_MODEL
 from rbee.keeper.chat import HELP, Conversation, chat
-from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
+from rbee.keeper.common import (
+    InventoryPath,
+    KeepAlive,
+    ModelOption,
+    NodeOption,
+    QueenUrl,
+    Settings,
+    err,
+    run,
+    run_sync,
+    running_hives,
+)
 from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.models_cli import models_app, workers_app
 from rbee.keeper.render import JobPrinter
@@ -37,8 +48,8 @@ app.add_typer(workers_app, name="workers")
 @app.command()
 def infer(
     prompt: Annotated[str, typer.Argument(help="The prompt to complete.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")] = None,
-    node: Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")] = None,
+    model: ModelOption = None,
+    node: NodeOption = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
@@ -63,9 +74,7 @@ def infer(
                                                     "(on a terminal they are shown escaped).")] = False,
     no_template: Annotated[bool, typer.Option("--no-template", help="Send the prompt as a plain completion, "
                                               "even to a model with a chat template.")] = False,
-    keep_alive: Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, "
-                                                        "1h; 0 unloads after, -1 keeps [default: the hive's]."
-                                                   )] = None,
+    keep_alive: KeepAlive = None,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:
@@ -90,8 +99,8 @@ def infer(
 @app.command()
 def embed(
     texts: Annotated[list[str], typer.Argument(help="The texts to embed.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")] = None,
-    node: Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")] = None,
+    model: ModelOption = None,
+    node: NodeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the vectors as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No narration, only results and errors.")] = False,
     url: QueenUrl = None,
@@ -128,8 +137,8 @@ async def _embed(settings: Settings, body: dict[str, Any], printer: JobPrinter) 
 
 @app.command("chat")
 def chat_command(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")] = None,
-    node: Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")] = None,
+    model: ModelOption = None,
+    node: NodeOption = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="A system message that leads the "
                                                                         "conversation.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
@@ -138,9 +147,7 @@ def chat_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Narration for every answer, not only "
                                                                    "the first.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Print control characters of answers as they are.")] = False,
-    keep_alive: Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, "
-                                                        "1h; 0 unloads after, -1 keeps [default: the hive's]."
-                                                   )] = None,
+    keep_alive: KeepAlive = None,
     url: QueenUrl = None,
     inventory_path: InventoryPath = None,
 ) -> None:

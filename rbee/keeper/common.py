@@ -27,6 +27,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 QueenUrl = Annotated[
     str | None, typer.Option("--queen-url", help="Queen to use [default: $RBEE_QUEEN_URL or http://127.0.0.1:7833]")
 ]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")]
+NodeOption = Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")]
+KeepAlive = Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, 1h; "
+                                                    "0 unloads after, -1 keeps [default: the hive's].")]
 InventoryPath = Annotated[
     Path | None,
     typer.Option("--inventory", "-i", help="Inventory file [default: $RBEE_INVENTORY, ./inventory.toml, "

@@ -92,8 +92,9 @@ def narration(actor: str, action: str, message: str, **extra: Any) -> Event:
     return Event({"type": NARRATION, "actor": actor, "action": action, "message": message, **extra})
 
 
-def token(index: int, text: str) -> Event:
-    return Event({"type": TOKEN, "index": index, "text": text})
+def token(index: int, text: str, **extra: Any) -> Event:
+    """``extra``: ``logprobs``, the entries of the tokens this text came from, when asked for."""
+    return Event({"type": TOKEN, "index": index, "text": text, **extra})
 
 
 def embedding(index: int, vector: list[float]) -> Event:

@@ -79,6 +79,10 @@ class JobRequest(BaseModel):
     grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
     #: structured output: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
     response_format: dict[str, Any] | None = None
+    #: token id -> bias added to its logit (-100 bans it, 100 all but forces it), as OpenAI's
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(default=None, max_length=1024)
+    #: log-probabilities of each generated token, with this many likeliest alternatives (0-20)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     #: functions the model may call, in OpenAI's shape: shown to it through its chat template
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)

@@ -8,6 +8,7 @@ naming them, never ignored silently.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -111,9 +112,9 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1, le=8)
     logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     # llama.cpp's samplers, as llama-server and Ollama accept them beside OpenAI's fields
@@ -135,12 +136,33 @@ class SamplingFields(BaseModel):
         return value
 
     def refuse_unsupported(self) -> None:
-        if self.n not in (None, 1):
-            raise OpenAIError(400, "rbee generates one choice per request: n must be 1", param="n")
-        if self.logprobs or self.top_logprobs:
-            raise OpenAIError(400, "rbee does not return logprobs", param="logprobs")
-        if self.logit_bias:
-            raise OpenAIError(400, "rbee does not support logit_bias yet", param="logit_bias")
+        if (self.n or 1) > 1 and self.tools:
+            raise OpenAIError(400, "n > 1 with tools: ask for one choice per request", param="n")
+
+    def job_logprobs(self) -> int | None:
+        """Alternatives per token the job reports, or None for no logprobs (chat: ``logprobs``
+        true with ``top_logprobs``; the completions API: ``logprobs`` is the count)."""
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.logprobs is True:
+            return self.top_logprobs or 0
+        if self.logprobs is False or self.logprobs is None:
+            return None
+        if not 0 <= self.logprobs <= 20:
+            raise OpenAIError(400, "logprobs: 0 to 20 alternatives per token", param="logprobs")
+        return int(self.logprobs)
+
+    def job_logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            biases = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+        except ValueError as exc:
+            raise OpenAIError(400, "logit_bias: keys are token ids (\"1234\"), values -100 to 100",
+                              param="logit_bias") from exc
+        if any(not -100 <= bias <= 100 for bias in biases.values()):
+            raise OpenAIError(400, "logit_bias: values are -100 to 100", param="logit_bias")
+        return biases
 
     def job_fields(self, max_tokens: int | None) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -148,6 +170,7 @@ class SamplingFields(BaseModel):
             "max_tokens": max_tokens or self.max_tokens, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "top_k": self.top_k, "min_p": self.min_p,
             "repeat_penalty": self.repeat_penalty, "keep_alive": self.keep_alive,
+            "logprobs": self.job_logprobs(), "logit_bias": self.job_logit_bias(),
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
         }
         fields["response_format"] = self.structured()
@@ -367,25 +390,52 @@ async def _events(registry: JobRegistry, job: Job) -> AsyncGenerator[Event, None
 async def _respond(registry: JobRegistry, make_producer: Callable[[dict[str, Any]], Producer],
                    job_body: dict[str, Any], req: SamplingFields, *, chat: bool,
                    tools: ToolPlan | None = None) -> Response:
-    try:
-        producer = make_producer(job_body)  # validates the body: a 400 before any job exists
+    """One job per choice (``n`` of them run side by side in the worker's batch; a seed gives
+    choice i the seed + i), shaped into one OpenAI response."""
+    n = req.n or 1
+    try:  # validates the bodies: a 400 before any job exists
+        producers = [make_producer(_choice_body(job_body, i)) for i in range(n)]
     except RequestError as exc:
         raise OpenAIError(400, exc.message) from exc
-    job = registry.create(producer)
-    shape = Shape(job.id, req.model, chat, tools)
-    stream = _events(registry, job)
-    # Wait for the first token (or the failure) before answering, so errors get their status code.
+    jobs = [registry.create(producer) for producer in producers]
+    created = int(time.time())
+    shapes = [Shape(jobs[0].id, req.model, chat, tools, index=i, logprobs=job_body.get("logprobs") is not None,
+                    created=created) for i in range(n)]
+    streams: list[AsyncGenerator[Event, None]] = []
+    try:
+        for job in jobs:
+            streams.append(await _started(_events(registry, job)))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        for job in jobs[len(streams):]:
+            if not job.finished:
+                await registry.cancel(job.id, "another choice of the request failed")
+        raise
+    if not req.stream:
+        wholes = await asyncio.gather(*(_collect(shape, stream) for shape, stream in zip(shapes, streams, strict=True)))
+        return jsonify(_joined(wholes))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await sse_response(_frames(shapes, streams, include_usage))
+
+
+def _choice_body(job_body: dict[str, Any], index: int) -> dict[str, Any]:
+    if index and job_body.get("seed") is not None:
+        return {**job_body, "seed": (job_body["seed"] + index) % 2**31}
+    return job_body
+
+
+async def _started(stream: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """Wait for the first token (or the failure) before answering, so errors get their status code;
+    the stream from that event on."""
     async for first in stream:
         if first.type == events.ERROR:
             await stream.aclose()
             raise OpenAIError.from_event(first)
         if first.type in (events.TOKEN, events.END):
-            break
-    rest = _starting_with(first, stream)
-    if not req.stream:
-        return await _collect(shape, rest)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return await sse_response(_chunks(shape, rest, include_usage))
+            return _starting_with(first, stream)
+    await stream.aclose()
+    raise OpenAIError(502, "the job ended without an answer", kind="api_error")
 
 
 async def _starting_with(first: Event, stream: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
@@ -399,14 +449,18 @@ async def _starting_with(first: Event, stream: AsyncGenerator[Event, None]) -> A
 
 
 class Shape:
-    """OpenAI's JSON for one response."""
+    """OpenAI's JSON for one choice (``index``) of a response."""
 
-    def __init__(self, job_id: str, model: str, chat: bool, tools: ToolPlan | None = None) -> None:
+    def __init__(self, job_id: str, model: str, chat: bool, tools: ToolPlan | None = None, *, index: int = 0,
+                 logprobs: bool = False, created: int | None = None) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + job_id.removeprefix("job-")
         self.model = model
         self.chat = chat
         self.tools = tools
-        self.created = int(time.time())
+        self.index = index
+        self.logprobs = logprobs
+        self.offset = 0  # text offset of the next token, for the completions API's logprobs
+        self.created = int(time.time()) if created is None else created
 
     def calls(self, text: str, finish: str) -> list[dict[str, Any]] | None:
         """The answer's tool calls, or None for a text answer (or a forced call cut off by
@@ -420,6 +474,22 @@ class Shape:
                 return None
             raise
 
+    def scores(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` of a choice or chunk: chat's ``content`` list, or the completions
+        API's parallel lists."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for entry in entries:
+            offsets.append(self.offset)
+            self.offset += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
     def tool_chunk(self, calls: list[dict[str, Any]], first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
         delta["tool_calls"] = [{"index": number, **c} for number, c in enumerate(calls)]
@@ -430,32 +500,36 @@ class Shape:
 
     def _chunk_of(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish: str | None, first: bool = False,
+              scored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        logprobs = self.scores(scored) if scored or (self.logprobs and text) else None
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else (
                 {"content": text} if text is not None else {})
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {"index": self.index, "delta": delta, "finish_reason": finish,
+                                      "logprobs": logprobs}
             kind = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, finish: str, usage: dict[str, int],
+              scored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         calls = self.calls(text, finish)
         if calls:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": None,
-                                                              "tool_calls": calls},
+            choice: dict[str, Any] = {"index": self.index, "message": {"role": "assistant", "content": None,
+                                                                       "tool_calls": calls},
                                       "finish_reason": "tool_calls", "logprobs": None}
             kind = "chat.completion"
         elif self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish, "logprobs": None}
+            choice = {"index": self.index, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish, "logprobs": self.scores(scored)}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": self.index, "text": text, "finish_reason": finish, "logprobs": self.scores(scored)}
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage}
@@ -471,16 +545,30 @@ def usage_of(end: Event) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": int(end["tokens"]), "total_tokens": prompt + end["tokens"]}
 
 
+def joined_usage(usages: list[dict[str, int]]) -> dict[str, int]:
+    """The prompt once (every choice shares it), the completions of all choices."""
+    prompt = usages[0]["prompt_tokens"]
+    completion = sum(u["completion_tokens"] for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _joined(wholes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**wholes[0], "choices": [w["choices"][0] for w in wholes],
+            "usage": joined_usage([w["usage"] for w in wholes])}
+
+
 def finish_of(end: Event) -> str:
     reason = str(end["finish_reason"])
     return reason if reason in ("stop", "length") else "stop"
 
 
-async def _collect(shape: Shape, stream: AsyncGenerator[Event, None]) -> Response:
+async def _collect(shape: Shape, stream: AsyncGenerator[Event, None]) -> dict[str, Any]:
     text: list[str] = []
+    scored: list[dict[str, Any]] = []
     end: Event | None = None
     async with contextlib.aclosing(stream):
         async for event in stream:
+            scored += event.get("logprobs") or []
             if event.type == events.TOKEN:
                 text.append(event["text"])
             elif event.type == events.END:
@@ -488,49 +576,80 @@ async def _collect(shape: Shape, stream: AsyncGenerator[Event, None]) -> Respons
             elif event.type == events.ERROR:
                 raise OpenAIError.from_event(event)
     assert end is not None
-    return jsonify(shape.whole("".join(text), finish_of(end), usage_of(end)))
+    return shape.whole("".join(text), finish_of(end), usage_of(end), scored)
 
 
-async def _chunks(shape: Shape, stream: AsyncGenerator[Event, None], include_usage: bool) -> AsyncIterator[bytes]:
+async def _frames(shapes: list[Shape], streams: list[AsyncGenerator[Event, None]],
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """Every choice's chunks as they come, interleaved; then the usage of all, and [DONE]."""
     def frame(payload: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
+    usages: list[dict[str, int]] = []
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def pump(shape: Shape, stream: AsyncGenerator[Event, None]) -> None:
+        try:
+            async for payload in _chunks(shape, stream, usages):
+                await queue.put(payload)
+        finally:
+            await queue.put(None)
+
+    pumps = [asyncio.ensure_future(pump(shape, stream)) for shape, stream in zip(shapes, streams, strict=True)]
+    try:
+        running = len(pumps)
+        while running:
+            payload = await queue.get()
+            if payload is None:
+                running -= 1
+                continue
+            yield frame(payload)
+        for task in pumps:
+            task.result()  # a choice that broke raises here
+        if include_usage and len(usages) == len(shapes):
+            yield frame(shapes[0].usage_chunk(joined_usage(usages)))
+        yield events.DONE_FRAME
+    finally:
+        for task in pumps:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def _chunks(shape: Shape, stream: AsyncGenerator[Event, None],
+                  usages: list[dict[str, int]]) -> AsyncIterator[dict[str, Any]]:
+    """One choice's chunks; its usage is appended to ``usages`` at its end."""
     first = True
     tools = shape.tools
     held: list[str] = []  # a call whose name comes last (required among several, auto) is read whole
-    try:
-        async for event in stream:
-            if event.type == events.TOKEN and tools is not None:
-                if not tools.streams_arguments:
-                    held.append(event["text"])
-                    continue
-                if first:
-                    yield frame(shape.tool_chunk([call(tools.name or "", "")], first=True))
-                    first = False
-                yield frame(shape.arguments_chunk(event["text"]))
-            elif event.type == events.TOKEN:
-                yield frame(shape.chunk(event["text"], None, first=first))
+    async for event in stream:
+        if event.type == events.TOKEN and tools is not None:
+            if not tools.streams_arguments:
+                held.append(event["text"])
+                continue
+            if first:
+                yield shape.tool_chunk([call(tools.name or "", "")], first=True)
                 first = False
-            elif event.type == events.END:
-                finish = finish_of(event)
-                if tools is not None and tools.streams_arguments and not first:
-                    finish = "tool_calls" if finish == "stop" else finish
-                elif tools is not None:
-                    calls = shape.calls("".join(held), finish)
-                    if calls:
-                        yield frame(shape.tool_chunk(calls, first=True))
-                        finish = "tool_calls"
-                    else:
-                        yield frame(shape.chunk("".join(held), None, first=True))
-                    first = False
-                if first and shape.chat:
-                    yield frame(shape.chunk("", None, first=True))
-                yield frame(shape.chunk(None if shape.chat else "", finish))
-                if include_usage:
-                    yield frame(shape.usage_chunk(usage_of(event)))
-            elif event.type == events.ERROR:
-                yield frame(OpenAIError.from_event(event).body())
-        yield events.DONE_FRAME
-    finally:
-        await stream.aclose()
+            yield shape.arguments_chunk(event["text"])
+        elif event.type == events.TOKEN:
+            yield shape.chunk(event["text"], None, first=first, scored=event.get("logprobs"))
+            first = False
+        elif event.type == events.END:
+            finish = finish_of(event)
+            if tools is not None and tools.streams_arguments and not first:
+                finish = "tool_calls" if finish == "stop" else finish
+            elif tools is not None:
+                calls = shape.calls("".join(held), finish)
+                if calls:
+                    yield shape.tool_chunk(calls, first=True)
+                    finish = "tool_calls"
+                else:
+                    yield shape.chunk("".join(held), None, first=True)
+                first = False
+            if first and shape.chat:
+                yield shape.chunk("", None, first=True)
+            yield shape.chunk(None if shape.chat else "", finish, scored=event.get("logprobs"))
+            usages.append(usage_of(event))
+        elif event.type == events.ERROR:
+            yield OpenAIError.from_event(event).body()
 

@@ -46,14 +46,18 @@ def create_app(
         index = 0
         finish = "stop"
         prompt_tokens = None
+        scored: list[dict[str, Any]] = []  # logprobs of tokens whose text is not out yet (a split UTF-8 byte)
         async with contextlib.aclosing(runner.generate(request, job.narrate)) as pieces:
             async for piece in pieces:
+                scored += piece.logprobs or []
                 if piece.text:
-                    job.emit(events.token(index, piece.text))
+                    job.emit(events.token(index, piece.text, **({"logprobs": scored} if scored else {})))
+                    scored = []
                     index += 1
                 if piece.finish_reason is not None:
                     finish, prompt_tokens = piece.finish_reason, piece.prompt_tokens
-        job.emit(events.end(index, time.perf_counter() - started, finish, prompt_tokens=prompt_tokens))
+        job.emit(events.end(index, time.perf_counter() - started, finish, prompt_tokens=prompt_tokens,
+                            **({"logprobs": scored} if scored else {})))
 
     add_job_routes(app, registry, request_producer(generate))
 

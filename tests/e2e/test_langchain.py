@@ -27,7 +27,7 @@ async def test_with_structured_output_returns_the_model_every_time(queen_url: st
     from langchain_openai import ChatOpenAI
 
     chat = ChatOpenAI(model="gemma3-270m", base_url=f"{queen_url}/v1", api_key=owner_token(),  # type: ignore[arg-type]
-                      temperature=0.8, max_tokens=200, max_retries=0)  # type: ignore[call-arg]
+                      temperature=0.8, max_tokens=1000, max_retries=0)  # type: ignore[call-arg]
     structured = chat.with_structured_output(City, method=method)  # type: ignore[arg-type]
     answers = await asyncio.gather(*(structured.ainvoke("Describe Paris.") for _ in range(5)))
     assert all(isinstance(answer, City) for answer in answers), answers

@@ -96,8 +96,11 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize(
     "extra, param",
-    [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"temperature": 5}, "temperature"),
-     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 3.0}, "presence_penalty")],
+    [({"n": 9}, "n"), ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+     ({"logit_bias": {"the": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+     ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"temperature": 5}, "temperature"),
+     ({"max_tokens": 0}, "max_tokens"), ({"presence_penalty": 3.0}, "presence_penalty"),
+     ({"extra_body": {"keep_alive": "soon"}}, "keep_alive")],
 )
 def test_unsupported_or_invalid_parameters_are_400(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
@@ -187,6 +190,7 @@ async def test_models_lists_aliases_and_pulled_models_and_each_name_answers(
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.setenv("RBEE_MODELS_DIR", str(tmp_path / "models"))  # the pull must not reach other tests
         inventory = '[[hive]]\nname = "localhost"\n\n[aliases]\ncoder = "hf:acme/tiny-GGUF"\n'
         async with queen(rbee_env, inventory, tmp_path) as url:
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=owner_token(), max_retries=0, timeout=120)
@@ -203,3 +207,46 @@ async def test_models_lists_aliases_and_pulled_models_and_each_name_answers(
             assert f"localhost/{name}" in new, new
             again = await client.completions.create(model=name, prompt="hello", max_tokens=4, temperature=0)
             assert again.choices[0].text
+
+
+async def test_logprobs_in_openai_shape_for_n_choices_streamed_or_not(aclient: openai.AsyncOpenAI) -> None:
+    chat = await aclient.chat.completions.create(model="gemma3-270m", messages=CHAT, max_tokens=6, n=2, seed=3,
+                                                 logprobs=True, top_logprobs=3)
+    assert [choice.index for choice in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content != chat.choices[1].message.content  # seeds 3 and 4
+    assert chat.usage is not None and chat.usage.completion_tokens >= 2 * 3
+    for choice in chat.choices:
+        scored = choice.logprobs.content if choice.logprobs else None
+        assert scored and "".join(entry.token for entry in scored) == choice.message.content
+        for entry in scored:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 3 and bytes(entry.bytes or []).decode()
+            assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-9  # the likeliest comes first
+    legacy = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=4,
+                                              temperature=0, logprobs=2)
+    scores = legacy.choices[0].logprobs
+    assert scores is not None and "".join(scores.tokens or []) == legacy.choices[0].text
+    assert scores.text_offset == [sum(len(t) for t in (scores.tokens or [])[:i]) for i in range(4)]
+    streamed: dict[int, list[str]] = {0: [], 1: []}
+    stream = await aclient.chat.completions.create(model="gemma3-270m", messages=CHAT, max_tokens=5, n=2,
+                                                   logprobs=True, stream=True)
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                assert choice.logprobs is not None and choice.logprobs.content
+                streamed[choice.index] += [entry.token for entry in choice.logprobs.content]
+    assert all(streamed.values()), streamed
+
+
+async def test_logit_bias_bans_and_forces_tokens(aclient: openai.AsyncOpenAI, models_dir: Path) -> None:
+    from llama_cpp import Llama
+
+    plain = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=1, temperature=0)
+    first = plain.choices[0].text
+    vocab = Llama(model_path=str(next(models_dir.glob("gemma3-270m/*.gguf"))), vocab_only=True, verbose=False)
+    (token,) = vocab.tokenize(first.encode(), add_bos=False, special=False)
+    banned = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=1,
+                                              temperature=0, logit_bias={str(token): -100})
+    assert banned.choices[0].text != first
+    forced = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=4,
+                                              temperature=0.8, logit_bias={str(token): 100})
+    assert forced.choices[0].text == first * 4

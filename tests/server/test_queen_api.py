@@ -54,7 +54,7 @@ FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6) | JSON_VALUES)
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/jobs"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/jobs"])
 async def test_malformed_bodies_get_4xx_json(app: Any, path: str, body: Any) -> None:
     if isinstance(body, dict) and path != "/v1/jobs":
         body.pop("model", None)  # without a valid model every body is refused before any job starts

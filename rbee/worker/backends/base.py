@@ -23,6 +23,8 @@ class Piece:
     finish_reason: str | None = None
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
+    #: when the job asked for logprobs: the token sampled in this step, in OpenAI's shape
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class Backend(Protocol):

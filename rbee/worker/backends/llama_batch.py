@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,6 +169,16 @@ class BatchEngine(EngineQueue[Sequence]):
         def add(sampler: Any) -> None:
             ll.llama_sampler_chain_add(chain, sampler)
 
+        if request.logit_bias:
+            outside = [token for token in request.logit_bias if not 0 <= token < self.n_vocab]
+            if outside:
+                ll.llama_sampler_free(chain)
+                raise RequestError(f"logit_bias: token ids {outside[:5]} are outside this model's vocabulary "
+                                   f"(0 to {self.n_vocab - 1})")
+            biases = (ll.llama_logit_bias * len(request.logit_bias))(
+                *(ll.llama_logit_bias(token, -math.inf if bias <= -100 else bias)
+                  for token, bias in request.logit_bias.items()))
+            add(ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if request.grammar:
             grammar = ll.llama_sampler_init_grammar(self.vocab, request.grammar.encode(), b"root")
             if not grammar:
@@ -243,16 +254,40 @@ class BatchEngine(EngineQueue[Sequence]):
         seq.last = token
         seq.produced += 1
         self.tokens_generated += 1
-        size = ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        text, hit = seq.stops.feed(seq.text.decode(self._piece.raw[: max(size, 0)]))
+        raw = self._token_bytes(token)
+        text, hit = seq.stops.feed(seq.text.decode(raw))
+        scored = None if seq.request.logprobs is None else [self._logprobs(seq, token, raw)]
         if hit:
-            seq.emit(Piece(text))
+            seq.emit(Piece(text, logprobs=scored))
             self._end(seq, "stop")
         elif seq.produced >= seq.max_new:
-            seq.emit(Piece(text + seq.stops.flush()))
+            seq.emit(Piece(text + seq.stops.flush(), logprobs=scored))
             self._end(seq, "length")
         else:
-            seq.emit(Piece(text))
+            seq.emit(Piece(text, logprobs=scored))
+
+    def _token_bytes(self, token: int) -> bytes:
+        size = self.ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return bytes(self._piece.raw[: max(size, 0)])
+
+    def _logprobs(self, seq: Sequence, token: int, raw: bytes) -> dict[str, Any]:
+        """OpenAI's entry for a sampled token: its log-probability under the model's own
+        distribution (before temperature, penalties, bias and grammar) and the likeliest others."""
+        import numpy as np
+
+        row = self.ll.llama_get_logits_ith(self.ctx, seq.out_index)
+        logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,)).astype(np.float64)
+        top = float(logits.max())
+        normaliser = top + math.log(float(np.exp(logits - top).sum()))
+
+        def entry(tok: int, data: bytes) -> dict[str, Any]:
+            return {"token": data.decode(errors="replace"), "logprob": float(logits[tok]) - normaliser,
+                    "bytes": list(data)}
+
+        k = int(seq.request.logprobs or 0)
+        best: Any = np.argpartition(-logits, k)[:k] if k else []
+        ranked = sorted((int(t) for t in best), key=lambda t: -logits[t])
+        return {**entry(token, raw), "top_logprobs": [entry(t, self._token_bytes(t)) for t in ranked]}
 
     def _end(self, seq: Sequence, finish: str = "stop", error: BaseException | None = None, keep: bool = True) -> None:
         """Free the slot now; its cells stay as a prefix cache unless ``keep`` is false."""

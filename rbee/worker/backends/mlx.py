@@ -80,6 +80,9 @@ class MlxBackend:
     def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
                on_start: Callable[[int], None] | None = None) -> int:
         assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+        if request.logprobs is not None or request.logit_bias:
+            raise RequestError("MLX workers give no logprobs and take no logit_bias yet; use the model's GGUF form "
+                               "on llama.cpp for them")
         if request.grammar is not None or request.response_format is not None:
             raise RequestError("MLX workers cannot constrain their output (grammar, response_format); run the "
                                "model's GGUF form on llama.cpp (--backend llama-cpp) for that")
