@@ -63,6 +63,10 @@ def infer(
                                 ] = None,
     frequency_penalty: Annotated[float | None, typer.Option(help="-2 to 2: penalise tokens by their count.")
                                  ] = None,
+    logit_bias: Annotated[list[str] | None, typer.Option(help="TOKEN_ID=BIAS, -100 (ban) to 100 (repeatable).")
+                          ] = None,
+    logprobs: Annotated[int | None, typer.Option(help="Show each token's log-probability and this many likeliest "
+                                                      "alternatives (0-20) after the answer.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop sequence (repeatable).")] = None,
     backend: Annotated[str, typer.Option(help="Engine: auto, mlx or llama-cpp.")] = "auto",
     ctx: Annotated[int | None, typer.Option(help="Context length in tokens [default: the model's trained length, "
@@ -86,7 +90,8 @@ def infer(
         "backend": None if backend == "auto" else backend, "ctx": ctx, "gpu_layers": gpu_layers,
         "template": None if no_template else "auto", "top_k": top_k, "min_p": min_p,
         "repeat_penalty": repeat_penalty, "presence_penalty": presence_penalty,
-        "frequency_penalty": frequency_penalty, "keep_alive": keep_alive,
+        "frequency_penalty": frequency_penalty, "keep_alive": keep_alive, "logprobs": logprobs,
+        "logit_bias": _biases(logit_bias or []),
     }
     request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
     settings = _settings(url, inventory_path)
@@ -176,6 +181,18 @@ async def _chat(settings: Settings, fields: dict[str, Any], conversation: Conver
         err.print(f"[dim]{HELP}[/dim]")
         async with settings.client(queen.url, stall_timeout=None) as client:
             return await chat(client, fields, conversation, printer, err)
+
+
+def _biases(pairs: list[str]) -> dict[str, float] | None:
+    biases = {}
+    for pair in pairs:
+        token, _, bias = pair.partition("=")
+        try:
+            biases[str(int(token))] = float(bias)
+        except ValueError:
+            raise typer.BadParameter(f"{pair!r}: give TOKEN_ID=BIAS, e.g. 1234=-100", param_hint="--logit-bias"
+                                     ) from None
+    return biases or None
 
 
 def _settings(url: str | None, inventory_path: Path | None) -> Settings:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
 from rbee.link import events
 from rbee.link.events import Event
@@ -48,9 +49,11 @@ class JobPrinter:
         self._task: TaskID | None = None
         self.text_written = False
         self.ended: Event | None = None
+        self.scored: list[dict[str, Any]] = []  # logprobs of the answer's tokens, when the job asked
 
     def show(self, event: Event) -> None:
         kind = event.type
+        self.scored += event.get("logprobs") or []
         if kind == events.TOKEN:
             self.out.write(event["text"] if self.raw else printable(event["text"]))
             self.out.flush()
@@ -66,6 +69,7 @@ class JobPrinter:
             self.ended = event
             self._newline_after_text()
             if kind == events.END:
+                self._scores()
                 self._summary(event)
             else:
                 self.err.print(
@@ -107,6 +111,16 @@ class JobPrinter:
             f"[green]done[/]: {event['tokens']} tokens in {event['duration_ms'] / 1000:.2f} s "
             f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={escape(event['finish_reason'])}{prompt})"
         )
+
+    def _scores(self) -> None:
+        """Each token's log-probability and the likeliest alternatives (``rbee infer --logprobs N``)."""
+        if not self.scored:
+            return
+        table = Table("token", "logprob", "likeliest instead", box=None, title="logprobs")
+        for entry in self.scored:
+            others = ", ".join(f"{printable(repr(alt['token']))} {alt['logprob']:.2f}" for alt in entry["top_logprobs"])
+            table.add_row(escape(printable(repr(entry["token"]))), f"{entry['logprob']:.3f}", escape(others))
+        self.err.print(table)
 
     def show_cancelled(self) -> None:
         self._finish_download()

@@ -522,7 +522,8 @@ class Shape:
         if calls:
             choice: dict[str, Any] = {"index": self.index, "message": {"role": "assistant", "content": None,
                                                                        "tool_calls": calls},
-                                      "finish_reason": "tool_calls", "logprobs": None}
+                                      "finish_reason": "tool_calls" if finish == "stop" else finish,
+                                      "logprobs": None}
             kind = "chat.completion"
         elif self.chat:
             choice = {"index": self.index, "message": {"role": "assistant", "content": text},

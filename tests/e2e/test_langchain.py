@@ -5,7 +5,7 @@ built-in base model at temperature 0.8."""
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -19,7 +19,8 @@ class City(BaseModel):
     name: str = Field(max_length=30)
     country: str = Field(max_length=30)
     size: Literal["small", "medium", "large"]
-    districts: list[str] = Field(max_length=3)
+    # every string bounded: a grammar cannot make a base model end an unbounded one before max_tokens
+    districts: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])

@@ -123,3 +123,10 @@ async def test_an_image_part_is_a_400_that_says_what_it_needs(aclient: openai.As
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert "messages[0].content[1]" in caught.value.message and "vision model" in caught.value.message
+
+
+async def test_a_call_cut_by_max_tokens_says_length(aclient: openai.AsyncOpenAI) -> None:
+    response = await aclient.chat.completions.create(
+        model="gemma3-270m", messages=ASK, max_tokens=3, tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "nested"}})
+    assert response.choices[0].finish_reason == "length"  # the arguments are not whole: do not run them

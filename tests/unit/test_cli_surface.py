@@ -10,7 +10,8 @@ from rbee.keeper.cli import app
 
 EXPECTED = {
     "rbee infer": ["prompt", "--model", "--node", "--max-tokens", "--temperature", "--top-p", "--seed", "--top-k",
-                   "--min-p", "--repeat-penalty", "--presence-penalty", "--frequency-penalty", "--stop",
+                   "--min-p", "--repeat-penalty", "--presence-penalty", "--frequency-penalty", "--logit-bias",
+                   "--logprobs", "--stop",
                    "--backend", "--ctx", "--gpu-layers", "--quiet", "--raw", "--no-template", "--keep-alive",
                    "--queen-url", "--inventory"],
     "rbee chat": ["--model", "--node", "--system", "--max-tokens", "--temperature", "--seed", "--verbose", "--raw",

@@ -28,3 +28,17 @@ def test_a_terminal_gets_escaped_tokens_a_pipe_or_raw_gets_them_as_they_are() ->
     for out, raw, expect in cases:
         JobPrinter(out=out, raw=raw, quiet=True).show(events.token(0, HOSTILE))
         assert out.getvalue() == expect
+
+
+def test_logprobs_are_shown_after_the_answer_with_the_alternatives() -> None:
+    from rich.console import Console
+
+    err = io.StringIO()
+    printer = JobPrinter(out=io.StringIO(), err=Console(file=err, width=120), quiet=True)
+    entry = {"token": " blue", "logprob": -1.913, "bytes": [32, 98, 108, 117, 101],
+             "top_logprobs": [{"token": " the", "logprob": -0.81, "bytes": []}]}
+    printer.show(events.token(0, " blue", logprobs=[entry]))
+    printer.show(events.end(1, 0.1, "length", prompt_tokens=4, logprobs=[{**entry, "token": "\x1b[2J"}]))
+    shown = err.getvalue()
+    assert "' blue'" in shown and "-1.913" in shown and "' the' -0.81" in shown
+    assert "\x1b[2J" not in shown  # a token is shown escaped there too
