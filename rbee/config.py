@@ -25,6 +25,8 @@ DEFAULT_MODEL = "gemma3-270m"
 LOCAL_NODE = "localhost"
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_QUEUE = 64
+#: tokens an embedding worker takes per input (its context): inputs are embedded whole, never cut
+EMBED_MAX_CTX = 8192
 
 
 def rbee_home(env: Mapping[str, str] = os.environ) -> Path:

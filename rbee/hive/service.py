@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rbee import __version__
-from rbee.config import DEFAULT_QUEUE, HiveConfig
+from rbee.config import DEFAULT_QUEUE, EMBED_MAX_CTX, HiveConfig
 from rbee.errors import LinkError, RequestError, StallError, WorkerDiedError, WorkerStalledError
 from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
@@ -137,6 +137,9 @@ class Hive:
                 raise RequestError(f"embeddings run on llama.cpp with a GGUF model; {entry.name} is served by "
                                    f"{backend} here. Name a GGUF model (or its logical model's gguf form)")
             backend = "llama-cpp-embed"
+            # its context is one input's room, so admission reserves that, not the trained length
+            trained = entry.info.context_length or EMBED_MAX_CTX
+            request = request.model_copy(update={"ctx": min(request.ctx or trained, EMBED_MAX_CTX)})
         body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
                                   gpu_split=None, parallel=None, queue=None, keep_alive=None)
         if request.gpu_layers is not None:

@@ -13,14 +13,12 @@ from collections.abc import Sequence as Floats
 from pathlib import Path
 from typing import Any
 
+from rbee.config import EMBED_MAX_CTX
 from rbee.errors import ModelLoadError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
 from rbee.worker.backends.engine_report import parse_load_log
 from rbee.worker.backends.llama_cpp import captured_llama_log
-
-#: tokens one input may have: inputs are embedded whole (one micro-batch each), never cut
-MAX_INPUT_TOKENS = 8192
 
 
 class LlamaEmbedBackend:
@@ -28,7 +26,7 @@ class LlamaEmbedBackend:
 
     def __init__(self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
                  slots: int = 0, queue_limit: int = 0) -> None:
-        self.n_ctx = min(n_ctx, MAX_INPUT_TOKENS)
+        self.n_ctx = min(n_ctx, EMBED_MAX_CTX)
         self.threads = threads or os.cpu_count() or 1
         self.gpu_layers = gpu_layers
         self.tensor_split = list(tensor_split) or None
