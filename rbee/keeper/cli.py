@@ -33,6 +33,8 @@ from rbee.keeper.fleet_cli import fleet_app
 from rbee.keeper.models_cli import models_app, workers_app
 from rbee.keeper.render import JobPrinter
 from rbee.keeper.session import start_persistent, stop_persistent
+from rbee.link import events
+from rbee.link.events import Event
 from rbee.link.schemas import parse_job_request
 
 app = typer.Typer(
@@ -96,7 +98,7 @@ def infer(
     request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
     settings = _settings(url, inventory_path)
     printer = JobPrinter(quiet=quiet, raw=raw)
-    run(_infer(settings, request.downstream(), printer))
+    run(_run_job(settings, request.downstream(), printer))
     if not printer.succeeded:
         raise typer.Exit(1)
 
@@ -117,7 +119,14 @@ def embed(
     request = run_sync(parse_job_request, {key: value for key, value in fields.items() if value is not None})
     settings = _settings(url, inventory_path)
     printer = JobPrinter(quiet=quiet, expect_tokens=False)
-    vectors = run(_embed(settings, request.downstream(), printer))
+    found: dict[int, list[float]] = {}
+
+    def keep(event: Event) -> None:
+        if event.type == events.EMBEDDING:
+            found[int(event["index"])] = event["embedding"]
+
+    run(_run_job(settings, request.downstream(), printer, keep))
+    vectors = [found[index] for index in sorted(found)]
     if not printer.succeeded:
         raise typer.Exit(1)
     if as_json:
@@ -128,16 +137,6 @@ def embed(
     for index, vector in enumerate(vectors):
         typer.echo(f"{index}: {len(vector)} dimensions, norm {math.sqrt(sum(v * v for v in vector)):.4f}, "
                    f"[{', '.join(f'{v:.4f}' for v in vector[:4])}, …]")
-
-
-async def _embed(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> list[list[float]]:
-    vectors: dict[int, list[float]] = {}
-    async with settings.session() as queen, settings.client(queen.url, stall_timeout=None) as client:
-        async for event in client.run(body):
-            if event.type == "embedding":
-                vectors[int(event["index"])] = event["embedding"]
-            printer.show(event)
-    return [vectors[index] for index in sorted(vectors)]
 
 
 @app.command("chat")
@@ -202,12 +201,16 @@ def _settings(url: str | None, inventory_path: Path | None) -> Settings:
     return settings
 
 
-async def _infer(settings: Settings, body: dict[str, Any], printer: JobPrinter) -> None:
+async def _run_job(settings: Settings, body: dict[str, Any], printer: JobPrinter,
+                   on_event: Callable[[Event], None] | None = None) -> None:
+    """One job through the queen (an ephemeral one if none runs), shown as it streams."""
     async with settings.session() as queen:
         if queen.child is not None and not printer.quiet:
             err.print(f"[dim]keeper[/dim] started an ephemeral queen at {queen.url}")
         async with settings.client(queen.url, stall_timeout=None) as client:
             async for event in client.run(body):
+                if on_event is not None:
+                    on_event(event)
                 printer.show(event)
 
 

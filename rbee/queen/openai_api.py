@@ -498,9 +498,10 @@ class Shape:
     def arguments_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk_of({"tool_calls": [{"index": 0, "function": {"arguments": text}}]}, None)
 
-    def _chunk_of(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def _chunk_of(self, delta: dict[str, Any], finish: str | None,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
     def chunk(self, text: str | None, finish: str | None, first: bool = False,
               scored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -508,13 +509,10 @@ class Shape:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else (
                 {"content": text} if text is not None else {})
-            choice: dict[str, Any] = {"index": self.index, "delta": delta, "finish_reason": finish,
-                                      "logprobs": logprobs}
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-            kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+            return self._chunk_of(delta, finish, logprobs)
+        choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [choice]}
 
     def whole(self, text: str, finish: str, usage: dict[str, int],
               scored: list[dict[str, Any]] | None = None) -> dict[str, Any]:

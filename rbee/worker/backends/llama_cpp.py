@@ -49,6 +49,23 @@ def captured_llama_log(sink: list[str]) -> Iterator[None]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+def load_failure(path: Path, exc: BaseException, log: list[str]) -> ModelLoadError:
+    """Why llama.cpp would not load ``path``, with its own error lines and what to do."""
+    errors = " ".join(line.strip() for line in log if "error" in line.lower())[-500:]
+    return ModelLoadError(
+        f"llama.cpp could not load {path}: {exc}{f' ({errors})' if errors else ''}. The file is corrupt, "
+        "truncated or not a GGUF model (remove it and provision it again), or it does not fit the "
+        "memory it was placed in"
+    )
+
+
+def engine_report(llama_cpp: Any, model: Any, log: str, n_ctx: int) -> dict[str, Any]:
+    """Where the model went (device, layers, bytes), from llama.cpp's load log."""
+    layers = int(llama_cpp.llama_model_n_layer(model)) + 1  # + the output layer, as llama.cpp counts
+    return parse_load_log(log, layers_total=layers, n_ctx=n_ctx,
+                          gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload())).as_dict()
+
+
 def default_slots(n_ctx: int) -> int:
     """Sequences one worker decodes together when the inventory does not say (`parallel`): up to 8,
     with at least 1024 tokens of the shared context per sequence."""
@@ -95,18 +112,9 @@ class LlamaCppBackend:
                 self.engine = BatchEngine(llama_cpp, self._llm.model, n_ctx=self.n_ctx, slots=self.slots,
                                           threads=self.threads, queue_limit=self.queue_limit)
         except (ValueError, RuntimeError, OSError, RbeeError) as exc:
-            errors = " ".join(line.strip() for line in [*log, *engine_log] if "error" in line.lower())[-500:]
-            raise ModelLoadError(
-                f"llama.cpp could not load {path}: {exc}{f' ({errors})' if errors else ''}. The file is corrupt, "
-                "truncated or not a GGUF model (remove it and provision it again), or it does not fit the "
-                "memory it was placed in"
-            ) from exc
-        layers = int(llama_cpp.llama_model_n_layer(self._llm.model)) + 1  # + the output layer, as llama.cpp counts
+            raise load_failure(path, exc, [*log, *engine_log]) from exc
         model_lines = [line for line in "".join(log).splitlines(keepends=True) if "KV buffer size" not in line]
-        self.report = parse_load_log(
-            "".join([*model_lines, *engine_log]), layers_total=layers, n_ctx=self.engine.n_ctx,
-            gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
-        ).as_dict()
+        self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]), self.engine.n_ctx)
         self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
         eos = self._llm.token_eos()
         if eos >= 0:

@@ -17,8 +17,7 @@ from rbee.config import EMBED_MAX_CTX
 from rbee.errors import ModelLoadError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
-from rbee.worker.backends.engine_report import parse_load_log
-from rbee.worker.backends.llama_cpp import captured_llama_log
+from rbee.worker.backends.llama_cpp import captured_llama_log, engine_report, load_failure
 
 
 class LlamaEmbedBackend:
@@ -51,10 +50,8 @@ class LlamaEmbedBackend:
                     self._llm = self._open(llama_cpp, path, llama_cpp.LLAMA_POOLING_TYPE_MEAN)
                     self.pooling = "mean (the model defines none)"
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load {path} for embeddings: {exc}") from exc
-        layers = int(llama_cpp.llama_model_n_layer(self._llm.model)) + 1
-        self.report = parse_load_log("".join(log), layers_total=layers, n_ctx=self.n_ctx,
-                                     gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload())).as_dict()
+            raise load_failure(path, exc, log) from exc
+        self.report = engine_report(llama_cpp, self._llm.model, "".join(log), self.n_ctx)
         self.report["pooling"] = self.pooling
         self.report["dimensions"] = int(self._llm.n_embd())
         self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
