@@ -1,13 +1,16 @@
 """``python -m tests.stand_in_worker``: a worker process without an engine, for the hive's
 leak test. It takes the real worker's flags and answers /ready with a real WorkerReport, in
-milliseconds, so a hive can start and lose hundreds of workers in a test."""
+milliseconds, so a hive can start and lose hundreds of workers in a test. With
+``STAND_IN_LOAD_S`` set it answers 503 for that many seconds first, like a worker loading."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
+import time
 
 from rbee.config import WorkerConfig, from_args
 
@@ -18,10 +21,13 @@ async def main(config: WorkerConfig) -> None:
     body = json.dumps({"worker_id": config.worker_id, "state": "ready", "model_path": str(config.model_path),
                        "backend": config.backend, "n_ctx": config.n_ctx}).encode()
 
+    loaded_at = time.monotonic() + float(os.environ.get("STAND_IN_LOAD_S", "0"))
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        status = b"200 OK" if time.monotonic() >= loaded_at else b"503 Service Unavailable"
+        writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
         await writer.drain()
         writer.close()
 

@@ -187,16 +187,19 @@ class Supervisor:
         async with self._spawning.setdefault(spec, asyncio.Lock()):
             record = self.find(spec)
             if record is not None and record.active_jobs >= record.slots:
-                record = await self._scale_out(spec, record, narrate, size, reason)
+                fresh = await self._scale_out(spec, record, narrate, size, reason)
+                if fresh is not None:
+                    return fresh
             elif record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
             if record is None:
-                record = await self._spawn(spec, narrate, await self.admit(spec, narrate, size), reason)
+                return await self._spawn(spec, narrate, await self.admit(spec, narrate, size), reason)
             record.active_jobs += 1
             return record
 
     async def _scale_out(self, spec: WorkerSpec, busy: WorkerRecord, narrate: Narrate, size: Callable[[], Sized],
-                         reason: str) -> WorkerRecord:
+                         reason: str) -> WorkerRecord | None:
+        """A second worker for ``spec``, or None: the job waits in ``busy``'s queue."""
         live = sum(1 for r in self.peers if r.spec == spec and r.live)
         try:
             sized = size()
@@ -204,7 +207,7 @@ class Supervisor:
             sized = None
         if sized is None or not scale_out(sized.placement.kind, live):
             narrate("reuse", f"every slot of {busy.actor} is busy: the job waits in its queue")
-            return busy
+            return None
         narrate("scale", f"every slot of {busy.actor} is busy and {sized.placement.device} has room: starting "
                          f"worker {live + 1} for {spec.model_path.name}")
         return await self._spawn(spec, narrate, sized, reason)
@@ -240,6 +243,9 @@ class Supervisor:
         )
         record = self.peers.add(WorkerRecord(worker_id, spec, child, sized, engine_reason=reason))
         record.secret = secret
+        # the job it starts for counts from now: a heartbeat may mark it up before wait_ready
+        # returns, and a load slower than the keep-alive must not make it look idle
+        record.active_jobs = 1
         self._watch(record)
         started = time.monotonic()
         try:

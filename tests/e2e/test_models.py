@@ -95,7 +95,8 @@ def short_idle(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Non
 
 async def test_idle_workers_are_stopped(short_idle: None, queen_url: str) -> None:
     async with LinkClient(queen_url, "queen", token=owner_token()) as client:
-        await warm_up(client)
+        events = await warm_up(client)
+    assert events[-1].type == "end", events[-1]  # a load slower than the 1 s keep-alive once got it stopped
     pid = (await eventually(lambda: workers(queen_url)))[0]["pid"]  # the queen sees it with the next heartbeat
 
     async def stopped() -> bool:
