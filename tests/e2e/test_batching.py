@@ -18,7 +18,9 @@ from rbee.link.client import LinkClient
 from rbee.link.events import Event
 from tests.helpers import eventually, owner_headers, owner_token, queen
 
-PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because"]
+#: Counting and code leave the model few near-ties, so some streams match their solo text exactly
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The sky is blue because",
+           "1, 2, 3, 4, 5, 6,", "for i in range(10):"]
 #: The largest gap between the best two logits of a solo run at which a concurrent greedy
 #: stream may pick the other one: llama.cpp's batched kernels move logits by up to ~0.25
 #: (measured on this model), so a stream may part from its solo text only at such a near-tie.

@@ -250,3 +250,16 @@ async def test_logit_bias_bans_and_forces_tokens(aclient: openai.AsyncOpenAI, mo
     forced = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=4,
                                               temperature=0.8, logit_bias={str(token): 100})
     assert forced.choices[0].text == first * 4
+
+
+async def test_image_markers_are_never_sampled_even_when_forced(aclient: openai.AsyncOpenAI, models_dir: Path) -> None:
+    """The default model writes runs of <start_of_image> into its text; rbee serves text, so the
+    worker bans the markers, over a request's own bias too."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(next(models_dir.glob("gemma3-270m/*.gguf"))), vocab_only=True, verbose=False)
+    (marker,) = vocab.tokenize(b"<start_of_image>", add_bos=False, special=True)
+    (word,) = vocab.tokenize(b" blue", add_bos=False, special=False)
+    answer = await aclient.completions.create(model="gemma3-270m", prompt="The sky is", max_tokens=4,
+                                              temperature=0.8, logit_bias={str(marker): 100, str(word): 50})
+    assert answer.choices[0].text == " blue" * 4  # the next favourite, where the marker was forced

@@ -30,6 +30,15 @@ from rbee.worker.stops import StopMatcher
 PREFILL_CHUNK = 256
 PENALTY_LAST_N = 64
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: a random seed
+#: special tokens that only mark where an image goes (Gemma 3, Qwen-VL, Llama 4, Pixtral). rbee
+#: serves text, so they are never sampled: a base model such as the default one otherwise writes
+#: runs of ``<start_of_image>`` into its text (decision 64)
+IMAGE_MARKERS = (
+    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|image_start|>", "<|image_end|>", "<|image|>",
+    "[IMG]", "[IMG_BREAK]", "[IMG_END]",
+)
 
 
 Emit = Callable[[object], None]
@@ -70,6 +79,7 @@ class BatchEngine(EngineQueue[Sequence]):
         self.ll = llama_cpp
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.banned = special_tokens(llama_cpp, self.vocab, IMAGE_MARKERS)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = max(PREFILL_CHUNK + slots, 512)
@@ -169,15 +179,15 @@ class BatchEngine(EngineQueue[Sequence]):
         def add(sampler: Any) -> None:
             ll.llama_sampler_chain_add(chain, sampler)
 
-        if request.logit_bias:
-            outside = [token for token in request.logit_bias if not 0 <= token < self.n_vocab]
-            if outside:
-                ll.llama_sampler_free(chain)
-                raise RequestError(f"logit_bias: token ids {outside[:5]} are outside this model's vocabulary "
-                                   f"(0 to {self.n_vocab - 1})")
-            biases = (ll.llama_logit_bias * len(request.logit_bias))(
-                *(ll.llama_logit_bias(token, -math.inf if bias <= -100 else bias)
-                  for token, bias in request.logit_bias.items()))
+        outside = [token for token in request.logit_bias or {} if not 0 <= token < self.n_vocab]
+        if outside:
+            ll.llama_sampler_free(chain)
+            raise RequestError(f"logit_bias: token ids {outside[:5]} are outside this model's vocabulary "
+                               f"(0 to {self.n_vocab - 1})")
+        bias = {**(request.logit_bias or {}), **dict.fromkeys(self.banned, -100.0)}
+        if bias:
+            biases = (ll.llama_logit_bias * len(bias))(
+                *(ll.llama_logit_bias(token, -math.inf if value <= -100 else value) for token, value in bias.items()))
             add(ll.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if request.grammar:
             grammar = ll.llama_sampler_init_grammar(self.vocab, request.grammar.encode(), b"root")
@@ -303,3 +313,17 @@ class BatchEngine(EngineQueue[Sequence]):
             seq.emit(error)
         else:
             seq.emit(Piece("", finish, seq.produced, len(seq.prompt)))
+
+
+def special_tokens(llama_cpp: Any, vocab: Any, texts: tuple[str, ...]) -> list[int]:
+    """The ids of those of ``texts`` that are one special (control or user-defined) token in ``vocab``."""
+    found = []
+    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    ids = (llama_cpp.llama_token * 4)()
+    for text in texts:
+        data = text.encode()
+        if llama_cpp.llama_tokenize(vocab, data, len(data), ids, len(ids), False, True) != 1:
+            continue
+        if llama_cpp.llama_vocab_get_attr(vocab, ids[0]) & special:
+            found.append(int(ids[0]))
+    return found
