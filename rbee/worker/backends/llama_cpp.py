@@ -72,7 +72,35 @@ def default_slots(n_ctx: int) -> int:
     return max(1, min(8, n_ctx // 1024))
 
 
-class LlamaCppBackend:
+class LlamaModel:
+    """What both llama.cpp backends (generating, embedding) share: the hive's context, threads and
+    layer placement, the high-level ``Llama`` they load, and its metadata. No ``submit`` here: the
+    runner takes a backend with one for a batching engine."""
+
+    def __init__(self, *, n_ctx: int, threads: int, gpu_layers: int, tensor_split: Floats[float]) -> None:
+        self.n_ctx = n_ctx
+        self.threads = threads or os.cpu_count() or 1
+        self.gpu_layers = gpu_layers
+        self.tensor_split = list(tensor_split) or None
+        self._llm: Any = None
+        self.metadata: dict[str, str] = {}
+        self.report: dict[str, Any] = {}
+
+    @staticmethod
+    def require_file(path: Path) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+
+    def read_metadata(self) -> None:
+        self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+
+class LlamaCppBackend(LlamaModel):
     """Loads the model with llama-cpp-python (weights, tokenizer, metadata) and serves it with
     a :class:`BatchEngine`: continuous batching over ``slots`` sequences on the low-level API."""
 
@@ -82,22 +110,15 @@ class LlamaCppBackend:
         self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
         slots: int = 0, queue_limit: int = 32,
     ) -> None:
-        self.n_ctx = n_ctx
-        self.threads = threads or os.cpu_count() or 1
-        self.gpu_layers = gpu_layers
-        self.tensor_split = list(tensor_split) or None
+        super().__init__(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, tensor_split=tensor_split)
         self.slots = slots or default_slots(n_ctx)
         self.queue_limit = queue_limit
-        self._llm: Any = None
         self.engine: BatchEngine | None = None
-        self.metadata: dict[str, str] = {}
-        self.report: dict[str, Any] = {}
 
     def load(self, path: Path) -> None:
         import llama_cpp  # lazy: importing it loads the native library
 
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
+        self.require_file(path)
         log: list[str] = []
         engine_log: list[str] = []
         try:
@@ -115,7 +136,7 @@ class LlamaCppBackend:
             raise load_failure(path, exc, [*log, *engine_log]) from exc
         model_lines = [line for line in "".join(log).splitlines(keepends=True) if "KV buffer size" not in line]
         self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]), self.engine.n_ctx)
-        self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
+        self.read_metadata()
         eos = self._llm.token_eos()
         if eos >= 0:
             self.metadata["rbee.eos_text"] = self._llm.detokenize([eos], special=True).decode(errors="replace")
@@ -145,6 +166,4 @@ class LlamaCppBackend:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        super().close()

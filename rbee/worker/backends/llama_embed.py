@@ -7,38 +7,31 @@ are L2-normalised, as OpenAI's are. One request at a time, on the runner's threa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Floats
 from pathlib import Path
 from typing import Any
 
 from rbee.config import EMBED_MAX_CTX
-from rbee.errors import ModelLoadError, RequestError
+from rbee.errors import RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
-from rbee.worker.backends.llama_cpp import captured_llama_log, engine_report, load_failure
+from rbee.worker.backends.llama_cpp import LlamaModel, captured_llama_log, engine_report, load_failure
 
 
-class LlamaEmbedBackend:
+class LlamaEmbedBackend(LlamaModel):
     name = "llama-cpp-embed"
 
     def __init__(self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
                  slots: int = 0, queue_limit: int = 0) -> None:
-        self.n_ctx = min(n_ctx, EMBED_MAX_CTX)
-        self.threads = threads or os.cpu_count() or 1
-        self.gpu_layers = gpu_layers
-        self.tensor_split = list(tensor_split) or None
-        self._llm: Any = None
+        super().__init__(n_ctx=min(n_ctx, EMBED_MAX_CTX), threads=threads, gpu_layers=gpu_layers,
+                         tensor_split=tensor_split)
         self.pooling = ""
-        self.metadata: dict[str, str] = {}
-        self.report: dict[str, Any] = {}
 
     def load(self, path: Path) -> None:
         import llama_cpp
 
-        if not path.is_file():
-            raise ModelLoadError(f"model file not found: {path}")
+        self.require_file(path)
         log: list[str] = []
         try:
             with captured_llama_log(log):
@@ -54,7 +47,7 @@ class LlamaEmbedBackend:
         self.report = engine_report(llama_cpp, self._llm.model, "".join(log), self.n_ctx)
         self.report["pooling"] = self.pooling
         self.report["dimensions"] = int(self._llm.n_embd())
-        self.metadata = {str(k): str(v) for k, v in self._llm.metadata.items()}
+        self.read_metadata()
 
     def _open(self, llama_cpp: Any, path: Path, pooling: int) -> Any:
         return llama_cpp.Llama(model_path=str(path), embedding=True, pooling_type=pooling, n_ctx=self.n_ctx,
@@ -75,8 +68,3 @@ class LlamaEmbedBackend:
 
     def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
         raise RequestError("this worker is loaded for embeddings: send `input`, not a prompt")
-
-    def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
