@@ -8,8 +8,9 @@ Systems (same model — the built-in default —, prompts, temperature 0, seed, 
   rbee chain          keeper → queen → hive → worker through the dual-call link
   queen OpenAI API    /v1/completions on the queen (the same chain underneath)
   rbee over SSH       the hive on a loopback sshd host, reached through the SSH tunnel
-Plus concurrency (1/2/4/8 streams at once to rbee's batching worker and to llama_cpp.server) and
-`fleet up` timings.
+Plus concurrency (1/2/4/8 streams at once to rbee's batching worker and to llama_cpp.server),
+`fleet up` timings, and the portable llama.cpp build rbee installs against a native one on this
+CPU (bench/cpu_builds.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import gpu, link_chain, systems
+from bench import cpu_builds, gpu, link_chain, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,6 +175,19 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
             lines.append(f"| {row['system']} | {row['streams']} | {row['aggregate_tps']:.1f} | "
                          f"{row['aggregate_tps'] / one['aggregate_tps']:.2f} | {row['ttft_p50_ms']:.0f} | "
                          f"{row['ttft_p95_ms']:.0f} |")
+    builds = extras.get("cpu builds")
+    if isinstance(builds, dict) and "portable / native" in builds:
+        lines += ["", "## CPU builds: the portable engine rbee installs against a native build, on this CPU", "",
+                  f"Same llama-cpp-python version, same prompts, greedy, {builds['max_tokens']} tokens, "
+                  f"{builds['rounds']} rounds taking turns (bench/cpu_builds.py). Portable loads llama.cpp's "
+                  f"`{builds['portable_variant']}` CPU variant here; native is `-march=native` "
+                  "(GGML_NATIVE=ON, one CPU backend).", "",
+                  "| prompt | portable decode tok/s | native decode tok/s | portable ÷ native |", "|---|---|---|---|"]
+        for prompt in PROMPTS:
+            mine, theirs = builds[f"portable {prompt} decode tok/s"], builds[f"native {prompt} decode tok/s"]
+            lines.append(f"| {prompt} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.3f} |")
+        lines.append(f"| all (median) | {builds['portable decode tok/s']:.1f} | {builds['native decode tok/s']:.1f} "
+                     f"| {builds['portable / native']:.3f} |")
     for section, title in (("link", "The link alone, no engine: fake worker → relay (as a hive runs it) → client"),
                            ("models", "Models: first vs warm infer; download through the provisioner"),
                            ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker")):
@@ -185,7 +199,7 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         lines += [f"- {key}: {value:.2f}" for key, value in extras["fleet"].items()]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet", "models", "mlx", "link"):
+        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"
@@ -213,6 +227,10 @@ def targets(samples: list[Sample], extras: dict[str, Any]) -> list[tuple[str, st
     if base and chain:
         ratio = median([s.decode_tps for s in chain]) / median([s.decode_tps for s in base])
         rows.append(("one stream: chain decode ≥ 0.95 of in-process", f"{ratio:.3f}", ratio >= 0.95))
+    builds = extras.get("cpu builds") if isinstance(extras.get("cpu builds"), dict) else {}
+    if "portable / native" in builds:
+        ratio = builds["portable / native"]
+        rows.append(("portable build decodes within 5 % of a native build", f"{ratio:.3f}", ratio >= 0.95))
     fleet = extras.get("fleet") if isinstance(extras.get("fleet"), dict) else {}
     one = fleet.get("fleet up, 1 host(s), from clean (s)")
     for count in (2, 4):
@@ -296,7 +314,11 @@ def main(argv: list[str]) -> int:
         return 0
     model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
+        say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+        say("0/5 CPU builds: the portable llama.cpp rbee installs against a native build, on this CPU")
+        builds = cpu_builds.compare(model, PROMPTS, args.max_tokens, args.runs, Path(tmp), say)
         samples, extras = asyncio.run(collect(args, model, Path(tmp)))
+        extras["cpu builds"] = builds
         try:
             extras["mlx"] = systems.mlx_speeds(Path(tmp), args.max_tokens, args.runs)
         except ImportError as exc:

@@ -38,7 +38,8 @@ across every hop.
     ├── UnauthorizedError                  unauthorized           401  no or wrong bearer token
     └── StartupError                       startup_failed         503  a role (queen, hive, worker) failed to start
         ├── NodeDownError                  node_down              503  the node is marked down
-        └── WheelhouseError                wheelhouse_failed      500  the queen could not build what hosts install
+        ├── WheelhouseError                wheelhouse_failed      500  the queen could not build what hosts install
+        └── EngineBuildError               engine_build_failed    500  the engine build does not run on this CPU
 
 ``HTTP`` below maps every code to its HTTP status and OpenAI error type; a test checks
 it against the tree. Foreign exceptions are translated at the boundary where they
@@ -236,6 +237,14 @@ class NodeDownError(StartupError):
 
 class WheelhouseError(StartupError):
     code = "wheelhouse_failed"
+    status = 500
+
+
+class EngineBuildError(StartupError):
+    """The installed llama.cpp cannot run here: no CPU variant of it decodes on this machine, or
+    the one asked for is not in the build."""
+
+    code = "engine_build_failed"
     status = 500
 
 

@@ -1,13 +1,17 @@
 """``python -m tests.stand_in_worker``: a worker process without an engine, for the hive's
 leak test. It takes the real worker's flags and answers /ready with a real WorkerReport, in
 milliseconds, so a hive can start and lose hundreds of workers in a test. With
-``STAND_IN_LOAD_S`` set it answers 503 for that many seconds first, like a worker loading."""
+``STAND_IN_LOAD_S`` set it answers 503 for that many seconds first, like a worker loading;
+with ``STAND_IN_DIE_SIGNAL`` (a number) it kills itself with that signal when a job arrives,
+like an engine meeting an instruction its CPU does not run. A hive runs it in place of the
+real worker when ``RBEE_WORKER_MODULE=tests.stand_in_worker``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -22,9 +26,13 @@ async def main(config: WorkerConfig) -> None:
                        "backend": config.backend, "n_ctx": config.n_ctx}).encode()
 
     loaded_at = time.monotonic() + float(os.environ.get("STAND_IN_LOAD_S", "0"))
+    die = int(os.environ.get("STAND_IN_DIE_SIGNAL", "0"))
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        if die and head.startswith(b"POST /v1/jobs"):
+            signal.signal(die, signal.SIG_DFL)
+            os.kill(os.getpid(), die)
         status = b"200 OK" if time.monotonic() >= loaded_at else b"503 Service Unavailable"
         writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))

@@ -57,9 +57,9 @@ def gpu_offload_supported() -> bool:
     native library, so call it off the event loop the first time)."""
     if "llama-cpp" not in installed_engines():
         return False
-    import llama_cpp
+    from rbee.engine import backends
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return backends.gpu_offload_supported()
 
 
 def choose_engine(host: Host, formats: Collection[str], requested: str = "auto") -> Choice:

@@ -66,7 +66,7 @@ class Hive:
             if not worker.child.alive:
                 raise WorkerDiedError(
                     f"{worker.actor} on {self.config.actor} died during the job (process "
-                    f"{worker.child.exit_reason()})", actor=worker.actor,
+                    f"{self.supervisor.death(worker)})", actor=worker.actor,
                 )
             return self.supervisor.client(worker)
 
@@ -79,6 +79,7 @@ class Hive:
             name=self.config.name, version=__version__, pid=os.getpid(),
             workers=self.supervisor.views(), devices=devices,
             free_memory=free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
+            engine=self.supervisor.engine.line,
             models=[CatalogModel(name=e.name, ref=e.ref, size=e.size, path=str(e.path))
                     for e in self.catalog.entries()],
         )
@@ -166,7 +167,7 @@ class Hive:
         """A broken worker stream usually means the worker died: say so, with its exit.
         A stalled one (hung, stopped) is killed, so the next job gets a fresh worker."""
         if isinstance(exc, WorkerDiedError):
-            worker.set_state(PeerState.DOWN, f"process {worker.child.exit_reason()}")
+            worker.set_state(PeerState.DOWN, f"process {self.supervisor.death(worker)}")
             return exc
         if isinstance(exc, StallError):
             worker.set_state(PeerState.DOWN, f"stalled: nothing for {self.stall_timeout:g} s; killed")
@@ -179,7 +180,7 @@ class Hive:
             await asyncio.wait_for(worker.child.process.wait(), 1.0)
         except TimeoutError:
             return exc
-        worker.set_state(PeerState.DOWN, f"process {worker.child.exit_reason()}")
+        worker.set_state(PeerState.DOWN, f"process {self.supervisor.death(worker)}")
         return WorkerDiedError(
             f"{worker.actor} on {self.config.actor} died during the job ({worker.reason})", actor=worker.actor
         )

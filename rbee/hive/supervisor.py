@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
+from rbee.engine.backends import VARIANT_ENV
 from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
+from rbee.hive.engine_proof import EngineProof
 from rbee.hive.placement import Sized
 from rbee.link.auth import ENV, write_secret
 from rbee.link.client import LinkClient
@@ -135,11 +137,16 @@ class Supervisor:
     """The hive's workers: a :class:`PeerRegistry` of :class:`WorkerRecord` plus spawning,
     admission and the idle/heartbeat watch."""
 
-    #: what a worker process runs (``python -m``); the hive's leak test puts a light stand-in here
+    #: what a worker process runs (``python -m``); tests put a light stand-in here (in a hive they
+    #: start as a process: ``RBEE_WORKER_MODULE``)
     worker_module = "rbee.worker"
 
-    def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None) -> None:
+    def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None,
+                 engine: EngineProof | None = None) -> None:
         self.config = config
+        #: which CPU variant llama.cpp workers load, proven once per host
+        self.engine = engine or EngineProof(config.models_dir)
+        self.worker_module = os.environ.get("RBEE_WORKER_MODULE") or self.worker_module
         self.token = token
         self.hive_url = hive_url
         self.peers: PeerRegistry[WorkerRecord] = PeerRegistry(
@@ -231,6 +238,9 @@ class Supervisor:
             resume_grace=self.config.resume_grace,
             serve=ServeOptions(),
         )
+        env = {**os.environ, **placement.env()}
+        if spec.backend.startswith("llama-cpp"):
+            env[VARIANT_ENV] = await self.engine.variant(narrate)
         log_path = self.config.home / "logs" / f"worker-{worker_id}.log"
         secret_path = self.secret_path(worker_id)
         secret = write_secret(secret_path)  # its own: it proves itself with it, the hive calls it with it
@@ -239,7 +249,7 @@ class Supervisor:
                          f"{placement.need / 1e9:.2f} GB of {placement.free / 1e9:.2f} GB free in {placement.pool}")
         child = await spawn(
             f"worker:{worker_id}", self.worker_module, to_args(config), sock=bind_loopback(), log_path=log_path,
-            env={**os.environ, **placement.env(), ENV: str(secret_path)},
+            env={**env, ENV: str(secret_path)},
         )
         record = self.peers.add(WorkerRecord(worker_id, spec, child, sized, engine_reason=reason))
         record.secret = secret
@@ -255,7 +265,10 @@ class Supervisor:
             await self.peers.remove(worker_id)
             secret_path.unlink(missing_ok=True)
             if isinstance(exc, StartupError):
-                raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {exc.message}") from exc
+                why = exc.message
+                if not child.alive and (child.process.returncode or 0) < 0:
+                    why = f"{why}\n{self.death(record)}"
+                raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {why}") from exc
             raise
         report = parse_wire(WorkerReport, ready, f"ready answer of worker:{worker_id}")
         record.beat(report)  # the same report its heartbeats carry: slots, engine
@@ -270,13 +283,17 @@ class Supervisor:
         async def wait_exit() -> None:
             await record.child.process.wait()
             if record.live:
-                record.set_state(PeerState.DOWN, f"process {record.child.exit_reason()}")
+                record.set_state(PeerState.DOWN, f"process {self.death(record)}")
             if not record.jobs:
                 await record.close()  # its connection pool; a job still relayed closes it on its way out
 
         task = asyncio.get_running_loop().create_task(wait_exit())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    def death(self, record: WorkerRecord) -> str:
+        """How a worker's process ended, explained (a signal: what it means, the engine, the fix)."""
+        return self.engine.explain_death(record.child.process.returncode)
 
     def heartbeat(self, worker_id: str, body: Any) -> bool:
         """A worker's heartbeat; False for a worker this hive does not know (a 404 for it).

@@ -87,9 +87,9 @@ def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> No
     """Show what `fleet up` would do on each host (install, upgrade, start, nothing, stop), doing nothing."""
     settings = _settings(url, inventory_path)
     steps = run(_plan(settings))
-    table = Table("hive", "would", "because", "install path", title="fleet plan")
+    table = Table("hive", "would", "because", "install path", "CPU and engine variant", title="fleet plan")
     for step in steps:
-        table.add_row(step["name"], step["action"], step["reason"], step.get("path") or "-")
+        table.add_row(step["name"], step["action"], step["reason"], step.get("path") or "-", step.get("cpu") or "-")
     out.print(table)
 
 
@@ -104,12 +104,13 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     """Every hive: up/down (and why), last heartbeat, devices, workers, version."""
     settings = run_sync(Settings.load, url, inventory_path)
     hives = run(running_hives(settings, "the fleet is not running (`rbee fleet up`)"))
-    table = Table("hive", "state", "reason", "heartbeat", "version", "devices", "workers", title="fleet status")
+    table = Table("hive", "state", "reason", "heartbeat", "version", "devices", "engine", "workers",
+                  title="fleet status")
     for hive in hives:
         age = hive.heartbeat_age_s
         table.add_row(
             hive.name, hive.state, hive.reason, "-" if age is None else f"{age:.1f} s ago",
-            hive.version or "-", describe_devices(hive.devices),
+            hive.version or "-", describe_devices(hive.devices), hive.engine or "-",
             "; ".join(
                 f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
                 + (f", {w.engine.get('device', '?')} {offload_text(w.engine)}" if w.engine else "")

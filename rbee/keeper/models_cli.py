@@ -78,7 +78,7 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
         w = parse_wire(FleetWorker, row, "worker row from the queen")
         engine = w.engine
         table.add_row(w.node, w.worker_id, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
-                      engine.get("device") or w.placement or "-", offload_text(engine), str(w.n_ctx or "-"),
+                      device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
                       memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
     out.print(table)
 
@@ -92,6 +92,12 @@ def workers_stop(
     settings = run_sync(Settings.load, url, inventory_path)
     run(_call(settings, "POST", f"/v1/workers/{node}/{worker_id}/stop"))
     err.print(f"stopped worker {worker_id} on hive:{node}")
+
+
+def device_text(engine: dict[str, Any], placement: str) -> str:
+    """Where the engine put the model, and which of llama.cpp's CPU kernels it runs (a portable build)."""
+    device = engine.get("device") or placement or "-"
+    return f"{device}, {engine['cpu_variant']} CPU kernels" if engine.get("cpu_variant") else device
 
 
 def offload_text(engine: dict[str, Any]) -> str:

@@ -230,6 +230,8 @@ class HiveReport(Wire):
     #: what admission would grant a new worker now, so the queen's scheduler uses the same rule
     free_memory: int = Field(default=0, ge=0)
     models: list[CatalogModel] = Field(default_factory=list)
+    #: the engine proven on this host: build, CPU variant and why (rbee.engine.proof.Verdict.line)
+    engine: str = ""
 
 
 class HiveView(Wire):
@@ -244,6 +246,7 @@ class HiveView(Wire):
     pid: int | None = None
     workers: list[WorkerView] = Field(default_factory=list)
     devices: dict[str, Any] = Field(default_factory=dict)
+    engine: str = ""
     installed: str | None = None
     ssh: str | None = None
 
@@ -261,6 +264,8 @@ class HostProbe(Wire):
     hive: dict[str, Any] | None = None
     nvidia: bool = False
     nvcc: bool = False
+    cpu: str = ""  # /proc/cpuinfo's first processor, or macOS's sysctl lines (rbee.engine.cpu.parse)
+    engine: dict[str, Any] | None = None  # the kept proof of the engine there (rbee.engine.proof.Verdict)
 
 
 W = TypeVar("W", bound=BaseModel)

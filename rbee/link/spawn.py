@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from rbee.engine import crash
 from rbee.errors import StartupError
 from rbee.link.auth import bearer
 from rbee.link.transport import async_client
@@ -76,8 +77,7 @@ class Child:
         return self.process.returncode is None
 
     def exit_reason(self) -> str:
-        code = self.process.returncode
-        return f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return crash.exit_reason(self.process.returncode)
 
     def exit_message(self) -> str:
         tail = log_tail(self.log_path)

@@ -63,6 +63,7 @@ class HiveRegistry(PeerRegistry[HivePeer]):
             version=report.version if report else None, pid=report.pid if report else None,
             workers=report.workers if report and peer.state != PeerState.STOPPED else [],
             devices=report.devices if report else {},
+            engine=report.engine if report else "",
         )
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from rbee.engine.build import BUILD_ID
+from rbee.engine.proof import recorded
 from tests import sshd_hosts
 from tests.conftest import assert_no_orphans
 
@@ -55,7 +57,9 @@ class Fleet:
         return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def status(self) -> str:
-        return self.rbee("fleet", "status").stdout
+        wide = {**self.env, "COLUMNS": "400"}
+        return subprocess.run([*RBEE, "fleet", "status", "-i", str(self.inventory)], env=wide, capture_output=True,
+                              text=True, timeout=300).stdout
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +100,18 @@ def test_fleet_up_installs_both_hosts_offline_and_starts_them(fleet: Fleet) -> N
         assert (host.home / ".rbee" / "install.json").exists()
         assert any("rbee.hive" in " ".join(p.cmdline()) for p in host.rbee_processes())
     print(f"\nfleet up, 2 hosts from clean: {elapsed:.1f} s")
+    kept = recorded()
+    assert kept is not None, "scripts/setup proves the engine here"
+    for host in fleet.hosts:
+        # the same-platform host got the queen's portable wheel, and proved it there by decoding
+        assert f"hive:{host.name}: engine proven: llama-cpp-python" in result.stderr, result.stderr
+        verdict = json.loads((host.home / ".rbee" / "venv" / "rbee-engine.json").read_text())
+        assert verdict["build"] == "portable" and verdict["variant"] == kept.variant and verdict["tokens"]
     status = fleet.status()
     for host in fleet.hosts:
         line = next(line for line in status.splitlines() if f" {host.name} " in line)
         assert " up " in line and "cores" in line, status
+        assert f"CPU variant {kept.variant}, proven" in line, status
 
 
 @pytest.mark.parametrize("node", ["h1", "h2"])
@@ -327,7 +339,7 @@ def test_a_host_told_to_build_from_source_builds_llama_cpp_there(fleet: Fleet) -
     assert f"hive:{host.name}: building llama-cpp-python on the host from the pushed source (cpu" in up.stderr
     assert "llama-cpp-python built on the host in" in up.stderr
     record = json.loads((host.home / ".rbee" / "install.json").read_text())
-    assert record["llama_cpp"] == "source+cpu"
+    assert record["llama_cpp"] == f"source+cpu:{BUILD_ID}"
     result = fleet.rbee("infer", "--node", host.name, "--max-tokens", "8", "--temperature", "0", "Hello",
                         inventory=source)
     assert result.returncode == 0 and result.stdout.strip(), result.stderr

@@ -21,7 +21,7 @@ EXPECTED = {  # the table of the module docstring, spelled out: a changed status
     "hub_unreachable": 502, "unproven_peer": 502, "ssh_failed": 502, "host_key_refused": 502,
     "remote_command_failed": 502,
     "peer_error": 502, "worker_died": 503, "worker_stalled": 503, "unauthorized": 401, "startup_failed": 503,
-    "node_down": 503, "wheelhouse_failed": 500,
+    "node_down": 503, "wheelhouse_failed": 500, "engine_build_failed": 500,
 }
 
 

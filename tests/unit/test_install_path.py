@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from rbee.engine.build import BUILD_ID
 from rbee.errors import WheelhouseError
 from rbee.link.schemas import HostProbe
-from rbee.queen.fleet.plan import CUDA_ARGS, METAL_ARGS, install_path, plan_host
+from rbee.queen.fleet.plan import install_path, plan_host
 from rbee.queen.fleet.wheelhouse import Platform, platform_args
 
 LINUX = Platform("linux", "x86_64", "3.11")
@@ -15,18 +16,26 @@ LINUX_312 = Platform("linux", "x86_64", "3.12")
 LINUX_ARM = Platform("linux", "aarch64", "3.11")
 MAC = Platform("darwin", "arm64", "3.12")
 
+#: every build is the portable one: no -march=native, a CPU module per instruction-set level
+PORTABLE = ("-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib "
+            "-DLLAVA_BUILD=OFF")
+CUDA_ARGS = f"{PORTABLE} -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native"
+METAL_ARGS = f"{PORTABLE} -DGGML_METAL=on"
+
 PATHS = [
     # (queen, host, nvidia, nvcc, build) -> (same platform, build on host, cmake args, says)
-    (LINUX, LINUX, False, False, "auto", True, None, "", "this queen's own packages; llama-cpp-python as a wheel"),
+    (LINUX, LINUX, False, False, "auto", True, None, PORTABLE,
+     "this queen's own packages; llama-cpp-python as this queen's portable wheel"),
     (LINUX, LINUX, True, True, "auto", True, "cuda", CUDA_ARGS, "built on the host for CUDA"),
-    (LINUX, LINUX, True, False, "auto", True, None, "", "no CUDA toolkit (nvcc)"),
-    (LINUX, LINUX, False, False, "source", True, "cpu", "", "built on the host for the CPU only"),
-    (LINUX, LINUX_312, False, False, "auto", False, "cpu", "", "binary wheels for cp312-linux-x86_64 from the package"),
+    (LINUX, LINUX, True, False, "auto", True, None, PORTABLE, "no CUDA toolkit (nvcc)"),
+    (LINUX, LINUX, False, False, "source", True, "cpu", PORTABLE, "built on the host for the CPU only"),
+    (LINUX, LINUX_312, False, False, "auto", False, "cpu", PORTABLE,
+     "binary wheels for cp312-linux-x86_64 from the package"),
     (LINUX, LINUX_ARM, True, True, "auto", False, "cuda", CUDA_ARGS, "cp311-linux-aarch64"),
     (LINUX, MAC, False, False, "auto", False, "metal", METAL_ARGS, "built on the host for Metal"),
-    (MAC, MAC, False, False, "auto", True, None, "", "as a wheel"),  # the queen's own wheel has Metal
+    (MAC, MAC, False, False, "auto", True, None, PORTABLE, "portable wheel"),  # the queen's own wheel has Metal
     (MAC, LINUX, True, True, "auto", False, "cuda", CUDA_ARGS, "cp311-linux-x86_64 from the package index"),
-    (MAC, LINUX, False, False, "auto", False, "cpu", "", "for the CPU only"),
+    (MAC, LINUX, False, False, "auto", False, "cpu", PORTABLE, "for the CPU only"),
 ]
 
 
@@ -36,7 +45,7 @@ def test_install_path(queen: Platform, host: Platform, nvidia: bool, nvcc: bool,
     path = install_path(queen, host, nvidia=nvidia, nvcc=nvcc, build=build)
     assert path.same_platform == same and path.build == builds and path.cmake_args == cmake
     assert says in path.describe()
-    assert path.marker == (f"source+{builds}" if builds else "wheel")
+    assert path.marker == (f"source+{builds}" if builds else "wheel") + f":{BUILD_ID}"
 
 
 def test_plan_shows_the_install_path() -> None:

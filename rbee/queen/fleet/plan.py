@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rbee.engine import build as engine_build
+from rbee.engine.cpu import parse as parse_cpu
+from rbee.engine.cpu import ranked
 from rbee.link.schemas import HostProbe
 from rbee.queen.fleet.wheelhouse import Platform
 
@@ -16,10 +19,6 @@ START = "start"
 NOTHING = "nothing"
 STOP = "stop"
 UNREACHABLE = "unreachable"
-
-
-CUDA_ARGS = "-DGGML_CUDA=on"
-METAL_ARGS = "-DGGML_METAL=on"
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,14 @@ class InstallPath:
 
     @property
     def cmake_args(self) -> str:
-        return {"cuda": CUDA_ARGS, "metal": METAL_ARGS}.get(self.build or "", "")
+        """Every build on a host is the portable one (rbee.engine.build), plus its accelerator."""
+        return engine_build.cmake_args(self.build or "cpu")
 
     @property
     def marker(self) -> str:
-        """What install.json records, so a later upgrade skips a build that is already there."""
-        return f"source+{self.build}" if self.build else "wheel"
+        """What install.json records, so a later upgrade skips a build that is already there and
+        a host installed with other build flags gets the engine again."""
+        return f"{f'source+{self.build}' if self.build else 'wheel'}:{engine_build.BUILD_ID}"
 
     def describe(self) -> str:
         wheels = ("wheels from this queen's own packages" if self.same_platform
@@ -47,7 +48,7 @@ class InstallPath:
             accel = {"cuda": "CUDA", "metal": "Metal", "cpu": "the CPU only"}[self.build]
             engine = f"llama-cpp-python built on the host for {accel}"
         else:
-            engine = "llama-cpp-python as a wheel"
+            engine = "llama-cpp-python as this queen's portable wheel"
         return f"{wheels}; {engine}" + (f" ({self.note})" if self.note else "")
 
 
@@ -81,9 +82,25 @@ class Step:
     action: str
     reason: str
     path: str = ""  # InstallPath.describe() for a reachable host
+    cpu: str = ""  # cpu_line(): the CPU features llama.cpp cares about and the variant that will run
 
     def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "action": self.action, "reason": self.reason, "path": self.path}
+        return {"name": self.name, "action": self.action, "reason": self.reason, "path": self.path, "cpu": self.cpu}
+
+
+def cpu_line(probe: HostProbe) -> str:
+    """What the host's CPU offers llama.cpp and which CPU variant will run there: the one its
+    kept proof chose, else the best its features advertise (the proof at install decides)."""
+    if not probe.cpu:
+        return "CPU not reported"
+    cpu = parse_cpu(probe.system, probe.machine, probe.cpu)
+    kept = (probe.engine or {}).get("variant")
+    if kept:
+        variant = f"variant {kept} (proven there)"
+    else:
+        best = ranked(cpu)
+        variant = f"variant {best[0].name} (by its features; proven at install)" if best else "no variant fits"
+    return f"{cpu.model}: {cpu.summary()}; {variant}"
 
 
 def plan_host(name: str, probe: HostProbe | None, digest: str, error: str = "",
@@ -92,7 +109,7 @@ def plan_host(name: str, probe: HostProbe | None, digest: str, error: str = "",
     if probe is None:
         return Step(name, UNREACHABLE, error or "the host did not answer")
     step = _action(name, probe, digest)
-    return Step(step.name, step.action, step.reason, path.describe() if path else "")
+    return Step(step.name, step.action, step.reason, path.describe() if path else "", cpu_line(probe))
 
 
 def _action(name: str, probe: HostProbe, digest: str) -> Step:

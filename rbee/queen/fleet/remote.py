@@ -24,6 +24,7 @@ import httpx
 
 from rbee import __version__
 from rbee.config import HiveConfig, ServeOptions, to_args
+from rbee.engine.proof import Verdict
 from rbee.errors import RemoteCommandError, RequestError, SshError, WheelhouseError
 from rbee.inventory import HiveEntry, SshSection
 from rbee.link.auth import ENV, bearer, write_secret
@@ -171,28 +172,46 @@ class RemoteHost:
         pip = [python, posixpath.join(wheel_dir, wheels.named("pip-").name, "pip")]
         base = [*pip, "install", "--no-index", "--find-links", wheel_dir, "--quiet", "--no-compile"]
         installed = probe.installed or {}
-        if path.build and not (probe.venv and installed.get("llama_cpp") == path.marker):
+        engine_there = probe.venv and installed.get("llama_cpp") == path.marker
+        if path.build and not engine_there:
             await self._build_llama(conn, wheels, path, base, offline, narrate)
         narrate("install", f"pip install rbee {__version__} from the pushed wheelhouse (no index)")
         rbee_wheel = posixpath.join(wheel_dir, wheels.named("rbee-").name)
         await run(conn, Command.of(*base, rbee_wheel + engines, env=offline),
                   what=f"{self.actor}: installing rbee", timeout=900)
         if probe.venv:
-            # Same version, new code (the digest moved): replace rbee itself.
-            await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", rbee_wheel, env=offline),
+            # Same version, new code (the digest moved): replace rbee itself, and an engine installed
+            # with other build flags (a wheel pip would otherwise keep, being the same version).
+            stale = [] if path.build or engine_there else [
+                posixpath.join(wheel_dir, wheels.named("llama_cpp_python-").name)]
+            await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", rbee_wheel, *stale, env=offline),
                       what=f"{self.actor}: installing rbee", timeout=300)
         engine = "mlx_lm" if engines else "llama_cpp"
         await run(conn, Command.of(python, "-c", f"import rbee.hive.__main__, rbee.worker.__main__, {engine}",
                                    env={"PYTHONDONTWRITEBYTECODE": ""}),
                   what=f"{self.actor}: importing rbee and {engine} once (checks them, writes their bytecode)",
                   timeout=300)
+        await self.prove_engine(conn, python, narrate)
         if path.note:
             narrate("install", path.note)
-        llama = path.marker if path.build else installed.get("llama_cpp", path.marker)
-        record = json.dumps({"version": __version__, "digest": wheels.digest, "llama_cpp": llama})
+        record = json.dumps({"version": __version__, "digest": wheels.digest, "llama_cpp": path.marker})
         async with conn.start_sftp_client() as sftp:
             async with sftp.open(self._path("install.json"), "w") as handle:
                 await handle.write(record)
+
+    async def prove_engine(self, conn: asyncssh.SSHClientConnection, python: str, narrate: Narrate) -> None:
+        """Run the installed engine on the host (rbee.engine.proof): the CPU variant that decodes
+        there is kept on the host, so its hive never starts a worker on one that cannot run."""
+        narrate("install", "proving llama.cpp on the host: decoding a few tokens with the best CPU variant")
+        output = await run(conn, Command.of(python, "-m", "rbee.engine.proof", "--json", "--models-dir",
+                                            self._path("models"), env={"RBEE_HOME": self.home}),
+                           what=f"{self.actor}: proving the engine", timeout=900)
+        try:
+            verdict = Verdict.from_dict(json.loads(output.strip().splitlines()[-1]))
+        except (ValueError, IndexError, TypeError) as exc:
+            raise RemoteCommandError(f"{self.actor}: the engine proof printed no verdict: {output[-300:]!r}") from exc
+        narrate("install", f"engine proven: {verdict.engine}; CPU {verdict.cpu} ({verdict.features}); "
+                           f"{verdict.line()}")
 
     async def _build_llama(self, conn: asyncssh.SSHClientConnection, wheels: WheelSet, path: InstallPath,
                            base: list[str], offline: dict[str, str], narrate: Narrate) -> None:
@@ -208,7 +227,7 @@ class RemoteHost:
                            f"({path.build}; takes minutes)")
         env = {**offline, "CMAKE_ARGS": path.cmake_args, "FORCE_CMAKE": "1"}
         started = time.monotonic()
-        await run(conn, Command.of(*base, "--force-reinstall", "--no-deps",
+        await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", "--no-cache-dir",
                                    posixpath.join(self._path("wheelhouse"), sources[0].name), env=env),
                   what=f"{self.actor}: building llama-cpp-python ({path.build})", timeout=3600)
         narrate("install", f"llama-cpp-python built on the host in {time.monotonic() - started:.0f} s")

@@ -70,6 +70,20 @@ def hive_state(home, name=""):
         hive["alive"] = is_our_hive(hive, name)
     return hive
 
+def cpu_text():
+    """The first processor of /proc/cpuinfo (Linux) or sysctl's CPU lines (macOS), for rbee.engine.cpu."""
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(["sysctl", "hw.optional", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout
+        except Exception:
+            return ""
+    try:
+        with open("/proc/cpuinfo", errors="replace") as handle:
+            return handle.read().split("\n\n", 1)[0]
+    except OSError:
+        return ""
+
 def probe(home):
     home = os.path.abspath(os.path.expanduser(home))
     return {
@@ -82,6 +96,8 @@ def probe(home):
         "venv": os.path.isfile(os.path.join(home, "venv", "bin", "python")),
         "hive": hive_state(home),
         "nvidia": os.path.exists("/proc/driver/nvidia/version"),
+        "cpu": cpu_text(),
+        "engine": read_json(os.path.join(home, "venv", "rbee-engine.json")),
         "nvcc": any(os.access(os.path.join(d, "nvcc"), os.X_OK)
                     for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/cuda/bin"]),
     }

@@ -4,14 +4,20 @@ host's platform, built here and pushed over SFTP so hosts need no index.
 Versions are pinned to what this queen runs, so every hive runs the same code.
 Wheels are cached under ``~/.cache/rbee/wheelhouse/<tag>/``; rbee's own wheel
 is keyed by a hash of its source, so an unchanged tree is never rebuilt.
+llama-cpp-python is never taken from pip's cache or this queen's own install (either
+may be built for this CPU only): hosts of this platform get rbee's portable build
+(``rbee.engine.build``), hosts of another build it from source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,6 +28,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import rbee
+from rbee.engine import build as engine_build
 from rbee.errors import WheelhouseError
 from rbee.link.schemas import HostProbe
 
@@ -116,6 +123,7 @@ def planned_digest(target: Platform, mlx: bool = False, llama_source: bool = Fal
     alone is 250 MB), so `fleet plan` touches nothing; equal digest = nothing to install."""
     root = project_root()
     parts = [target.tag, f"mlx={mlx or target.apple_silicon}", f"llama_source={llama_source}",
+             f"engine_build={engine_build.BUILD_ID}",
              f"rbee={rbee.__version__}:{source_hash(root) if root else 'installed'}",
              f"pip=={metadata.version('pip')}", *requirement_closure()]
     if llama_source:
@@ -148,8 +156,8 @@ class Wheelhouse:
         rbee_wheel = await self._rbee_wheel(narrate)
         # pip itself too: hosts run it from its wheel, so a venv needs no ensurepip (~3 s a host)
         wanted = [*requirement_closure(), f"pip=={metadata.version('pip')}"]
-        if llama_source:
-            wanted = [req for req in wanted if canonicalize_name(req.split("==")[0]) != "llama-cpp-python"]
+        llama = [req for req in wanted if canonicalize_name(req.split("==")[0]) == "llama-cpp-python"]
+        wanted = [req for req in wanted if req not in llama]
         have = {wheel_key(path.name): path for path in folder.glob("*.whl")}
         missing = [req for req in wanted if (canonicalize_name(req.split("==")[0]), req.split("==")[1]) not in have]
         if missing:
@@ -170,6 +178,10 @@ class Wheelhouse:
             wheels += await self._mlx_wheels(target, folder, narrate)
         if llama_source:
             wheels += await self.llama_sources(target, narrate)
+        elif llama:
+            if target != local:
+                raise WheelhouseError(f"llama-cpp-python has no wheel for {target.tag}: it is built on such a host")
+            wheels.append(await self.engine_wheel(llama[0].split("==")[1], narrate))
         for req in wanted:
             name, version = req.split("==")
             path = have.get((canonicalize_name(name), version))
@@ -194,6 +206,25 @@ class Wheelhouse:
             await _pip(["download", "--only-binary=:all:", "--dest", str(folder), *cross,
                         "scikit-build-core[pyproject]", "cmake", "ninja"], "collecting build tools")
         return sorted([*folder.glob("*.tar.gz"), *folder.glob("*.whl")])
+
+    async def engine_wheel(self, version: str, narrate: Narrate) -> Path:
+        """rbee's portable llama-cpp-python wheel for this platform, built once (minutes) into
+        ``~/.cache/rbee/engine/`` (the same one ``scripts/setup`` installs here)."""
+        found = engine_build.cached_wheel(version)
+        if found is not None:
+            return found
+        narrate("wheelhouse", f"building llama-cpp-python {version} for every CPU of this platform "
+                              f"({engine_build.cmake_args()}): minutes, once")
+        engine_build.cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f".build-{version}.", dir=engine_build.cache_dir()))
+        try:
+            await _pip(engine_build.pip_wheel_args(version, tmp), f"building llama-cpp-python {version}",
+                       env=engine_build.build_env())
+            return await asyncio.to_thread(engine_build.finish_wheel, version, tmp)
+        except RuntimeError as exc:
+            raise WheelhouseError(str(exc)) from exc
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _mlx_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
         """mlx-lm and what it needs, resolved by pip for that platform (``mlx[cpu]`` on Linux).
@@ -237,10 +268,10 @@ def platform_args(target: Platform) -> list[str]:
     raise WheelhouseError(f"rbee cannot build a wheelhouse for {target.system}/{target.machine}")
 
 
-async def _pip(args: list[str], what: str) -> None:
+async def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     output, _ = await process.communicate()
     if process.returncode != 0:

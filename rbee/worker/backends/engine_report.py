@@ -31,6 +31,7 @@ class EngineReport:
     kv_in_ram: int
     n_ctx: int
     gpu_offload_supported: bool
+    cpu_variant: str = ""  # llama.cpp's CPU kernels it loaded (a portable build), e.g. "haswell"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +44,8 @@ class EngineReport:
                       "cache in device memory")
         else:
             where += f", {self.weights_in_ram / 1e6:.0f} MB weights + {self.kv_in_ram / 1e6:.0f} MB KV cache in RAM"
-        return where + f", context {self.n_ctx}"
+        kernels = f", {self.cpu_variant} CPU kernels" if self.cpu_variant else ""
+        return where + f", context {self.n_ctx}{kernels}"
 
 
 def is_host_buffer(name: str) -> bool:
@@ -51,7 +53,8 @@ def is_host_buffer(name: str) -> bool:
     return name.startswith("CPU") or name.endswith("_Host")
 
 
-def parse_load_log(text: str, *, layers_total: int, n_ctx: int, gpu_offload_supported: bool) -> EngineReport:
+def parse_load_log(text: str, *, layers_total: int, n_ctx: int, gpu_offload_supported: bool,
+                   cpu_variant: str = "") -> EngineReport:
     """``layers_total``: repeating layers + the output layer, as llama.cpp counts offloadable ones."""
     devices = [f"{name} ({description})" for name, description in _DEVICE.findall(text)]
     offloaded = _OFFLOADED.findall(text)
@@ -75,4 +78,5 @@ def parse_load_log(text: str, *, layers_total: int, n_ctx: int, gpu_offload_supp
         kv_in_ram=int(sizes[("KV", False)] * MIB),
         n_ctx=n_ctx,
         gpu_offload_supported=gpu_offload_supported,
+        cpu_variant=cpu_variant,
     )

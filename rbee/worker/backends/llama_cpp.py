@@ -59,10 +59,10 @@ def load_failure(path: Path, exc: BaseException, log: list[str]) -> ModelLoadErr
     )
 
 
-def engine_report(llama_cpp: Any, model: Any, log: str, n_ctx: int) -> dict[str, Any]:
+def engine_report(llama_cpp: Any, model: Any, log: str, n_ctx: int, cpu_variant: str = "") -> dict[str, Any]:
     """Where the model went (device, layers, bytes), from llama.cpp's load log."""
     layers = int(llama_cpp.llama_model_n_layer(model)) + 1  # + the output layer, as llama.cpp counts
-    return parse_load_log(log, layers_total=layers, n_ctx=n_ctx,
+    return parse_load_log(log, layers_total=layers, n_ctx=n_ctx, cpu_variant=cpu_variant,
                           gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload())).as_dict()
 
 
@@ -85,6 +85,17 @@ class LlamaModel:
         self._llm: Any = None
         self.metadata: dict[str, str] = {}
         self.report: dict[str, Any] = {}
+        self.cpu_variant = ""
+
+    def native(self) -> Any:
+        """``llama_cpp``, with its build's backends registered first: for a portable build, the CPU
+        variant the hive proved on this host (``RBEE_CPU_VARIANT``)."""
+        from rbee.engine import backends
+
+        self.cpu_variant = backends.load().variant
+        import llama_cpp
+
+        return llama_cpp
 
     @staticmethod
     def require_file(path: Path) -> None:
@@ -116,8 +127,7 @@ class LlamaCppBackend(LlamaModel):
         self.engine: BatchEngine | None = None
 
     def load(self, path: Path) -> None:
-        import llama_cpp  # lazy: importing it loads the native library
-
+        llama_cpp = self.native()  # lazy: importing it loads the native library
         self.require_file(path)
         log: list[str] = []
         engine_log: list[str] = []
@@ -135,7 +145,8 @@ class LlamaCppBackend(LlamaModel):
         except (ValueError, RuntimeError, OSError, RbeeError) as exc:
             raise load_failure(path, exc, [*log, *engine_log]) from exc
         model_lines = [line for line in "".join(log).splitlines(keepends=True) if "KV buffer size" not in line]
-        self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]), self.engine.n_ctx)
+        self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]), self.engine.n_ctx,
+                                    self.cpu_variant)
         self.read_metadata()
         eos = self._llm.token_eos()
         if eos >= 0:

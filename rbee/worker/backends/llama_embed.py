@@ -29,8 +29,7 @@ class LlamaEmbedBackend(LlamaModel):
         self.pooling = ""
 
     def load(self, path: Path) -> None:
-        import llama_cpp
-
+        llama_cpp = self.native()
         self.require_file(path)
         log: list[str] = []
         try:
@@ -44,7 +43,7 @@ class LlamaEmbedBackend(LlamaModel):
                     self.pooling = "mean (the model defines none)"
         except (ValueError, RuntimeError, OSError) as exc:
             raise load_failure(path, exc, log) from exc
-        self.report = engine_report(llama_cpp, self._llm.model, "".join(log), self.n_ctx)
+        self.report = engine_report(llama_cpp, self._llm.model, "".join(log), self.n_ctx, self.cpu_variant)
         self.report["pooling"] = self.pooling
         self.report["dimensions"] = int(self._llm.n_embd())
         self.read_metadata()
