@@ -76,7 +76,9 @@ def compare(model: Path, prompts: dict[str, str], max_tokens: int, rounds: int, 
             say(f"cpu builds: round {turn + 1}/{rounds}, {name}")
             runs[name].append(run_child(model, max_tokens, prompts, site if name == "native" else None))
     result: dict[str, Any] = {"rounds": rounds, "max_tokens": max_tokens,
-                              "portable_variant": runs["portable"][0]["variant"]}
+                              "portable_variant": runs["portable"][0]["variant"],
+                              "portable library": runs["portable"][0]["llama_cpp"],
+                              "native library": runs["native"][0]["llama_cpp"]}
     for name, done in runs.items():
         for prompt in prompts:
             result[f"{name} {prompt} decode tok/s"] = statistics.median(r["decode_tps"][prompt] for r in done)
@@ -92,7 +94,9 @@ def child(model: Path, max_tokens: int, prompts: dict[str, str]) -> dict[str, An
     loaded = load("")
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=1024, n_gpu_layers=0, verbose=False)
+    threads = os.cpu_count() or 1  # as an rbee worker alone on its host
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=1024, n_gpu_layers=0, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
     rates: dict[str, float] = {}
     for name, prompt in prompts.items():
         llm.reset()

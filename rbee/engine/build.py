@@ -139,6 +139,7 @@ def finish_wheel(version: str, tmp: Path) -> Path:
         raise RuntimeError(f"the llama-cpp-python {version} build in {tmp} has no per-level CPU modules "
                            f"({MODULE_DIR}/{CPU_MODULE_PREFIX}*.so); its build log says why")
     folder = cache_dir() / f"{BUILD_ID}-{version}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder / wheels[0].name

@@ -14,6 +14,7 @@ import importlib.util
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from rbee.engine.build import cmake_args
 from rbee.errors import EngineError
 
 FORMAT_OF = {"mlx": "mlx", "llama-cpp": "gguf"}
@@ -47,8 +48,9 @@ def installed_engines() -> frozenset[str]:
 
 
 #: what to run on a host whose llama-cpp-python cannot use its NVIDIA GPU
-CUDA_REBUILD = ("CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python "
-                "llama-cpp-python (needs the CUDA toolkit; `rbee fleet up` does this on hosts with nvcc)")
+CUDA_REBUILD = (f"CMAKE_ARGS='{cmake_args('cuda')}' pip install --force-reinstall --no-cache-dir --no-binary "
+                "llama-cpp-python llama-cpp-python (needs the CUDA toolkit; `rbee fleet up` does this on hosts with "
+                "nvcc)")
 
 
 @functools.cache
