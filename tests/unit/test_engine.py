@@ -24,7 +24,7 @@ TABLE = [
     (MAC_X86, {"gguf"}, "llama-cpp", "CPU"),
     (LINUX_GPU, {"gguf", "mlx"}, "llama-cpp", "CUDA"),
     (LINUX_GPU, {"gguf"}, "llama-cpp", "CUDA"),
-    (LINUX_GPU_CPU_BUILD, {"gguf"}, "llama-cpp", "built without GPU support; rebuild it: CMAKE_ARGS='-DGGML_NATIVE=OFF"),
+    (LINUX_GPU_CPU_BUILD, {"gguf"}, "llama-cpp", "without GPU support; rebuild it: CMAKE_ARGS='-DGGML_NATIVE=OFF"),
     (MAC_ARM_NO_MLX, {"gguf"}, "llama-cpp", "Metal"),
     (LINUX_CPU, {"gguf"}, "llama-cpp", "CPU"),
     (LINUX_CPU, {"gguf", "mlx"}, "llama-cpp", "CPU"),
