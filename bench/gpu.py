@@ -58,6 +58,9 @@ async def measure(model: Path, max_tokens: int = 128, runs: int = 3,
     """In-process (all layers on the GPU), then the rbee chain with offload (the default) and with
     ``gpu_layers = 0``, with the workers' own reports of where the model went; then ``levels``
     streams at once to one batching worker."""
+    from rbee.engine.backends import load
+
+    load()  # a portable build registers its backends (CUDA, the CPU variant) only when asked
     from llama_cpp import Llama
 
     results: dict[str, Any] = {"card": card(), "date": datetime.date.today().isoformat(), "model": str(model),

@@ -82,6 +82,9 @@ class InProcess:
     """llama-cpp-python in this process: the limit for this stack."""
 
     def __init__(self, model: Path, max_tokens: int, extras: dict[str, Any]) -> None:
+        from rbee.engine.backends import load
+
+        load()  # the portable build's CPU variant, as a worker loads it
         from llama_cpp import Llama
 
         started = time.perf_counter()
@@ -126,7 +129,7 @@ class LlamaServer:
     async def __aenter__(self) -> LlamaServer:
         started = time.perf_counter()
         self.process = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for with polling below
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model), "--n_ctx", "2048",
+            [sys.executable, "-m", "bench.llama_server", "--model", str(self.model), "--n_ctx", "2048",
              "--n_threads", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(self.port),
              "--interrupt_requests", "False"],  # queue concurrent requests instead of cutting the running one
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -126,7 +126,8 @@ def _register_accelerators(build: Installed, ggml: ctypes.CDLL) -> tuple[str, ..
 
 def load(variant: str | None = None) -> Loaded:
     """Register the build's backends once per process (later calls return the first result).
-    ``variant``: None reads ``RBEE_CPU_VARIANT``; "" lets the CPU's features decide."""
+    ``variant``: None takes ``RBEE_CPU_VARIANT``, else the variant proven here
+    (``rbee.engine.proof``); "" lets llama.cpp's scores decide."""
     global _loaded
     with _lock:
         if _loaded is not None:
@@ -135,7 +136,7 @@ def load(variant: str | None = None) -> Loaded:
         if not build.portable:
             _loaded = Loaded(build, "", ())
             return _loaded
-        name = choose_variant(build, os.environ.get(VARIANT_ENV, "") if variant is None else variant)
+        name = choose_variant(build, _asked() if variant is None else variant)
         ggml = _ggml(build)
         accelerators = _register_accelerators(build, ggml)
         cpu_path = module_path(build, name)
@@ -145,6 +146,16 @@ def load(variant: str | None = None) -> Loaded:
                                    "let rbee prove one: python -m rbee.engine.proof --again")
         _loaded = Loaded(build, name, accelerators)
         return _loaded
+
+
+def _asked() -> str:
+    forced = os.environ.get(VARIANT_ENV, "")
+    if forced:
+        return forced
+    from rbee.engine.proof import recorded
+
+    kept = recorded()
+    return kept.variant if kept is not None else ""
 
 
 def _installed() -> Installed:

@@ -42,7 +42,11 @@ async def tokens_of(client: LinkClient, body: dict[str, Any]) -> list[str]:
 
 
 def margin(model: Path, text: str) -> float:
-    """The gap between the best two next-token logits after ``text``, by llama-cpp-python alone."""
+    """The gap between the best two next-token logits after ``text``, by llama-cpp-python alone
+    (with the CPU variant rbee's workers load: a portable build registers none by itself)."""
+    from rbee.engine.backends import load
+
+    load()
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(model), n_ctx=512, logits_all=True, verbose=False)

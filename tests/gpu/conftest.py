@@ -12,11 +12,13 @@ import pytest
 def gpu_missing() -> str | None:
     if not Path("/proc/driver/nvidia/version").exists():
         return "no NVIDIA GPU on this machine"
-    try:
-        import llama_cpp
-    except ImportError:
+    from rbee.engine.build import installed
+
+    if installed() is None:
         return "llama-cpp-python is not installed"
-    if not llama_cpp.llama_supports_gpu_offload():
+    from rbee.engine.backends import gpu_offload_supported
+
+    if not gpu_offload_supported():
         return "llama-cpp-python here was built without GPU support"
     return None
 

@@ -222,9 +222,8 @@ class RemoteHost:
         if not sources:
             raise WheelhouseError(f"{self.actor}: the install path builds llama-cpp-python on the host, but the "
                                   "wheelhouse has no llama-cpp-python source")
-        how = f" with {path.cmake_args}" if path.cmake_args else ""
-        narrate("install", f"building llama-cpp-python on the host{how} from the pushed source "
-                           f"({path.build}; takes minutes)")
+        narrate("install", f"building llama-cpp-python on the host from the pushed source ({path.build}, every CPU "
+                           f"variant; takes minutes) with CMAKE_ARGS='{path.cmake_args}'")
         env = {**offline, "CMAKE_ARGS": path.cmake_args, "FORCE_CMAKE": "1"}
         started = time.monotonic()
         await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", "--no-cache-dir",
