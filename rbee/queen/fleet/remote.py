@@ -24,6 +24,7 @@ import httpx
 
 from rbee import __version__
 from rbee.config import HiveConfig, ServeOptions, to_args
+from rbee.engine import build as engine_build
 from rbee.engine.proof import Verdict
 from rbee.errors import RemoteCommandError, RequestError, SshError, WheelhouseError
 from rbee.inventory import HiveEntry, SshSection
@@ -224,7 +225,7 @@ class RemoteHost:
                                   "wheelhouse has no llama-cpp-python source")
         narrate("install", f"building llama-cpp-python on the host from the pushed source ({path.build}, every CPU "
                            f"variant; takes minutes) with CMAKE_ARGS='{path.cmake_args}'")
-        env = {**offline, "CMAKE_ARGS": path.cmake_args, "FORCE_CMAKE": "1"}
+        env = {**offline, **engine_build.build_env(path.build or "cpu")}
         started = time.monotonic()
         await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", "--no-cache-dir",
                                    posixpath.join(self._path("wheelhouse"), sources[0].name), env=env),
