@@ -91,7 +91,7 @@ def compare(model: Path, prompts: dict[str, str], max_tokens: int, rounds: int, 
 def child(model: Path, max_tokens: int, prompts: dict[str, str]) -> dict[str, Any]:
     from rbee.engine.backends import load
 
-    loaded = load("")
+    loaded = load()  # the proven variant, as rbee's workers run it (a native build: nothing to choose)
     import llama_cpp
 
     threads = os.cpu_count() or 1  # as an rbee worker alone on its host

@@ -70,7 +70,8 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
             started = time.perf_counter()
             rbee = await stack.enter_async_context(systems.Rbee(workdir / "queen"))
             extras["rbee queen start (s)"] = time.perf_counter() - started
-            queen_http = await stack.enter_async_context(httpx.AsyncClient(base_url=rbee.url, timeout=None))
+            queen_http = await stack.enter_async_context(
+                httpx.AsyncClient(base_url=rbee.url, timeout=None, headers={"Authorization": f"Bearer {rbee.token}"}))
             contenders["rbee chain"] = lambda prompt: rbee.pieces(prompt, args.max_tokens)
             contenders["queen OpenAI API"] = lambda prompt: systems.openai_pieces(
                 queen_http, prompt, args.max_tokens, "gemma3-270m")

@@ -86,8 +86,10 @@ def test_fleet_plan_names_the_variant_and_the_features_per_host() -> None:
 
 
 def test_the_table_matches_the_installed_build_and_llamas_own_scores_on_this_cpu() -> None:
-    """The mirror of llama.cpp's variant list and scores is the build's: same names, and on this
-    machine's CPU llama.cpp's own cpuid check accepts exactly the variants the table says it runs."""
+    """The mirror of llama.cpp's variant list and scores is the build's: same names, the same
+    score wherever llama.cpp's own cpuid check accepts a variant, and every variant this machine's
+    /proc/cpuinfo allows is accepted. (cpuid may accept more than the kernel lets run, e.g. AMX on
+    the VM of issue 22: that is what the proof is for.)"""
     build = installed()
     if build is None or not build.portable:
         pytest.skip("needs the portable llama-cpp-python (scripts/setup)")
@@ -98,6 +100,9 @@ def test_the_table_matches_the_installed_build_and_llamas_own_scores_on_this_cpu
     table = {v.name: v for v in VARIANTS[here.family]}
     llama = scores(build)
     for name, score in llama.items():
-        assert (score > 0) == here.runs(table[name]), name
+        if here.runs(table[name]):
+            assert score > 0, name
         if score > 0:
             assert score == table[name].score, name
+    assert max(llama, key=lambda name: llama[name]) == ranked(here, build.cpu_modules)[0].name or any(
+        llama[name] > 0 and not here.runs(table[name]) for name in llama)
