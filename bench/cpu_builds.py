@@ -5,7 +5,8 @@ one loaded at run time); the native one is the same llama-cpp-python version bui
 ``GGML_NATIVE=ON`` (``-march=native``, what pip builds by default), made here once into
 ``~/.cache/rbee/engine/native-<version>/`` and installed into the bench's folder, never into the
 venv. Each build decodes the same prompts greedily in its own child process, the two taking turns
-round by round so drift of a shared machine moves both alike. Decode tok/s counts the tokens
+round by round so drift of a shared machine moves both alike; the figure is the median of the
+paired ratios (portable ÷ native, same prompt, same round). Decode tok/s counts the tokens
 after the first over the time after the first (the prompt's evaluation is left out).
 
     python -m bench.cpu_builds --child MODEL MAX_TOKENS   (one build's run, JSON on stdout)
@@ -84,7 +85,12 @@ def compare(model: Path, prompts: dict[str, str], max_tokens: int, rounds: int, 
             result[f"{name} {prompt} decode tok/s"] = statistics.median(r["decode_tps"][prompt] for r in done)
         result[f"{name} decode tok/s"] = statistics.median(
             statistics.median(r["decode_tps"].values()) for r in done)
-    result["portable / native"] = result["portable decode tok/s"] / result["native decode tok/s"]
+    # paired: each prompt's portable rate over the native rate of the same round (run back to back),
+    # so the machine's drift between rounds cancels; the median of those ratios
+    paired = [mine["decode_tps"][prompt] / theirs["decode_tps"][prompt]
+              for mine, theirs in zip(runs["portable"], runs["native"], strict=True) for prompt in prompts]
+    result["paired ratios"] = [round(ratio, 4) for ratio in paired]
+    result["portable / native"] = statistics.median(paired)
     return result
 
 
