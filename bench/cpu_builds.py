@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from rbee.engine import build as engine_build
+from rbee.engine.proof import greedy
 
 NATIVE_ARGS = "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
 
@@ -36,16 +35,7 @@ def native_wheel(version: str, say: Any) -> Path:
     if found:
         return found[0]
     say(f"building a native llama-cpp-python {version} ({NATIVE_ARGS}) to compare with: minutes, once")
-    engine_build.cache_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".native-", dir=engine_build.cache_dir()))
-    try:
-        subprocess.run([sys.executable, "-m", "pip", *engine_build.pip_wheel_args(version, tmp)],
-                       env={**os.environ, "CMAKE_ARGS": NATIVE_ARGS, "FORCE_CMAKE": "1"}, check=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(folder.glob("llama_cpp_python-*.whl"))[0]
+    return engine_build.build_wheel(version, folder, NATIVE_ARGS, portable=False)
 
 
 def run_child(model: Path, max_tokens: int, prompts: dict[str, str], site: Path | None) -> dict[str, Any]:
@@ -106,12 +96,7 @@ def child(model: Path, max_tokens: int, prompts: dict[str, str]) -> dict[str, An
     rates: dict[str, float] = {}
     for name, prompt in prompts.items():
         llm.reset()
-        tokens = llm.tokenize(prompt.encode(), add_bos=True)
-        times: list[float] = []
-        for token in llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            times.append(time.perf_counter())
-            if len(times) >= max_tokens or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                break
+        times = [time.perf_counter() for _ in greedy(llm, prompt, max_tokens)]
         rates[name] = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     llm.close()
     return {"variant": loaded.variant or "native", "decode_tps": rates, "llama_cpp": str(Path(llama_cpp.__file__))}

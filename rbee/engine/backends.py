@@ -35,7 +35,6 @@ class Loaded:
     accelerators: tuple[str, ...]  # module file names, e.g. ("libggml-cuda.so",)
 
 
-
 _lock = threading.Lock()
 _loaded: Loaded | None = None
 _accelerators: tuple[str, ...] | None = None
@@ -132,7 +131,7 @@ def load(variant: str | None = None) -> Loaded:
     with _lock:
         if _loaded is not None:
             return _loaded
-        build = _installed()
+        build = require_installed()
         if not build.portable:
             _loaded = Loaded(build, "", ())
             return _loaded
@@ -158,7 +157,7 @@ def _asked() -> str:
     return kept.variant if kept is not None else ""
 
 
-def _installed() -> Installed:
+def require_installed() -> Installed:
     build = installed()
     if build is None:
         raise EngineBuildError("llama-cpp-python is not installed in this environment; run scripts/setup "

@@ -119,9 +119,12 @@ def wheel_is_portable(path: Path) -> bool:
                    if name.startswith(MODULE_DIR + "/"))
 
 
+def portable_folder(version: str) -> Path:
+    return cache_dir() / f"{BUILD_ID}-{version}"
+
+
 def cached_wheel(version: str) -> Path | None:
-    folder = cache_dir() / f"{BUILD_ID}-{version}"
-    found = sorted(folder.glob("llama_cpp_python-*.whl"))
+    found = sorted(portable_folder(version).glob("llama_cpp_python-*.whl"))
     return found[0] if found else None
 
 
@@ -132,17 +135,37 @@ def pip_wheel_args(version: str, wheel_dir: Path) -> list[str]:
             "--wheel-dir", str(wheel_dir), f"llama-cpp-python=={version}"]
 
 
-def finish_wheel(version: str, tmp: Path) -> Path:
-    """Check a fresh build and move it into the cache, whole or not at all."""
+def finish_wheel(version: str, tmp: Path, folder: Path, portable: bool = True) -> Path:
+    """Check a fresh build and move it into ``folder``, whole or not at all; a build meant to be
+    portable without per-level CPU modules is refused."""
     wheels = sorted(tmp.glob("llama_cpp_python-*.whl"))
-    if not wheels or not wheel_is_portable(wheels[0]):
+    if not wheels or (portable and not wheel_is_portable(wheels[0])):
         raise RuntimeError(f"the llama-cpp-python {version} build in {tmp} has no per-level CPU modules "
                            f"({MODULE_DIR}/{CPU_MODULE_PREFIX}*.so); its build log says why")
-    folder = cache_dir() / f"{BUILD_ID}-{version}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder / wheels[0].name
+
+
+def build_wheel(version: str, folder: Path, cmake: str, portable: bool = True) -> Path:
+    """Build llama-cpp-python ``version`` with the CMake flags ``cmake`` into ``folder``: in a
+    temporary folder beside it, then checked and renamed in whole. pip's output goes to
+    ``<folder>.log``, whose end a failure quotes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    log = folder.with_name(folder.name + ".log")
+    try:
+        with open(log, "w") as out:
+            done = subprocess.run([sys.executable, "-m", "pip", *pip_wheel_args(version, tmp)],
+                                  env={**os.environ, "CMAKE_ARGS": cmake, "FORCE_CMAKE": "1"}, stdout=out,
+                                  stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-20:])
+            raise RuntimeError(f"building llama-cpp-python {version} failed; the end of {log}:\n{tail}")
+        return finish_wheel(version, tmp, folder, portable)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def portable_wheel(version: str) -> Path:
@@ -150,17 +173,10 @@ def portable_wheel(version: str) -> Path:
     found = cached_wheel(version)
     if found is not None:
         return found
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILD_ID}-{version}.", dir=cache_dir()))
     print(f"building llama-cpp-python {version} for every CPU of this platform ({cmake_args()}); "
           "this takes a while the first time", file=sys.stderr, flush=True)
     started = time.monotonic()
-    try:
-        subprocess.run([sys.executable, "-m", "pip", *pip_wheel_args(version, tmp)], env={**os.environ, **build_env()},
-                       check=True)
-        wheel = finish_wheel(version, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    wheel = build_wheel(version, portable_folder(version), cmake_args())
     print(f"built {wheel.name} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return wheel
 

@@ -177,6 +177,3 @@ def ranked(cpu: Cpu, available: Iterable[str] | None = None) -> list[Variant]:
     fits = [v for v in VARIANTS.get(cpu.family, ()) if cpu.runs(v) and (have is None or v.name in have)]
     return sorted(fits, key=lambda v: v.score, reverse=True)
 
-
-def variant_named(cpu: Cpu, name: str) -> Variant | None:
-    return next((v for v in VARIANTS.get(cpu.family, ()) if v.name == name), None)

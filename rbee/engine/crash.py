@@ -57,10 +57,15 @@ def fix_for(number: int, *, portable: bool, python: str = "python") -> str:
     return "see the worker's log"
 
 
+def remedy(returncode: int | None, engine: str, *, portable: bool, python: str = "python") -> str:
+    """For a death by a signal, the engine it ran and the fix ("it ran …. Fix: …"); else ""."""
+    if returncode is None or returncode >= 0:
+        return ""
+    ran = f"it ran {engine}. " if engine else ""
+    return f"{ran}Fix: {fix_for(-returncode, portable=portable, python=python)}"
+
+
 def explain_worker_death(returncode: int | None, engine: str, *, portable: bool, python: str = "python") -> str:
     """A worker's death with the engine it ran and the fix; ``engine`` describes the build."""
-    reason = exit_reason(returncode)
-    if returncode is None or returncode >= 0:
-        return reason
-    ran = f"; it ran {engine}" if engine else ""
-    return f"{reason}{ran}. Fix: {fix_for(-returncode, portable=portable, python=python)}"
+    cure = remedy(returncode, engine, portable=portable, python=python)
+    return f"{exit_reason(returncode)}; {cure}" if cure else exit_reason(returncode)

@@ -22,13 +22,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rbee.engine import crash
-from rbee.engine.backends import VARIANT_ENV
+from rbee.engine.backends import VARIANT_ENV, require_installed
 from rbee.engine.build import Installed, installed
 from rbee.engine.cpu import Cpu, local_cpu
 from rbee.errors import EngineBuildError, RbeeError
@@ -74,8 +74,7 @@ class Verdict:
         """A short line for `fleet status` and narration; ``reason`` has the long form."""
         variant = f"CPU variant {self.variant}" if self.variant else "single build"
         how = "forced and proven" if self.forced else "proven"
-        ruled_out = ", ".join(f"{a.variant} ({a.outcome})" for a in self.tried)
-        return f"{variant}, {how}" + (f" after ruling out {ruled_out}" if ruled_out else "")
+        return f"{variant}, {how}" + (f" after ruling out {ruled_out(self.tried)}" if self.tried else "")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +86,10 @@ class Verdict:
         values["tokens"] = tuple(values.get("tokens", ()))
         values["tried"] = tuple(Attempt(**attempt) for attempt in values.get("tried", ()))
         return cls(**values)
+
+
+def ruled_out(tried: Sequence[Attempt]) -> str:
+    return ", ".join(f"{a.variant} ({a.outcome})" for a in tried)
 
 
 def verdict_path() -> Path:
@@ -155,9 +158,7 @@ def prove(model: Path, *, forced: str = "", child: ChildCommand | None = None, n
           timeout: float = CHILD_TIMEOUT_S, build: Installed | None = None, cpu: Cpu | None = None) -> Verdict:
     """Decode ``TOKENS`` tokens of ``model`` with each candidate variant, best first, until one
     does; ``forced`` tries only that one."""
-    build = build or installed()
-    if build is None:
-        raise EngineBuildError("llama-cpp-python is not installed; run scripts/setup (or python -m rbee.engine.build)")
+    build = build or require_installed()
     cpu = cpu or local_cpu()
     child = child or default_child()
     started = time.monotonic()
@@ -194,15 +195,13 @@ def prove(model: Path, *, forced: str = "", child: ChildCommand | None = None, n
     fix = crash.fix_for(tried[-1].signal, portable=build.portable, python=sys.executable)
     raise EngineBuildError(
         f"no CPU variant of {build.describe()} runs on this CPU ({cpu.model}: {cpu.summary()}); tried "
-        + ", ".join(f"{a.variant} ({a.outcome})" for a in tried) + f". Fix: {fix}"
+        f"{ruled_out(tried)}. Fix: {fix}"
     )
 
 
 def ensure(models_dir: Path, *, again: bool = False, forced: str = "", narrate: Narrate = lambda _: None) -> Verdict:
     """The kept verdict for this build and CPU, or a new proof (kept when it succeeds)."""
-    build = installed()
-    if build is None:
-        raise EngineBuildError("llama-cpp-python is not installed; run scripts/setup (or python -m rbee.engine.build)")
+    build = require_installed()
     cpu = local_cpu()
     kept = None if again else recorded(build, cpu)
     if kept is not None and (not forced or kept.variant == forced):
@@ -232,6 +231,18 @@ def child_scores() -> dict[str, int]:
     return scores(build) if build is not None else {}
 
 
+def greedy(llm: Any, prompt: str, n_tokens: int) -> Iterator[int]:
+    """Up to ``n_tokens`` greedy tokens of ``prompt`` from a loaded ``llama_cpp.Llama``, each as
+    llama.cpp samples it, ending early at an end-of-generation token."""
+    import llama_cpp
+
+    tokens = llm.tokenize(prompt.encode(), add_bos=True)
+    for count, token in enumerate(llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)):
+        if count >= n_tokens or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            return
+        yield int(token)
+
+
 def child_decode(model: Path, variant: str, n_tokens: int = TOKENS) -> dict[str, Any]:
     """Greedy tokens of ``PROMPT`` on the CPU with ``variant`` loaded ("" for a single build)."""
     from rbee.engine.backends import load
@@ -241,12 +252,7 @@ def child_decode(model: Path, variant: str, n_tokens: int = TOKENS) -> dict[str,
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, n_gpu_layers=0, verbose=False)
     try:
-        prompt = llm.tokenize(PROMPT.encode(), add_bos=True)
-        tokens: list[int] = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(tokens) >= n_tokens:
-                break
-            tokens.append(int(token))
+        tokens = list(greedy(llm, PROMPT, n_tokens))
         text = llm.detokenize(tokens).decode(errors="replace")
     finally:
         llm.close()

@@ -77,12 +77,23 @@ class EngineProof:
         narrate("engine", f"llama.cpp proven here: {verdict.line()}")
         return verdict
 
-    def explain_death(self, returncode: int | None) -> str:
-        """A worker's exit in words; for a signal, with the engine it ran and the fix."""
+    def _engine(self) -> tuple[str, bool] | None:
+        """What a worker of this hive runs, in words, and whether it is the portable build."""
         build = installed()
         if build is None:
-            return crash.exit_reason(returncode)
+            return None
         verdict = self.verdict
         variant = self.forced or (verdict.variant if verdict is not None else "")
-        engine = build.describe() + (f", CPU variant {variant}" if variant else "")
-        return crash.explain_worker_death(returncode, engine, portable=build.portable, python=self.python)
+        return build.describe() + (f", CPU variant {variant}" if variant else ""), build.portable
+
+    def remedy(self, returncode: int | None) -> str:
+        """For a worker killed by a signal: the engine it ran and the fix (crash.remedy); else ""."""
+        engine = self._engine()
+        return crash.remedy(returncode, engine[0], portable=engine[1], python=self.python) if engine else ""
+
+    def explain_death(self, returncode: int | None) -> str:
+        """A worker's exit in words; for a signal, with the engine it ran and the fix."""
+        engine = self._engine()
+        if engine is None:
+            return crash.exit_reason(returncode)
+        return crash.explain_worker_death(returncode, engine[0], portable=engine[1], python=self.python)

@@ -265,9 +265,8 @@ class Supervisor:
             await self.peers.remove(worker_id)
             secret_path.unlink(missing_ok=True)
             if isinstance(exc, StartupError):
-                why = exc.message
-                if not child.alive and (child.process.returncode or 0) < 0:
-                    why = f"{why}\n{self.death(record)}"
+                cure = self.engine.remedy(child.process.returncode)  # its exit is in the message already
+                why = f"{exc.message}\n{cure}" if cure else exc.message
                 raise StartupError(f"worker:{worker_id} could not load {spec.model_path}: {why}") from exc
             raise
         report = parse_wire(WorkerReport, ready, f"ready answer of worker:{worker_id}")

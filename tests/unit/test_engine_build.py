@@ -44,13 +44,13 @@ def test_a_build_without_cpu_modules_never_enters_the_cache(tmp_path: Path, monk
     wheel(native / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
           ["llama_cpp/lib/libllama.so", "llama_cpp/lib/libggml-cpu.so"])
     with pytest.raises(RuntimeError, match="no per-level CPU modules"):
-        build.finish_wheel("0.3.36", native)
+        build.finish_wheel("0.3.36", native, build.portable_folder("0.3.36"))
     assert build.cached_wheel("0.3.36") is None
     portable = tmp_path / "portable"
     portable.mkdir()
     wheel(portable / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
           ["llama_cpp/lib/libllama.so", "llama_cpp/lib/libggml-cpu-x64.so", "llama_cpp/lib/libggml-cpu-haswell.so"])
-    kept = build.finish_wheel("0.3.36", portable)
+    kept = build.finish_wheel("0.3.36", portable, build.portable_folder("0.3.36"))
     assert kept == build.cached_wheel("0.3.36") and build.wheel_is_portable(kept) and not portable.exists()
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -215,16 +212,10 @@ class Wheelhouse:
             return found
         narrate("wheelhouse", f"building llama-cpp-python {version} for every CPU of this platform "
                               f"({engine_build.cmake_args()}): minutes, once")
-        engine_build.cache_dir().mkdir(parents=True, exist_ok=True)
-        tmp = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix=f".build-{version}.", dir=engine_build.cache_dir()))
         try:
-            await _pip(engine_build.pip_wheel_args(version, tmp), f"building llama-cpp-python {version}",
-                       env=engine_build.build_env())
-            return await asyncio.to_thread(engine_build.finish_wheel, version, tmp)
-        except RuntimeError as exc:
+            return await asyncio.to_thread(engine_build.portable_wheel, version)
+        except (RuntimeError, OSError) as exc:
             raise WheelhouseError(str(exc)) from exc
-        finally:
-            await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def _mlx_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
         """mlx-lm and what it needs, resolved by pip for that platform (``mlx[cpu]`` on Linux).
@@ -268,10 +259,10 @@ def platform_args(target: Platform) -> list[str]:
     raise WheelhouseError(f"rbee cannot build a wheelhouse for {target.system}/{target.machine}")
 
 
-async def _pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+async def _pip(args: list[str], what: str) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     output, _ = await process.communicate()
     if process.returncode != 0:
