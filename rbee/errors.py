@@ -131,6 +131,10 @@ class DownloadError(ModelError):
     status = 502
 
 
+class DownloadInterruptedError(DownloadError):
+    """The connection kept failing: the bytes staged so far are kept, and the next pull resumes."""
+
+
 class DiskFullError(ModelError):
     code = "disk_full"
     status = 507

@@ -50,7 +50,8 @@ async def main(config: HiveConfig) -> int:
         asyncio.create_task(hive.supervisor.watch_heartbeats()),
         asyncio.create_task(
             send_heartbeats(
-                lambda: hive.queen, f"/v1/hives/{config.name}/heartbeat", payload, config.heartbeat_interval
+                lambda: hive.queen, f"/v1/hives/{config.name}/heartbeat", payload, config.heartbeat_interval,
+                on_lost=hive.queen_lost,
             )
         ),
     ]

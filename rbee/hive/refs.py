@@ -13,11 +13,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from rbee.config import DEFAULT_MODEL
 from rbee.errors import BadModelRefError
 
+#: The one rule for every name rbee gives a file or folder (catalog entries, staging dirs): it
+#: starts with a letter or digit, so ``.``, ``..`` and hidden names can never be one.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -39,9 +41,29 @@ class ModelRef:
         return self.value
 
 
-def _safe_relative(path: str, ref: str) -> str:
+def safe_name(name: str, what: str) -> str:
+    """``name`` if it passes the one rule, else a 400 naming ``what`` it came from."""
+    if not NAME.match(name):
+        raise BadModelRefError(f"{what}: {name!r} cannot name a model on disk; names start with a letter or digit "
+                               "and hold only letters, digits, '.', '_' and '-' (at most 128)")
+    return name
+
+
+def inside(parent: Path, *parts: str) -> Path:
+    """``parent/parts…``, proven (after resolving links) to lie strictly inside ``parent``
+    before anything is written to or removed from it."""
+    path = parent.joinpath(*parts)
+    if not path.resolve().is_relative_to(parent.resolve()) or path.resolve() == parent.resolve():
+        raise BadModelRefError(f"{'/'.join(parts)!r} would lead outside {parent}; rbee refuses it")
+    return path
+
+
+def safe_relative(path: str, ref: str) -> str:
+    """A file path inside a repo (from a ref or the Hub's listing): relative, no ``..`` or
+    hidden parts, each part a plain name."""
     pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts or path.startswith("~") or "\\" in path or "\x00" in path:
+    if (pure.is_absolute() or not pure.parts or any(part.startswith(".") for part in pure.parts)
+            or path.startswith("~") or "\\" in path or "\x00" in path or any(ord(c) < 32 for c in path)):
         raise BadModelRefError(f"model reference {ref!r}: the file part must be a plain relative path inside the repo")
     return str(pure)
 
@@ -56,7 +78,7 @@ def parse_ref(ref: str | None) -> ModelRef:
         if len(parts) != 2 or not all(REPO_PART.match(part) for part in parts):
             raise BadModelRefError(f"model reference {ref!r}: write hf:org/repo or hf:org/repo:file.gguf")
         if file:
-            file = _safe_relative(file, ref)
+            file = safe_relative(file, ref)
             if not file.endswith(".gguf"):
                 raise BadModelRefError(f"model reference {ref!r}: rbee loads .gguf files from the Hub")
         return ModelRef("hf", repo, file or None)
@@ -105,9 +127,10 @@ def is_mlx_repo(files: list[str]) -> bool:
 
 
 def entry_name(ref: ModelRef) -> str:
-    """The catalog name a provisioned model gets."""
+    """The catalog name a provisioned model gets, checked against the one name rule."""
     if ref.kind == "default":
         return DEFAULT_MODEL
-    if ref.kind == "hf" and ref.file:
-        return re.sub(r"[^A-Za-z0-9._-]", "-", PurePosixPath(ref.file).stem).lower()
-    return re.sub(r"[^A-Za-z0-9._-]", "-", ref.value.split("/")[-1]).lower()
+    if ref.kind == "name":
+        return safe_name(ref.value, "model name")
+    source = PurePosixPath(ref.file).stem if ref.kind == "hf" and ref.file else ref.value.split("/")[-1]
+    return safe_name(re.sub(r"[^A-Za-z0-9._-]", "-", source).lower(), f"model reference {str(ref)!r}")

@@ -5,6 +5,7 @@ provisioning, admission, relaying to a worker). Routes live in ``app.py``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,12 +21,15 @@ from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.placement import Memory, Sized, size_worker
 from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
 from rbee.link import events
+from rbee.link.auth import Callee, accepted, load_token
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
 from rbee.link.schemas import CatalogModel, HiveReport, JobRequest
+
+log = logging.getLogger(__name__)
 
 
 class Hive:
@@ -36,6 +40,10 @@ class Hive:
     ) -> None:
         self.config = config
         self.token = token
+        #: the secrets this hive accepts: its own, and on the queen's machine the owner's
+        self.keys: list[str] = accepted(token) if token else []
+        #: the queen's own host:port behind the forward its heartbeats go through
+        self.queen_address = ""
         self.supervisor = supervisor
         self.catalog = catalog
         self.metrics = Metrics(config.actor)
@@ -48,15 +56,36 @@ class Hive:
         if config.queen_url:
             self.set_queen(config.queen_url)
 
-    def set_queen(self, url: str) -> None:
-        """Where heartbeats go; the queen re-sends it after it re-opened an SSH forward.
-        The client it replaces is closed (its connections went with the old forward)."""
-        if self.queen is None or self.queen.base_url != url.rstrip("/"):
-            old, self.queen = self.queen, LinkClient(url, "queen", stall_timeout=10.0, token=self.token)
-            if old is not None:
-                task = asyncio.get_running_loop().create_task(old.aclose())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+    def set_queen(self, url: str, address: str = "", rotate: bool = False) -> None:
+        """Where heartbeats go; the queen re-sends it after it re-opened an SSH forward, with
+        its own ``address`` behind the forward (the queen proves itself bound to it on every
+        new connection before a beat carries this hive's secret). ``rotate``: the queen has
+        just replaced this hive's secret file over SFTP; read it now. The client it replaces
+        is closed (its connections went with the old forward)."""
+        if rotate:
+            self.token = load_token(home=self.config.home)
+            self.keys = accepted(self.token)
+        if rotate or self.queen is None or self.queen.base_url != url.rstrip("/") or address != self.queen_address:
+            self.queen_address = address
+            callee = Callee(self.token, address, peer=self.config.name) if self.token else None
+            old, self.queen = self.queen, LinkClient(url, "queen", stall_timeout=10.0, token=self.token, callee=callee)
+            self._close_later(old)
+
+    def queen_lost(self, reason: str) -> None:
+        """Heartbeats through an SSH forward kept failing: the forward is gone, and its port may
+        be taken by anyone on this host. Stop beating until the queen re-attaches (which tells
+        the new address and rotates the secret). A queen on this machine is beaten on: its
+        port is proven on every connection."""
+        if self.queen_address and self.queen is not None:
+            log.warning("%s: %s; no more heartbeats until the queen re-attaches", self.config.actor, reason)
+            old, self.queen = self.queen, None
+            self._close_later(old)
+
+    def _close_later(self, client: LinkClient | None) -> None:
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def worker_link(self, worker: WorkerRecord) -> Callable[[], LinkClient]:
         """The client for a job's worker, asked again when its stream must be resumed: a worker

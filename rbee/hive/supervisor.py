@@ -25,7 +25,7 @@ from rbee.engine.backends import VARIANT_ENV
 from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
 from rbee.hive.engine_proof import EngineProof
 from rbee.hive.placement import Sized
-from rbee.link.auth import ENV, write_secret
+from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.client import LinkClient
 from rbee.link.peers import Peer, PeerRegistry, PeerState
 from rbee.link.schemas import Load, WorkerReport, WorkerView, parse_wire
@@ -160,7 +160,7 @@ class Supervisor:
 
     def _connect(self, record: WorkerRecord) -> LinkClient:
         return LinkClient(record.url, record.actor, stall_timeout=self.config.stall_timeout,
-                          token=record.secret or self.token)
+                          token=record.secret or self.token, callee=Callee(record.secret) if record.secret else None)
 
     @property
     def workers(self) -> dict[str, WorkerRecord]:

@@ -16,9 +16,9 @@ import httpx
 
 from rbee.config import QueenConfig, ServeOptions, to_args
 from rbee.errors import LinkError, StartupError, UnprovenPeerError
-from rbee.link.auth import CHALLENGE, PROOF, bearer, proves
+from rbee.link.auth import CHALLENGE, PROOF, proves
 from rbee.link.spawn import Child, bind_loopback, spawn
-from rbee.link.transport import async_client
+from rbee.link.transport import async_client, dialled_address, secret_client
 
 
 @dataclass
@@ -43,11 +43,14 @@ async def queen_answers(url: str, timeout: float = 1.0, token: str | None = None
         role = None
     if role != "queen":
         return False
-    if token is None or proves(token, challenge, response.headers.get(PROOF)):
+    parts = urlsplit(url)
+    address = dialled_address(parts.hostname or "", parts.port or 80)
+    if token is None or proves(token, challenge, address, response.headers.get(PROOF)):
         return True
     raise UnprovenPeerError(
-        f"something at {url} answers as an rbee queen but cannot prove it holds your secret (RBEE_HOME/secret): "
-        "another user's queen, or an impostor. Nothing was sent to it. Point RBEE_QUEEN_URL elsewhere, or stop it"
+        f"something at {url} answers as an rbee queen but cannot prove it holds your secret (RBEE_HOME/secret) "
+        "and listens there itself: another user's queen, or an impostor relaying to yours. Nothing was sent to it. "
+        "Point RBEE_QUEEN_URL elsewhere, or stop it"
     )
 
 
@@ -111,7 +114,7 @@ async def stop_persistent(url: str, timeout: float = 30.0, token: str | None = N
     """Ask the queen at ``url`` to stop; wait until it no longer answers. False if none ran."""
     if not await queen_answers(url, token=token):  # proved first: the secret goes only to our queen
         return False
-    async with async_client(timeout=5.0, headers=bearer(token)) as http:
+    async with secret_client(token, timeout=5.0) as http:
         try:
             await http.post(f"{url}/v1/admin/shutdown")
         except httpx.HTTPError:

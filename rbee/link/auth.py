@@ -16,8 +16,14 @@ every fleet host the SSH forwards reach, can connect to 127.0.0.1. So:
 
 Secrets are compared in constant time, never logged, and never sent to a server that
 has not proved it knows them: a bare ``/health`` answers who is there, and with
-``X-Rbee-Challenge: NONCE`` also ``X-Rbee-Proof: HMAC(secret, NONCE)``, which the
-keeper checks first.
+``X-Rbee-Challenge: NONCE`` also ``X-Rbee-Proof: HMAC(secret, NONCE|ADDRESS)``, where
+ADDRESS is the ``host:port`` the server listens on, so a proof relayed from a queen on
+another port does not pass for this one. Every link client runs that challenge on each
+new connection before the first request (``rbee.link.transport``), so a port freed by a
+dead SSH forward or a stopped queen and taken by another user receives no secret. A
+caller that holds its own secret rather than the callee's (a hive calling its queen, a
+worker its hive) names itself in ``X-Rbee-Peer``, and the callee proves with that
+caller's secret.
 """
 
 from __future__ import annotations
@@ -29,18 +35,21 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from quart import Quart, Response, jsonify, request
 
 from rbee.config import rbee_home
-from rbee.errors import ConfigError
+from rbee.errors import ConfigError, RequestError
 
 ENV = "RBEE_TOKEN_FILE"
 OWNER_ENV = "RBEE_OWNER_TOKEN_FILE"
 SECRET_FILE = "secret"
 CHALLENGE = "X-Rbee-Challenge"
 PROOF = "X-Rbee-Proof"
+PEER = "X-Rbee-Peer"
 
 
 def load_token(env: Mapping[str, str] = os.environ, home: Path | None = None) -> str:
@@ -100,13 +109,25 @@ def bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def proof(token: str, challenge: str) -> str:
-    """What only a holder of ``token`` can answer to ``challenge``."""
-    return hmac.new(token.encode(), challenge.encode(), hashlib.sha256).hexdigest()
+def proof(token: str, challenge: str, address: str) -> str:
+    """What only a holder of ``token`` listening at ``address`` (host:port) answers to ``challenge``."""
+    return hmac.new(token.encode(), f"rbee-proof|{challenge}|{address}".encode(), hashlib.sha256).hexdigest()
 
 
-def proves(token: str, challenge: str, answer: str | None) -> bool:
-    return answer is not None and hmac.compare_digest(proof(token, challenge), answer)
+def proves(token: str, challenge: str, address: str, answer: str | None) -> bool:
+    return answer is not None and hmac.compare_digest(proof(token, challenge, address), answer)
+
+
+@dataclass(frozen=True)
+class Callee:
+    """Who a link client may send its secret to: a server that proves it holds ``key`` and
+    listens at ``address`` (host:port: the address dialled, or for an SSH forward the
+    callee's own address behind it). ``peer`` names the caller when ``key`` is the caller's
+    own secret (the callee proves with what it gave that caller)."""
+
+    key: str
+    address: str = ""
+    peer: str = ""
 
 
 def accepted(token: str, env: Mapping[str, str] = os.environ) -> list[str]:
@@ -117,10 +138,11 @@ def accepted(token: str, env: Mapping[str, str] = os.environ) -> list[str]:
     return [token, _read_private(Path(owner), OWNER_ENV)] if owner else [token]
 
 
-def write_secret(path: Path) -> str:
-    """A new secret for a peer this process launches, in a 0600 file (only its path travels)."""
+def write_secret(path: Path, secret: str | None = None) -> str:
+    """A new secret (or ``secret``) for a peer this process launches, in a 0600 file (only its
+    path travels)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = secrets.token_urlsafe(32)
+    secret = secret or secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
@@ -129,30 +151,79 @@ def write_secret(path: Path) -> str:
 
 
 PeerSecret = Callable[[], "str | None"]
+#: the secret a named caller was given (a hive's, by its name; a worker's, by its id)
+PeerKey = Callable[[str], "str | None"]
+#: a key that is not the owner's or a peer's (a scoped client key): None refuses it, a
+#: response refuses it with that answer, True lets the request through
+ClientCheck = Callable[[str], "Response | tuple[Response, int] | bool | None"]
 
 
-def install_auth(app: Quart, tokens: Sequence[str], role: str, peer_secret: PeerSecret | None = None) -> None:
-    """Refuse every request without one of ``tokens`` (401). ``peer_secret`` may name one more
-    secret for this request: a heartbeat route accepts the sending peer's own secret, so a hive
-    or worker proves who it is. ``GET /health`` without a secret answers only the role (a
-    liveness check), plus the proof of a challenge."""
-    expected = [f"Bearer {token}".encode() for token in tokens if token]
-    if not expected:
+def listen_address() -> str:
+    """The ``host:port`` this request reached the server on (its own socket, not a header)."""
+    server = request.scope.get("server") if hasattr(request, "scope") else None
+    if not server:
+        return ""
+    host, port = server[0], server[1]
+    return f"{host}:{port}"
+
+
+def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]], role: str,
+                 peer_secret: PeerSecret | None = None, peer_key: PeerKey | None = None,
+                 client: ClientCheck | None = None) -> None:
+    """Refuse every request without one of ``tokens`` (401); ``tokens`` may be a callable, for a
+    hive whose secret the queen rotates. ``peer_secret`` may name one more secret for this
+    request: a heartbeat route accepts the sending peer's own secret, so a hive or worker
+    proves who it is. ``client`` judges any other bearer key (the queen's scoped client keys).
+    ``GET /health`` without a secret answers only the role (a liveness check), plus the proof
+    of a challenge: with this server's own secret, or with the secret of the caller that
+    ``X-Rbee-Peer`` names (``peer_key``)."""
+    current = tokens if callable(tokens) else (lambda: tokens)
+    if not any(current()):
         return
 
     @app.before_request
-    async def _check() -> tuple[Response, int, dict[str, str]] | None:
+    async def _check() -> Response | tuple[Response, int] | tuple[Response, int, dict[str, str]] | None:
         given = request.headers.get("Authorization", "").encode()
-        if any(hmac.compare_digest(given, want) for want in expected):
+        if any(hmac.compare_digest(given, f"Bearer {token}".encode()) for token in current() if token):
             return None
         peer = peer_secret() if peer_secret is not None else None
         if peer and hmac.compare_digest(given, f"Bearer {peer}".encode()):
             return None
         if request.path == "/health" and request.method in ("GET", "HEAD"):
-            challenge = request.headers.get(CHALLENGE, "")[:200]
-            headers = {PROOF: proof(tokens[0], challenge)} if challenge else {}
-            return jsonify({"role": role}), 200, headers
+            return _health(role, current()[0], peer_key)
+        if client is not None and given.startswith(b"Bearer "):
+            verdict = client(given[7:].decode(errors="replace"))
+            if verdict is True:
+                return None
+            if verdict is not None and verdict is not False:
+                return verdict
         body = {"error": {"code": "unauthorized", "message": "every rbee request needs 'Authorization: Bearer "
-                          "<secret>'; the owner's secret is in RBEE_HOME/secret (`rbee queen key` prints it)",
-                          "type": "authentication_error"}}
+                          "<secret>'; the owner's secret is in RBEE_HOME/secret (`rbee queen key` prints it), "
+                          "a client's key comes from `rbee keys add`", "type": "authentication_error"}}
         return jsonify(body), 401, {"WWW-Authenticate": "Bearer"}
+
+
+def _health(role: str, own: str, peer_key: PeerKey | None) -> tuple[Response, int, dict[str, str]]:
+    challenge = request.headers.get(CHALLENGE, "")[:200]
+    headers: dict[str, str] = {}
+    if challenge:
+        asker = request.headers.get(PEER, "")[:200]
+        key = (peer_key(asker) if peer_key is not None and asker else None) or (None if asker else own)
+        if key:
+            headers[PROOF] = proof(key, challenge, listen_address())
+    return jsonify({"role": role}), 200, headers
+
+
+def loopback_url(url: object) -> str:
+    """``url`` if it is ``http://127.0.0.1:PORT`` exactly (parsed, not a prefix match: the
+    prefix ``http://127.0.0.1:1@10.9.9.9`` names another host), else a RequestError."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:
+        port = None
+    if (parts is None or parts.scheme != "http" or parts.hostname != "127.0.0.1" or parts.username is not None
+            or parts.password is not None or port is None or parts.path not in ("", "/") or parts.query
+            or parts.fragment or parts.netloc != f"127.0.0.1:{port}"):
+        raise RequestError('body must be {"url": "http://127.0.0.1:PORT"}: a queen reached over loopback')
+    return f"http://127.0.0.1:{port}"

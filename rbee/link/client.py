@@ -19,9 +19,9 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from rbee.errors import JobNotFoundError, LinkError, PeerError, RequestError, StallError
-from rbee.link.auth import bearer
+from rbee.link.auth import Callee
 from rbee.link.events import DONE_DATA, Event, EventFormatError
-from rbee.link.transport import async_client
+from rbee.link.transport import secret_client
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ class LinkClient:
         stall_timeout: float | None = 300.0,
         http: httpx.AsyncClient | None = None,
         token: str | None = None,
+        callee: Callee | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.peer = peer
         self.stall_timeout = stall_timeout
-        self._http = http or async_client(
-            base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout),
-            headers=bearer(token),
+        self._http = http or secret_client(
+            token, callee, base_url=self.base_url, timeout=httpx.Timeout(10.0, read=stall_timeout),
         )
         self._owns_http = http is None
 

@@ -75,6 +75,9 @@ class Peer(Generic[R]):
         self.beaten = asyncio.Event()
         #: the secret this peer was launched with: it proves itself with it, and is called with it
         self.secret: str | None = None
+        #: the peer's own host:port when it is reached through an SSH forward (its proofs are
+        #: bound to it); empty: the address dialled
+        self.address = ""
 
     @property
     def actor(self) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbee.errors import RequestError
+from rbee.link.bounds import grammar_problems, schema_problems
 
 MAX_PROMPT_CHARS = 200_000
 MAX_TOKENS_LIMIT = 32_768
@@ -117,6 +118,11 @@ class JobRequest(BaseModel):
         if self.response_format is not None and self.response_format.get("type") not in ("json_object",
                                                                                           "json_schema"):
             raise ValueError('response_format.type must be "json_object" or "json_schema"')
+        problems = (grammar_problems(self.grammar) if self.grammar is not None else
+                    schema_problems(self.response_format.get("schema"), "response_format.schema")
+                    if self.response_format is not None else [])
+        if problems:  # refused at every tier, before a worker's engine thread sees it
+            raise ValueError(f"rbee cannot enforce or bound this output constraint: {'; '.join(problems)}")
         return self
 
     @field_validator("stop", mode="before")

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 #: Request bodies above this are refused with 413 before they are read whole.
 MAX_BODY_BYTES = 1024 * 1024
+#: arrays and objects nested deeper than this are a 400: a schema's own bound is 32 levels
+MAX_JSON_DEPTH = 64
+TOO_DEEP = object()
 
 PING_FRAME = b": ping\n\n"  # an SSE comment: resets the peer's read deadline, carries no event
 
@@ -65,9 +68,28 @@ async def read_json_body() -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        body = TOO_DEEP  # nested deeper than Python's parser goes: refused below with the bound
+    if body is TOO_DEEP or json_depth(body) > MAX_JSON_DEPTH:
+        raise RequestError(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep; "
+                           "no rbee request needs that")
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value``, without recursion of its own."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+            pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 async def sse_response(frames: AsyncIterator[bytes]) -> Response:

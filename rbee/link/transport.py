@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import select
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import Any
 
+import h11
 import httpcore
 import httpx
+
+from rbee.errors import UnprovenPeerError
+from rbee.link.auth import CHALLENGE, PEER, PROOF, Callee, bearer, proves
 
 #: Most one read hands back; SSE frames are far smaller, a model list may be larger.
 READ_LIMIT = 1 << 20
@@ -80,6 +85,12 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """``callee``: every new connection first proves that the server holds the callee's key
+    (rbee.link.auth), before httpcore sends a request with a secret on it."""
+
+    def __init__(self, callee: Callee | None = None) -> None:
+        self.callee = callee
+
     async def connect_tcp(
         self,
         host: str,
@@ -95,7 +106,50 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         sock = stream.get_extra_info("socket")
         for option in socket_options or ():
             sock.setsockopt(*option)
+        if self.callee is not None:
+            try:
+                await prove_callee(stream, host, port, self.callee, timeout)
+            except BaseException:
+                await stream.aclose()
+                raise
         return stream
+
+
+async def prove_callee(stream: httpcore.AsyncNetworkStream, host: str, port: int, callee: Callee,
+                       timeout: float | None) -> None:
+    """``GET /health`` with a fresh challenge on this connection; the answer must be the proof
+    of ``callee.key`` bound to the callee's address, else UnprovenPeerError and nothing is sent.
+    The connection stays open (HTTP/1.1 keep-alive) for the requests that follow."""
+    challenge = secrets.token_hex(16)
+    address = callee.address or dialled_address(host, port)
+    conn = h11.Connection(h11.CLIENT)
+    headers = [("Host", f"{host}:{port}"), (CHALLENGE, challenge)] + ([(PEER, callee.peer)] if callee.peer else [])
+    await stream.write(conn.send(h11.Request(method="GET", target="/health", headers=headers))
+                       + conn.send(h11.EndOfMessage()), timeout)
+    answer: str | None = None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.read(READ_LIMIT, timeout)
+            conn.receive_data(data)
+            if not data and conn.their_state is not h11.DONE:
+                break
+        elif isinstance(event, h11.Response):
+            answer = dict((k.decode().lower(), v.decode()) for k, v in event.headers).get(PROOF.lower())
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    if not proves(callee.key, challenge, address, answer):
+        raise UnprovenPeerError(
+            f"the server at {host}:{port} did not prove it holds the secret for {address} (another user's "
+            "process on a freed port, a relay, or a peer that was restarted with a new secret); nothing was sent to it"
+        )
+    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        raise httpcore.ConnectError(f"{host}:{port} closed the connection after proving itself")
+
+
+def dialled_address(host: str, port: int) -> str:
+    """The address a proof is bound to when the callee is dialled directly."""
+    return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -169,11 +223,11 @@ class LinkTransport(httpx.AsyncBaseTransport):
     """An httpx transport on an httpcore connection pool that uses :class:`AsyncioBackend`,
     built from the public APIs of both (httpx's own transport offers no backend argument)."""
 
-    def __init__(self, limits: httpx.Limits | None = None) -> None:
+    def __init__(self, limits: httpx.Limits | None = None, callee: Callee | None = None) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
         self._pool = httpcore.AsyncConnectionPool(
             max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry, network_backend=AsyncioBackend(),
+            keepalive_expiry=limits.keepalive_expiry, network_backend=AsyncioBackend(callee),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -193,9 +247,18 @@ class LinkTransport(httpx.AsyncBaseTransport):
         await self._pool.aclose()
 
 
-def async_client(**kwargs: Any) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` (same arguments) whose connections use :class:`AsyncioBackend`.
+def async_client(callee: Callee | None = None, **kwargs: Any) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` (same arguments) whose connections use :class:`AsyncioBackend`,
+    each proving ``callee`` first when given (every client that carries a secret gives one).
 
     Proxy variables are ignored: rbee only talks to its own tiers, on loopback or through
     the SSH forward, and an HTTP(S)_PROXY meant for downloads must not capture that."""
-    return httpx.AsyncClient(transport=LinkTransport(), trust_env=False, **kwargs)
+    return httpx.AsyncClient(transport=LinkTransport(callee=callee), trust_env=False, **kwargs)
+
+
+def secret_client(token: str | None, callee: Callee | None = None, **kwargs: Any) -> httpx.AsyncClient:
+    """A client that sends ``token`` only to a server that proves it holds it (``callee``:
+    where the proof must come from when that is not simply the address dialled)."""
+    if not token:
+        return async_client(**kwargs)
+    return async_client(callee=callee or Callee(token), headers=bearer(token), **kwargs)

@@ -31,7 +31,11 @@ def create_app(queen: Queen) -> Quart:
         peer = queen.hives.get(str((request.view_args or {}).get("name", "")))
         return peer.secret if peer is not None else None
 
-    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret)
+    def hive_key(name: str) -> str | None:
+        peer = queen.hives.get(name)
+        return peer.secret if peer is not None else None
+
+    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key)
 
     make_producer = request_producer(queen.run_job)
 

@@ -26,13 +26,14 @@ class HiveRegistry(PeerRegistry[HivePeer]):
         peer = self.get(name)
         return peer if peer is not None else self.add(Peer("hive", name, reason="known from the inventory"))
 
-    def launched(self, name: str, url: str, secret: str | None = None) -> HivePeer:
-        """A hive was (re)launched or re-attached at ``url`` (maybe a tunnel) with ``secret``:
-        wait for its beat."""
+    def launched(self, name: str, url: str, secret: str | None = None, address: str = "") -> HivePeer:
+        """A hive was (re)launched or re-attached at ``url`` (maybe a tunnel to ``address`` on its
+        host) with ``secret``: wait for its beat."""
         peer = self.peer(name)
-        if secret is not None and secret != peer.secret:
-            peer.secret = secret
-            self.drop_client(peer)  # a client with the old secret must not be reused
+        if (secret is not None and secret != peer.secret) or address != peer.address:
+            peer.secret = secret if secret is not None else peer.secret
+            peer.address = address
+            self.drop_client(peer)  # a client with the old secret or address must not be reused
         self.set_url(peer, url)
         if not peer.serving:
             peer.set_state(PeerState.STARTING, f"launched at {url}")

@@ -16,8 +16,9 @@ import psutil
 
 from rbee import inventory
 from rbee.config import DEFAULT_MODEL, LOCAL_NODE, HiveConfig, QueenConfig
-from rbee.errors import NodeDownError, UnknownNodeError
+from rbee.errors import NodeDownError, UnknownNodeError, UnprovenPeerError
 from rbee.link import events
+from rbee.link.auth import Callee
 from rbee.link.client import LinkClient
 from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
@@ -70,8 +71,13 @@ class Queen:
             self.fleet.inventory = self.load_inventory(path)
 
     def _connect(self, hive: HivePeer) -> LinkClient:
-        return LinkClient(hive.url, hive.actor, stall_timeout=self.config.stall_timeout,
-                          token=hive.secret or self.token)
+        """A hive is called with its own secret, once it proved it holds it; never with the
+        owner's key, which no remote host may see."""
+        if hive.secret is None and self.token:
+            raise UnprovenPeerError(f"this queen holds no secret for {hive.actor} (its launch record is gone); "
+                                    f"relaunch it: rbee fleet down --node {hive.name} && rbee fleet up")
+        return LinkClient(hive.url, hive.actor, stall_timeout=self.config.stall_timeout, token=hive.secret,
+                          callee=Callee(hive.secret, hive.address) if hive.secret else None)
 
     def client_for(self, hive: HivePeer) -> LinkClient:
         return self.hives.client(hive)

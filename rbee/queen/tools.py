@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rbee.errors import RequestError
-from rbee.worker.structured import unenforceable
+from rbee.worker.structured import refuse_schema
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: the Hermes/Qwen form, written by models whose template describes tools that way
@@ -78,7 +78,7 @@ class ToolPlan:
             try:
                 chosen = json.loads(match.group(1))
                 name, arguments = chosen["name"], chosen.get("arguments", {})
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
             if any(f.name == name for f in self.functions):
                 found.append(call(name, arguments if isinstance(arguments, str) else json.dumps(arguments)))
@@ -130,10 +130,7 @@ def _function(index: int, tool: Any) -> Function:
     parameters = spec.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):
         raise RequestError(f"{where}.function.parameters: must be a JSON schema object")
-    refused = unenforceable(parameters, f"{where}.function.parameters")
-    if refused:
-        raise RequestError(f"the arguments' schema uses something rbee cannot enforce: {', '.join(refused)}. "
-                           "Leave it out, or express it with enum, pattern or lengths")
+    refuse_schema(parameters, "the arguments' schema", f"{where}.function.parameters")
     if parameters.get("type", "object") != "object":
         raise RequestError(f"{where}.function.parameters: the arguments must be an object (type: object)")
     return Function(name, str(spec.get("description") or ""), {"type": "object", **parameters})

@@ -9,7 +9,7 @@ import sys
 
 from rbee.config import WorkerConfig, from_args
 from rbee.errors import RbeeError
-from rbee.link.auth import load_token
+from rbee.link.auth import Callee, load_token
 from rbee.link.client import LinkClient
 from rbee.link.heartbeat import send_heartbeats
 from rbee.link.jobs import JobRegistry
@@ -31,7 +31,8 @@ async def main(config: WorkerConfig) -> int:
     registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace)
     token = load_token()
     app = create_app(config, runner, registry, stop, token)
-    hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0, token=token)
+    hive = LinkClient(config.hive_url, "hive", stall_timeout=10.0, token=token,
+                      callee=Callee(token, peer=config.worker_id))  # the hive proves it spawned us
     failure: list[str] = []
 
     async def load() -> None:

@@ -11,37 +11,7 @@ import json
 from typing import Any
 
 from rbee.errors import RequestError
-
-#: keywords llama-cpp-python's converter turns into grammar; others would be silently ignored
-ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-    "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength", "pattern", "format",
-})
-#: keywords that say nothing about which JSON is valid
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "$defs", "definitions",
-    "deprecated", "readOnly", "writeOnly",
-})
-
-
-def unenforceable(schema: Any, path: str = "schema") -> list[str]:
-    """Where ``schema`` uses a keyword the grammar cannot enforce (``schema.properties.zip.maximum``)."""
-    found: list[str] = []
-    if isinstance(schema, list):
-        for index, item in enumerate(schema):
-            found += unenforceable(item, f"{path}[{index}]")
-        return found
-    if not isinstance(schema, dict):
-        return found
-    for key, value in schema.items():
-        if key not in ENFORCED and key not in ANNOTATIONS:
-            found.append(f"{path}.{key}")
-        elif key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            for name, sub in value.items():
-                found += unenforceable(sub, f"{path}.{key}.{name}")
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            found += unenforceable(value, f"{path}.{key}")
-    return found
+from rbee.link.bounds import grammar_problems, schema_problems
 
 
 def grammar_for(response_format: dict[str, Any]) -> str:
@@ -54,15 +24,27 @@ def grammar_for(response_format: dict[str, Any]) -> str:
     schema = response_format.get("schema")
     if kind != "json_schema" or not isinstance(schema, dict):
         raise RequestError('response_format must be {"type": "json_object"} or {"type": "json_schema", "schema": {…}}')
-    refused = unenforceable(schema)
-    if refused:
-        raise RequestError(f"response_format: the JSON schema uses something rbee cannot enforce: "
-                           f"{', '.join(refused)}. Leave it out, or express it with enum, pattern or lengths")
+    refuse_schema(schema, "response_format")
     try:
         grammar = str(json_schema_to_gbnf(json.dumps(schema)))
-    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
         raise RequestError(f"response_format: the JSON schema uses something rbee cannot enforce: {exc}") from exc
+    refuse_grammar(grammar, "response_format: the JSON schema's grammar")
     return strict_strings(grammar)
+
+
+def refuse_schema(schema: Any, what: str, path: str = "schema") -> None:
+    """A 400 naming every place ``schema`` cannot be enforced or is too big (rbee.link.bounds)."""
+    refused = schema_problems(schema, path)
+    if refused:
+        raise RequestError(f"{what}: the JSON schema uses something rbee cannot enforce or bound: "
+                           f"{', '.join(refused)}. Leave it out, or express it with enum, pattern or smaller lengths")
+
+
+def refuse_grammar(grammar: str, what: str = "grammar") -> None:
+    problems = grammar_problems(grammar)
+    if problems:
+        raise RequestError(f"{what} is too large or too deep for the engine: {'; '.join(problems)}")
 
 
 #: the converter's string character: anything but a quote or a backslash, raw control characters included

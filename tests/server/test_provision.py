@@ -252,3 +252,81 @@ def test_a_model_of_another_repo_with_the_same_file_name_is_never_served_in_its_
     with pytest.raises(BadModelRefError, match=r"already holds hf:acme/tiny-GGUF:tiny-Q4_K_M\.gguf"):
         catalog.resolve("hf:mallory/x:tiny-Q4_K_M.gguf", Recorder())
     assert catalog.resolve("hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf", Recorder()).path == genuine.path
+
+
+def test_a_ref_whose_file_stem_is_dot_dot_cannot_delete_the_catalog(hub: Any, tmp_path: Path) -> None:
+    """Issue 23.1: `...gguf` has the stem `..`; as a catalog name its staging dir was the models
+    root, and the cleanup after the download removed every model."""
+    server, repo = hub
+    repo.files["...gguf"] = repo.files["tiny-Q8_0.gguf"]
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    kept = catalog.resolve("hf:acme/tiny-GGUF:tiny-Q8_0.gguf", Recorder())
+    for ref in ("hf:acme/tiny-GGUF:...gguf", "hf:acme/tiny-GGUF:sub/...gguf", "hf:acme/tiny-GGUF:.hidden.gguf"):
+        with pytest.raises(BadModelRefError):
+            catalog.resolve(ref, Recorder())
+    assert kept.path.is_file() and catalog.get(kept.name) is not None
+    assert catalog_files(tmp_path / "models") == ["tiny-q8_0/manifest.json", "tiny-q8_0/tiny-Q8_0.gguf"]
+
+
+def test_a_hub_listing_that_names_a_dot_dot_file_is_refused(hub: Any, tmp_path: Path) -> None:
+    """A whole-repo ref picks a file from the Hub's listing: that name obeys the same rule."""
+    server, _ = hub
+    server.repos["mallory/dots"] = Repo(files={"...Q4_K_M.gguf": b"GGUF" + b"\0" * 64})
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "precious").write_text("keep me")
+    with pytest.raises(BadModelRefError):
+        catalog.resolve("hf:mallory/dots", Recorder())
+    assert (tmp_path / "models" / "precious").read_text() == "keep me"
+
+
+def test_two_refs_with_one_file_stem_never_share_a_download(hub: Any, tmp_path: Path, gguf_bytes: bytes) -> None:
+    """Issue 23.2: both refs map to catalog name `tiny-q8_0`; the second waits for the first's
+    claim on that name and is then refused, and the first's file is intact."""
+    import threading
+
+    server, repo = hub
+    server.repos["other/repo"] = Repo(files={"tiny-Q8_0.gguf": gguf_bytes})
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the first download stalls inside its staging dir until released
+        started.set()
+        release.wait(10)
+
+    repo.on_get = hold
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    results: dict[str, Any] = {}
+
+    def resolve(ref: str) -> None:
+        try:
+            results[ref] = catalog.resolve(ref, Recorder())
+        except Exception as exc:  # collected and checked below
+            results[ref] = exc
+
+    first = threading.Thread(target=resolve, args=("hf:acme/tiny-GGUF:tiny-Q8_0.gguf",))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=resolve, args=("hf:other/repo:tiny-Q8_0.gguf",))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive(), "the second ref must wait for the first's claim on the name"
+    release.set()
+    first.join(10)
+    second.join(10)
+    entry = results["hf:acme/tiny-GGUF:tiny-Q8_0.gguf"]
+    assert entry.path.read_bytes() == gguf_bytes
+    assert isinstance(results["hf:other/repo:tiny-Q8_0.gguf"], BadModelRefError)
+    assert not list((tmp_path / "models" / ".staging").iterdir())
+
+
+def test_a_whole_repo_ref_is_never_answered_by_another_repos_planted_file(hub: Any, tmp_path: Path,
+                                                                          gguf_bytes: bytes) -> None:
+    """Issue 23.3: `hf:acme/tiny-GGUF` must not be served by mallory's `tiny-GGUF.gguf`, whose
+    stem is the repo's name."""
+    server, _ = hub
+    server.repos["mallory/plant"] = Repo(files={"tiny-GGUF.gguf": gguf_bytes})
+    catalog = ModelCatalog(tmp_path / "models", HubDownloader(endpoint=server.url))
+    planted = catalog.resolve("hf:mallory/plant:tiny-GGUF.gguf", Recorder())
+    assert planted.name == "tiny-gguf"
+    entry = catalog.resolve("hf:acme/tiny-GGUF", Recorder())
+    assert entry.ref == "hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf" and entry.path != planted.path

@@ -9,8 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
-from quart import Quart, request
+from quart import Quart, Response, request
 
 from rbee.config import HiveConfig, QueenConfig, WorkerConfig
 from rbee.errors import ConfigError, UnprovenPeerError
@@ -19,7 +20,8 @@ from rbee.hive.models import ModelCatalog
 from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor
 from rbee.keeper.session import queen_answers, stop_persistent
-from rbee.link.auth import CHALLENGE, PROOF, load_token, proves
+from rbee.link.auth import CHALLENGE, PROOF, Callee, load_token, proves
+from rbee.link.client import LinkClient
 from rbee.link.jobs import JobRegistry, new_job_id
 from rbee.queen.app import create_app as queen_app
 from rbee.queen.fleet.ssh import Command
@@ -99,13 +101,96 @@ def test_the_secret_is_made_private_at_first_need(tmp_path: Path) -> None:
     assert home.stat().st_mode & 0o777 == 0o700
 
 
-async def test_health_proves_the_secret_without_revealing_it(tmp_path: Path) -> None:
-    client = apps(tmp_path)["queen"].test_client()
-    response = await client.get("/health", headers={CHALLENGE: "nonce-1"})
-    assert response.status_code == 200 and await response.get_json() == {"role": "queen"}
-    assert proves(TOKEN, "nonce-1", response.headers.get(PROOF))
-    assert not proves("another-secret-0123456789", "nonce-1", response.headers.get(PROOF))
+async def test_health_proves_the_secret_and_its_own_address_without_revealing_it(tmp_path: Path) -> None:
+    async with served(apps(tmp_path)["queen"]) as url, httpx.AsyncClient(base_url=url) as http:
+        response = await http.get("/health", headers={CHALLENGE: "nonce-1"})
+    address = url.removeprefix("http://")
+    assert response.status_code == 200 and response.json() == {"role": "queen"}
+    assert proves(TOKEN, "nonce-1", address, response.headers.get(PROOF))
+    assert not proves("another-secret-0123456789", "nonce-1", address, response.headers.get(PROOF))
+    assert not proves(TOKEN, "nonce-1", "127.0.0.1:7833", response.headers.get(PROOF))  # bound to its port
     assert TOKEN not in str(response.headers)
+
+
+def relay_to(target: str, seen: list[dict[str, str]]) -> Quart:
+    """Another user's server on the port the keeper dials, relaying every request to the
+    owner's real queen on another port (issue 23.7), and recording what it receives."""
+    relay = Quart(__name__)
+
+    @relay.route("/<path:path>", methods=["GET", "POST"])
+    async def anything(path: str) -> Any:
+        seen.append(dict(request.headers))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with httpx.AsyncClient(base_url=target) as http:
+            answer = await http.request(request.method, f"/{path}", headers=headers, content=await request.get_data())
+        keep = {k: v for k, v in answer.headers.items() if k.lower().startswith("x-rbee")}
+        return Response(answer.content, answer.status_code, keep, content_type="application/json")
+
+    return relay
+
+
+async def test_a_proof_relayed_from_the_real_queen_on_another_port_is_refused(tmp_path: Path) -> None:
+    seen: list[dict[str, str]] = []
+    async with served(apps(tmp_path)["queen"]) as real, served(relay_to(real, seen)) as impostor:
+        assert await queen_answers(real, token=TOKEN)
+        with pytest.raises(UnprovenPeerError, match="relaying"):
+            await queen_answers(impostor, token=TOKEN)
+        async with LinkClient(impostor, "queen", token=TOKEN) as client:
+            with pytest.raises(UnprovenPeerError, match="nothing was sent"):
+                await client.request_json("GET", "/v1/status")
+    assert seen and all(TOKEN not in str(headers) for headers in seen)
+
+
+async def test_every_link_client_proves_its_callee_on_each_connection_before_the_secret(tmp_path: Path) -> None:
+    """Issue 23.6: a port freed by a dropped SSH forward or a stopped queen, then taken by
+    another user, must receive no secret. A link client proves the server first."""
+    seen: list[dict[str, str]] = []
+    impostor = Quart(__name__)
+
+    @impostor.route("/<path:path>", methods=["GET", "POST"])
+    async def anything(path: str) -> Any:
+        seen.append(dict(request.headers))
+        return {"role": "queen", "ok": True}
+
+    async with served(impostor) as url:
+        hive_side = LinkClient(url, "queen", token=TOKEN, callee=Callee(TOKEN, peer="localhost"))
+        async with hive_side:
+            with pytest.raises(UnprovenPeerError):
+                await hive_side.request_json("POST", "/v1/hives/localhost/heartbeat", {"x": 1})
+    assert seen and all(TOKEN not in str(headers) for headers in seen)
+    assert all(set(h) >= {"X-Rbee-Challenge"} and "Authorization" not in h for h in seen)
+
+
+async def test_the_queen_proves_itself_to_a_hive_with_that_hives_secret(tmp_path: Path) -> None:
+    queen = Queen(QueenConfig(home=tmp_path / "q"), "http://127.0.0.1:7833", TOKEN)
+    hive_secret = "hive-secret-0123456789abcdef"
+    queen.hives.launched("bee", "http://127.0.0.1:9", hive_secret)
+    async with served(queen_app(queen)) as url:
+        beat = LinkClient(url, "queen", token=hive_secret, callee=Callee(hive_secret, peer="bee"))
+        stranger = LinkClient(url, "queen", token=hive_secret, callee=Callee(hive_secret, peer="wasp"))
+        async with beat, stranger:
+            answer = await beat.request_json("GET", "/health")
+            assert answer == {"role": "queen"}  # proven, then the request went through
+            with pytest.raises(UnprovenPeerError):  # the queen gave no hive "wasp" that secret
+                await stranger.request_json("GET", "/health")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1@10.9.9.9", "http://127.0.0.1:1@10.9.9.9:80",
+                                 "http://127.0.0.1:80/../x", "http://127.0.0.1.evil:80", "https://127.0.0.1:80"])
+async def test_the_hive_takes_only_a_loopback_queen_url_parsed_not_prefixed(tmp_path: Path, url: str) -> None:
+    """Issue 23.8: ``startswith("http://127.0.0.1:")`` let ``http://127.0.0.1:1@10.9.9.9`` through."""
+    client = apps(tmp_path)["hive"].test_client()
+    response = await client.post("/v1/admin/queen", json={"url": url}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 400, await response.get_data()
+
+
+async def test_the_queen_never_calls_a_remote_hive_with_the_owners_key(tmp_path: Path) -> None:
+    """Issue 23.10: a hive whose secret is missing was called with the owner's key."""
+    queen = Queen(QueenConfig(home=tmp_path / "q"), "http://127.0.0.1:7833", TOKEN)
+    peer = queen.hives.launched("bee", "http://127.0.0.1:9")
+    assert peer.secret is None
+    with pytest.raises(UnprovenPeerError, match="holds no secret for hive:bee"):
+        queen.client_for(peer)
 
 
 async def test_the_keeper_sends_nothing_to_a_queen_that_cannot_prove_itself(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rbee.errors import RequestError
-from rbee.worker.structured import grammar_for, unenforceable
+from rbee.link.bounds import schema_problems as unenforceable
+from rbee.worker.structured import grammar_for
 
 
 def test_enforced_and_annotation_keywords_pass() -> None:

@@ -64,7 +64,7 @@ class Fleet:
         return host
 
     def _reconnected(self, host: RemoteHost) -> None:
-        hive = self.registry.launched(host.name, host.hive_url, host.secret)
+        hive = self.registry.launched(host.name, host.hive_url, host.secret, host.hive_address)
         if hive.serving:
             hive.last_beat = time.monotonic()  # its beats resume through the new forward: a fresh count
 
@@ -154,10 +154,10 @@ class Fleet:
             if hive.get("alive"):
                 if host.hive_port is None or not self.registry.serving(entry.name):
                     await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-                    self.registry.launched(entry.name, host.hive_url, host.secret)
+                    self.registry.launched(entry.name, host.hive_url, host.secret, host.hive_address)
             else:
                 await host.launch(say)
-                self.registry.launched(entry.name, host.hive_url, host.secret)
+                self.registry.launched(entry.name, host.hive_url, host.secret, host.hive_address)
             await self._preload(entry, await self.wait_heartbeat(entry.name), say)
             return step
 
@@ -254,7 +254,7 @@ class Fleet:
         hive = probe.hive or {}
         if hive.get("alive") and host.secret is not None:
             await host.attach(int(str(hive["url"]).rsplit(":", 1)[1]))
-            self.registry.launched(name, host.hive_url, host.secret)
+            self.registry.launched(name, host.hive_url, host.secret, host.hive_address)
 
     # on demand ----------------------------------------------------------------------------
 

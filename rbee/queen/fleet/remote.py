@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import posixpath
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,11 @@ from rbee import __version__
 from rbee.config import HiveConfig, ServeOptions, to_args
 from rbee.engine import build as engine_build
 from rbee.engine.proof import Verdict
-from rbee.errors import RemoteCommandError, RequestError, SshError, WheelhouseError
+from rbee.errors import RemoteCommandError, RequestError, SshError, UnprovenPeerError, WheelhouseError
 from rbee.inventory import HiveEntry, SshSection
-from rbee.link.auth import ENV, bearer, write_secret
+from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.schemas import HostProbe, parse_wire
-from rbee.link.transport import async_client
+from rbee.link.transport import secret_client
 from rbee.queen.fleet.plan import InstallPath
 from rbee.queen.fleet.remote_script import SCRIPT
 from rbee.queen.fleet.ssh import Command, connect, run
@@ -108,14 +109,14 @@ class RemoteHost:
                     self.conn = await connect(self.entry, self.ssh)
                     if self.hive_port is not None:
                         await self._open_forwards(self.hive_port)
-                        await self._tell_hive_queen_url()
+                        await self._tell_hive_queen_url(rotate=True)
                     self.reconnects += 1
                     log.info("%s: reconnected (%d)", self.actor, self.reconnects)
                     if self.on_reconnect is not None:
                         self.on_reconnect(self)
                     self.link_lost_at = None
                     break
-                except (SshError, OSError, asyncssh.Error, httpx.HTTPError) as exc:
+                except (SshError, OSError, asyncssh.Error, httpx.HTTPError, UnprovenPeerError) as exc:
                     log.info("%s: reconnect failed (%s); next try in %.1f s", self.actor, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -252,7 +253,7 @@ class RemoteHost:
         output = await run(conn, command, what=f"{self.actor}: starting the hive", timeout=90)
         state = json.loads(output.strip().splitlines()[-1])
         self.launched_here = True
-        await self.attach(int(state["url"].rsplit(":", 1)[1]))
+        await self.attach(int(state["url"].rsplit(":", 1)[1]), rotate=False)
 
     def _read_secret(self) -> str | None:
         if self.secret_path is None:
@@ -262,21 +263,27 @@ class RemoteHost:
         except OSError:
             return None
 
-    async def _push_token(self, conn: asyncssh.SSHClientConnection) -> str:
+    async def _push_token(self, conn: asyncssh.SSHClientConnection, secret: str | None = None) -> str:
         """The hive's secret reaches the host in a 0600 file over SFTP; only its path is on a command line."""
         path = self._path("token")
         async with conn.start_sftp_client() as sftp:
             await sftp.makedirs(self.home, exist_ok=True)
             async with sftp.open(path, "w", asyncssh.SFTPAttrs(permissions=0o600)) as handle:
-                await handle.write(str(self.secret))
+                await handle.write(str(secret or self.secret))
             await sftp.chmod(path, 0o600)
         return path
 
-    async def attach(self, hive_port: int) -> None:
-        """Tunnel to a hive already running on the host (after a queen restart or a re-run)."""
+    @property
+    def hive_address(self) -> str:
+        """The hive's own address on its host, behind the local forward: its proofs are bound to it."""
+        return f"127.0.0.1:{self.hive_port}" if self.hive_port is not None else ""
+
+    async def attach(self, hive_port: int, rotate: bool = True) -> None:
+        """Tunnel to a hive already running on the host (after a queen restart or a re-run);
+        a re-attach rotates its secret (the old one may have gone to a port someone else took)."""
         self.hive_port = hive_port
         await self._open_forwards(hive_port)
-        await self._tell_hive_queen_url()
+        await self._tell_hive_queen_url(rotate=rotate)
 
     async def _open_forwards(self, hive_port: int) -> None:
         conn = await self.connected()
@@ -289,10 +296,20 @@ class RemoteHost:
         self.hive_url = f"http://127.0.0.1:{local.get_port()}"
         self.queen_url_there = f"http://127.0.0.1:{remote.get_port()}"
 
-    async def _tell_hive_queen_url(self) -> None:
-        async with async_client(base_url=self.hive_url, timeout=10, headers=bearer(self.secret)) as http:
-            response = await http.post("/v1/admin/queen", json={"url": self.queen_url_there})
+    async def _tell_hive_queen_url(self, rotate: bool) -> None:
+        """Tell the hive where its queen is now (the new remote forward, and the queen's own
+        address behind it), once the hive proved it holds its secret. With ``rotate``, a new
+        secret goes to the host over SFTP first and the hive switches to it in this call."""
+        fresh = secrets.token_urlsafe(32) if rotate and self.secret and self.secret_path is not None else None
+        if fresh is not None:
+            await self._push_token(await self.connected(), fresh)
+        callee = Callee(self.secret, self.hive_address) if self.secret else None
+        async with secret_client(self.secret, callee, base_url=self.hive_url, timeout=10) as http:
+            response = await http.post("/v1/admin/queen", json={
+                "url": self.queen_url_there, "address": f"127.0.0.1:{self.queen_port}", "rotate": fresh is not None})
             response.raise_for_status()
+        if fresh is not None and self.secret_path is not None:
+            self.secret = write_secret(self.secret_path, fresh)
 
     async def stop_hive(self, grace: float = 20.0) -> bool:
         """Stop the hive (it stops its workers first). True if one was running."""

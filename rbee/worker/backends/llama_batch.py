@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.errors import RbeeError, RequestError
+from rbee.link.bounds import ENGINE_STACK_BYTES
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
 from rbee.worker.backends.engine_queue import EngineQueue
@@ -98,8 +99,7 @@ class BatchEngine(EngineQueue[Sequence]):
         self.slots = SlotTable(slots, self.n_ctx)
         self.active: dict[int, Sequence] = {}
         self._piece = ctypes.create_string_buffer(256)
-        self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
-        self._thread.start()
+        self._thread = start_with_stack(self._run, "batch-engine", ENGINE_STACK_BYTES)
 
     # the event loop's side ---------------------------------------------------------------
 
@@ -327,3 +327,19 @@ def special_tokens(llama_cpp: Any, vocab: Any, texts: tuple[str, ...]) -> list[i
         if llama_cpp.llama_vocab_get_attr(vocab, ids[0]) & special:
             found.append(int(ids[0]))
     return found
+
+
+def start_with_stack(target: Callable[[], None], name: str, size: int) -> threading.Thread:
+    """Start a daemon thread with a stack of ``size`` bytes: llama.cpp's grammar code recurses
+    per nesting level on it (rbee.link.bounds)."""
+    with _STACK_SIZE_LOCK:
+        previous = threading.stack_size(size)
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
+
+
+_STACK_SIZE_LOCK = threading.Lock()
