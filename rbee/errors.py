@@ -230,6 +230,13 @@ class UnauthorizedError(RbeeError):
     status = 401
 
 
+class ForbiddenError(RbeeError):
+    """A valid key asked for something outside its scope (a client key and a fleet route)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class StartupError(RbeeError):
     code = "startup_failed"
     status = 503

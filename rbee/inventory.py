@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE
+from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE, rbee_home
 from rbee.errors import InventoryError
 from rbee.link.schemas import Duration
 
@@ -217,16 +217,26 @@ class Inventory(BaseModel):
         return cls(hive=(HiveEntry(name=LOCAL_NODE),))
 
 
-def default_path(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path | None:
-    """``$RBEE_INVENTORY``, else ``./inventory.toml``, else ``~/.config/rbee/inventory.toml``."""
+def default_path(env: Mapping[str, str] = os.environ) -> Path | None:
+    """``$RBEE_INVENTORY``, else ``RBEE_HOME/inventory.toml``, else ``~/.config/rbee/inventory.toml``.
+
+    Never ``./inventory.toml``: an inventory picks the SSH targets rbee connects to with the
+    operator's keys and the ``known_hosts`` that ``fleet trust`` appends to, and a cloned
+    repository (this one ships an example) must not choose those by being the working
+    directory. ``--inventory ./inventory.toml`` names it explicitly."""
     if env.get("RBEE_INVENTORY"):
         return Path(env["RBEE_INVENTORY"]).expanduser()
-    here = (cwd or Path.cwd()) / "inventory.toml"
-    if here.is_file():
-        return here
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    candidate = config_home / "rbee" / "inventory.toml"
-    return candidate if candidate.is_file() else None
+    for candidate in (rbee_home(env) / "inventory.toml", config_home / "rbee" / "inventory.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def ignored_here(cwd: Path | None = None) -> Path | None:
+    """``./inventory.toml`` when there is one: rbee names it in its hint, and does not read it."""
+    here = (cwd or Path.cwd()) / "inventory.toml"
+    return here if here.is_file() else None
 
 
 def load(path: Path) -> Inventory:

@@ -30,8 +30,9 @@ from rbee.keeper.common import (
     running_hives,
 )
 from rbee.keeper.fleet_cli import fleet_app
+from rbee.keeper.keys_cli import keys_app
 from rbee.keeper.models_cli import models_app, workers_app
-from rbee.keeper.render import JobPrinter
+from rbee.keeper.render import JobPrinter, remote_row
 from rbee.keeper.session import start_persistent, stop_persistent
 from rbee.link import events
 from rbee.link.events import Event
@@ -45,6 +46,7 @@ app.add_typer(queen_app, name="queen")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(models_app, name="models")
 app.add_typer(workers_app, name="workers")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -239,8 +241,8 @@ def queen_stop(url: QueenUrl = None) -> None:
 
 @queen_app.command("key")
 def queen_key() -> None:
-    """Print the secret every request to this user's rbee needs, for an OpenAI client:
-    `OPENAI_API_KEY=$(rbee queen key)`. Keep it private: it opens the whole fleet."""
+    """Print the owner's secret: the CLI's key, which opens the whole fleet. Keep it private;
+    give clients a scoped key instead (`rbee keys add NAME`)."""
     settings = run_sync(Settings.load, None)
     typer.echo(settings.token)
 
@@ -257,7 +259,7 @@ async def _queen_status(settings: Settings) -> None:
     table = Table("hive", "state", "reason", "workers", title=f"queen at {settings.queen_url}")
     for hive in hives:
         workers = ", ".join(f"{w.worker_id} ({w.state})" for w in hive.workers) or "-"
-        table.add_row(hive.name, hive.state, hive.reason, workers)
+        remote_row(table, hive.name, hive.state, hive.reason, workers)
     Console().print(table)
 
 

@@ -12,11 +12,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from rbee import inventory
 from rbee.config import heartbeat_interval, queen_url, rbee_home
 from rbee.errors import RbeeError
+from rbee.keeper.render import remote
 from rbee.keeper.session import QueenHandle, queen_answers, queen_session
 from rbee.link.auth import load_token
 from rbee.link.client import LinkClient
@@ -33,8 +33,8 @@ KeepAlive = Annotated[str | None, typer.Option(help="How long the model stays lo
                                                     "0 unloads after, -1 keeps [default: the hive's].")]
 InventoryPath = Annotated[
     Path | None,
-    typer.Option("--inventory", "-i", help="Inventory file [default: $RBEE_INVENTORY, ./inventory.toml, "
-                 "~/.config/rbee/inventory.toml]"),
+    typer.Option("--inventory", "-i", help="Inventory file [default: $RBEE_INVENTORY, RBEE_HOME/inventory.toml, "
+                 "~/.config/rbee/inventory.toml; never ./inventory.toml unless named]"),
 ]
 
 
@@ -101,7 +101,7 @@ def run_sync(function: Any, *args: Any) -> Any:
         err.print("[yellow]interrupted[/]: the job was cancelled")
         raise typer.Exit(130) from None
     except RbeeError as exc:
-        err.print(f"[bold red]error[/] ({exc.code}): {escape(exc.message)}")
+        err.print(f"[bold red]error[/] ({remote(exc.code)}): {remote(exc.message)}")
         raise typer.Exit(2) from None
 
 

@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rbee import inventory
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync, running_hives
 from rbee.keeper.models_cli import offload_text
-from rbee.keeper.render import JobPrinter
+from rbee.keeper.render import JobPrinter, remote, remote_row
 from rbee.keeper.session import queen_answers, start_persistent
 
 fleet_app = typer.Typer(help="Manage the hosts listed in inventory.toml.", no_args_is_help=True)
@@ -21,10 +22,14 @@ out = Console(highlight=False, soft_wrap=True)
 def _settings(url: str | None, inventory_path: Path | None) -> Settings:
     settings: Settings = run_sync(Settings.load, url, inventory_path)
     if settings.inventory_path is None:
-        err.print("[bold red]error[/]: no inventory: pass --inventory PATH, set RBEE_INVENTORY, or create "
-                  "./inventory.toml")
+        here = inventory.ignored_here()
+        hint = (f" ({remote(here)} is not read unless named: a cloned repository's file must not pick your SSH "
+                f"targets; pass --inventory {remote(here)})" if here else "")
+        err.print("[bold red]error[/]: no inventory: pass --inventory PATH, set RBEE_INVENTORY, or write "
+                  f"RBEE_HOME/inventory.toml or ~/.config/rbee/inventory.toml{hint}")
         raise typer.Exit(2)
     run_sync(settings.inventory)  # file:line errors, and nothing started
+    err.print(f"[dim]inventory: {remote(settings.inventory_path)}[/dim]")
     return settings
 
 
@@ -77,7 +82,7 @@ async def _stream_fleet_job(url: str, settings: Settings, action: str) -> bool:
     if report:
         table = Table("hive", "action", "reason", title=f"fleet {action}")
         for row in report:
-            table.add_row(row["name"], row["action"], row.get("reason", ""))
+            remote_row(table, row["name"], row["action"], row.get("reason", ""))
         out.print(table)
     return printer.succeeded and not any(row["action"] == "failed" for row in report)
 
@@ -89,7 +94,7 @@ def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> No
     steps = run(_plan(settings))
     table = Table("hive", "would", "because", "install path", "CPU and engine variant", title="fleet plan")
     for step in steps:
-        table.add_row(step["name"], step["action"], step["reason"], step.get("path") or "-", step.get("cpu") or "-")
+        remote_row(table, step["name"], step["action"], step["reason"], step.get("path") or "-", step.get("cpu") or "-")
     out.print(table)
 
 
@@ -108,8 +113,8 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
                   title="fleet status")
     for hive in hives:
         age = hive.heartbeat_age_s
-        table.add_row(
-            hive.name, hive.state, hive.reason, "-" if age is None else f"{age:.1f} s ago",
+        remote_row(
+            table, hive.name, hive.state, hive.reason, "-" if age is None else f"{age:.1f} s ago",
             hive.version or "-", describe_devices(hive.devices), hive.engine or "-",
             "; ".join(
                 f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
@@ -141,7 +146,7 @@ def fleet_logs(
     """Print the end of a hive's log (RBEE_HOME/logs/hive.log on its host)."""
     settings = _settings(url, inventory_path)
     for line in run(_logs(settings, name, lines)):
-        out.print(line, markup=False)
+        out.print(remote(line))
 
 
 async def _logs(settings: Settings, name: str, lines: int) -> list[str]:

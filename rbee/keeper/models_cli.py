@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
-from rbee.keeper.render import JobPrinter
+from rbee.keeper.render import JobPrinter, remote_row
 from rbee.link.schemas import FleetWorker, parse_wire
 
 models_app = typer.Typer(help="Models in each hive's catalog.", no_args_is_help=True)
@@ -32,7 +32,7 @@ def models_list(node: Node = None, url: QueenUrl = None, inventory_path: Invento
     table = Table("hive", "name", "size", "format", "quant", "params", "path", title="models")
     for hive, models in result["nodes"].items():
         for m in models:
-            table.add_row(hive, m["name"], f"{m['size'] / 1e6:.0f} MB", m["format"], m["quantization"],
+            remote_row(table, hive, m["name"], f"{m['size'] / 1e6:.0f} MB", m["format"], m["quantization"],
                           f"{m['parameters'] / 1e6:.0f} M", m["path"])
     out.print(table)
 
@@ -77,7 +77,7 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     for row in result["workers"]:
         w = parse_wire(FleetWorker, row, "worker row from the queen")
         engine = w.engine
-        table.add_row(w.node, w.worker_id, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
+        remote_row(table, w.node, w.worker_id, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
                       device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
                       memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
     out.print(table)

@@ -32,6 +32,17 @@ def printable(text: str) -> str:
     return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
+def remote(text: object) -> str:
+    """Any string another machine sent (narration, an error, a hive's reason, a log line, a
+    GGUF's metadata), ready for rich: control characters shown escaped, markup escaped.
+    rich itself drops BEL and backspace but passes ESC sequences through."""
+    return escape(printable(str(text)))
+
+
+def remote_row(table: Table, *cells: object) -> None:
+    table.add_row(*(remote(cell) for cell in cells))
+
+
 class JobPrinter:
     """Prints one job's events; remembers how it ended for the exit code. Tokens go out as the
     model wrote them only with ``raw`` or when stdout is not a terminal (a pipe, a file)."""
@@ -63,7 +74,7 @@ class JobPrinter:
                 self._download(event)
             elif not self.quiet:
                 self._finish_download()
-                self.err.print(f"[dim]{escape(event['actor'])}[/dim] {escape(event['message'])}")
+                self.err.print(f"[dim]{remote(event['actor'])}[/dim] {remote(event['message'])}")
         elif kind in events.TERMINAL:
             self._finish_download()
             self.ended = event
@@ -73,8 +84,8 @@ class JobPrinter:
                 self._summary(event)
             else:
                 self.err.print(
-                    f"[bold red]error[/] from [bold]{escape(event['actor'])}[/] ({escape(event['code'])}): "
-                    f"{escape(event['message'])}"
+                    f"[bold red]error[/] from [bold]{remote(event['actor'])}[/] ({remote(event['code'])}): "
+                    f"{remote(event['message'])}"
                 )
 
     def _download(self, event: Event) -> None:
@@ -102,14 +113,14 @@ class JobPrinter:
             return
         if event["tokens"] == 0:
             self.err.print(
-                f"[bold red]error[/] the model produced no text (finish_reason={escape(event['finish_reason'])}); "
+                f"[bold red]error[/] the model produced no text (finish_reason={remote(event['finish_reason'])}); "
                 "try another prompt or a higher temperature"
             )
             return
         prompt = f", prompt {event['prompt_tokens']} tokens" if event.get("prompt_tokens") else ""
         self.err.print(
             f"[green]done[/]: {event['tokens']} tokens in {event['duration_ms'] / 1000:.2f} s "
-            f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={escape(event['finish_reason'])}{prompt})"
+            f"({event['tokens_per_s']:.1f} tokens/s, finish_reason={remote(event['finish_reason'])}{prompt})"
         )
 
     def _scores(self) -> None:

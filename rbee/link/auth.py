@@ -54,7 +54,11 @@ PEER = "X-Rbee-Peer"
 
 def load_token(env: Mapping[str, str] = os.environ, home: Path | None = None) -> str:
     """This rbee's secret: the file named by ``RBEE_TOKEN_FILE``, else ``HOME/secret`` (``home``
-    or RBEE_HOME; made now if missing). Refuses a file others can read or another user owns."""
+    or RBEE_HOME; made now if missing). Refuses a file others can read or another user owns.
+    Every role calls it at start, so RBEE_HOME (logs, hive.json, run/) is made 0700 on every
+    host, a fleet host's included, where the secret file lives elsewhere."""
+    if home is not None or env.get("RBEE_HOME") or not env.get(ENV):  # a worker's home is its hive's
+        _private_dir(home or rbee_home(env))
     return _read_private(secret_file(env, home), ENV)
 
 
@@ -79,6 +83,8 @@ def _private_dir(home: Path) -> None:
         raise ConfigError(f"{home} belongs to another user; set RBEE_HOME to a directory of your own")
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         home.chmod(0o700)  # rbee's own directory: nobody else needs to read it
+    if home.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{home} stays readable by others (chmod refused); set RBEE_HOME to a private directory")
 
 
 def _create(path: Path) -> None:

@@ -34,6 +34,10 @@ class Metrics:
         self.up = Gauge("rbee_peer_up", "1 if the peer is up", ["kind", "name", "state"], registry=self.registry)
         self.age = Gauge("rbee_heartbeat_age_seconds", "Seconds since the peer's last heartbeat", ["kind", "name"],
                          registry=self.registry)
+        self.client_requests = Counter("rbee_client_requests_total", "Requests made with each client key", ["key"],
+                                       registry=self.registry)
+        self.client_tokens = Counter("rbee_client_tokens_total", "Tokens generated for each client key", ["key"],
+                                     registry=self.registry)
         self.role = role
 
     def job_finished(self, job: Job) -> None:

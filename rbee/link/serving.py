@@ -22,6 +22,9 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
+from rbee.link import connections
+from rbee.link.connections import connection_limit, raise_fd_limit
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -137,7 +140,8 @@ async def run_server(
     config.graceful_timeout = graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    limit = int(os.environ.get("RBEE_MAX_CONNECTIONS", "0")) or connection_limit(raise_fd_limit())
+    connections.install(config, limit)  # a cap, idle connections evicted first; 5 s idle timeout
     watcher = loop.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
 
     async def shutdown_trigger() -> None:

@@ -224,7 +224,7 @@ class LinkTransport(httpx.AsyncBaseTransport):
     built from the public APIs of both (httpx's own transport offers no backend argument)."""
 
     def __init__(self, limits: httpx.Limits | None = None, callee: Callee | None = None) -> None:
-        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=3.0)
         self._pool = httpcore.AsyncConnectionPool(
             max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry, network_backend=AsyncioBackend(callee),

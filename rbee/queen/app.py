@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, g, jsonify, request
 
 from rbee import __version__
-from rbee.config import LOCAL_NODE
+from rbee.config import DEFAULT_MODEL, LOCAL_NODE
 from rbee.errors import RequestError
 from rbee.link.auth import install_auth
 from rbee.link.jobs import Job, Producer
 from rbee.link.relay import relay
-from rbee.link.schemas import FleetWorker
-from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
+from rbee.link.schemas import FleetWorker, parse_job_request
+from rbee.link.server import add_job_routes, error_body, install_error_handlers, read_json_body
+from rbee.queen.keys import ClientKey, check_model
 from rbee.queen.openai_api import ModelIndex, mount_openai
 from rbee.queen.openapi import document as openapi_document
 from rbee.queen.service import Queen
@@ -35,9 +36,39 @@ def create_app(queen: Queen) -> Quart:
         peer = queen.hives.get(name)
         return peer.secret if peer is not None else None
 
-    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key)
+    def client(secret: str) -> tuple[Response, int] | bool | None:
+        """A scoped client key: inference routes only (rbee.queen.keys)."""
+        key = queen.keys.find(secret)
+        if key is None:
+            return None
+        if not key.allows_route(request.path):
+            body = error_body("forbidden", f"the client key {key.name!r} runs inference only (the OpenAI routes "
+                                           "and /v1/jobs); fleet, admin and logs need the owner's key")
+            return jsonify(body), 403
+        g.client_key = key
+        queen.metrics.client_requests.labels(key.name).inc()
+        return True
 
-    make_producer = request_producer(queen.run_job)
+    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key, client=client)
+
+    def model_roots() -> list[str]:
+        return list(queen.fleet.inventory.queen.model_roots)
+
+    def make_producer(body: dict[str, Any]) -> Producer:
+        """Every inference route's jobs: validated, and checked against the caller's key (one
+        model policy for every route) before any job exists."""
+        job_request = parse_job_request(body)
+        key: ClientKey | None = g.get("client_key")
+        check_model(key, [job_request.model, *(job_request.forms or {}).values()], model_roots(), DEFAULT_MODEL)
+
+        async def produce(job: Job) -> None:
+            try:
+                await queen.run_job(job, job_request)
+            finally:
+                if key is not None:
+                    queen.metrics.client_tokens.labels(key.name).inc(job.tokens)
+
+        return produce
 
     def make_fleet_producer(body: dict[str, Any]) -> Producer:
         action = body.get("action")
@@ -53,7 +84,7 @@ def create_app(queen: Queen) -> Quart:
     add_job_routes(app, queen.registry, make_producer)
     queen.metrics.mount(app, lambda: [("hive", h.name, h.state, h.heartbeat_age_s) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
-    index = ModelIndex(queen.model_names, lambda: list(queen.fleet.inventory.queen.model_roots))
+    index = ModelIndex(queen.model_names, lambda: g.get("client_key"))
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")

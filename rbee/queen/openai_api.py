@@ -16,18 +16,18 @@ import math
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Quart, Response, jsonify
 
-from rbee.errors import RequestError, http_status
+from rbee.errors import RbeeError, RequestError, http_status
 from rbee.link import events
 from rbee.link.events import Event
 from rbee.link.jobs import Job, JobRegistry, Producer
 from rbee.link.schemas import MAX_TOKENS_LIMIT
 from rbee.link.server import read_json_body, sse_response
+from rbee.queen.keys import ClientKey
 from rbee.queen.tools import ToolPlan, call, plan
 
 
@@ -265,15 +265,19 @@ def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
 class ModelIndex:
     """Which model ids the fleet serves: ``name`` anywhere, or ``node/name`` pinned to a host."""
 
-    def __init__(self, nodes: Callable[[], dict[str, list[str]]], file_roots: Callable[[], list[str]] = list) -> None:
+    def __init__(self, nodes: Callable[[], dict[str, list[str]]],
+                 client: Callable[[], ClientKey | None] = lambda: None) -> None:
         self.nodes = nodes  # node -> model names it can serve
-        self.file_roots = file_roots  # folders under which the API may name `file:` models
+        self.client = client  # the request's client key (None: the owner's), whose models are listed
 
     def listing(self) -> list[dict[str, Any]]:
         data = []
         seen: set[str] = set()
+        key = self.client()
         for node, models in self.nodes().items():
             for name in models:
+                if key is not None and key.models and name not in key.models:
+                    continue
                 if name not in seen:
                     seen.add(name)
                     data.append({"id": name, "object": "model", "created": 0, "owned_by": node})
@@ -282,7 +286,6 @@ class ModelIndex:
 
     def resolve(self, model_id: str) -> tuple[str | None, str]:
         nodes = self.nodes()
-        self.check_file_ref(model_id.partition("/")[2] if model_id.partition("/")[0] in nodes else model_id)
         node, _, name = model_id.partition("/")
         if name and node in nodes:
             if name in nodes[node] or name.startswith(("file:", "hf:")):
@@ -292,22 +295,6 @@ class ModelIndex:
         known = ", ".join(sorted({m["id"] for m in self.listing()}))
         raise OpenAIError(404, f"the model {model_id!r} does not exist here; known models: {known}",
                           param="model", code="model_not_found")
-
-
-    def check_file_ref(self, name: str) -> None:
-        """An API client (an app, a web UI) may not make the hive open any file it names: `file:`
-        models are allowed only under the inventory's ``[queen] model_roots``; the owner's CLI
-        is not limited."""
-        if not name.startswith("file:"):
-            return
-        path = PurePosixPath(name.removeprefix("file:"))
-        roots = [PurePosixPath(root) for root in self.file_roots()]
-        if path.is_absolute() and ".." not in path.parts and any(path.is_relative_to(root) for root in roots):
-            return
-        where = ", ".join(map(str, roots)) or "none are listed"
-        raise OpenAIError(400, f"{name!r}: the API serves `file:` models only under the inventory's [queen] "
-                          f"model_roots ({where}); the owner's `rbee infer -m file:…` is not limited",
-                          param="model", code="bad_model_ref")
 
 
 def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
@@ -342,8 +329,8 @@ def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex,
         node, model = index.resolve(req.model)
         try:
             producer = make_producer({"input": texts, "model": model, "node": node, "keep_alive": req.keep_alive})
-        except RequestError as exc:
-            raise OpenAIError(400, exc.message) from exc
+        except RbeeError as exc:
+            raise OpenAIError(exc.status, exc.message, code=exc.code) from exc
         job = registry.create(producer)
         vectors: dict[int, list[float]] = {}
         async with contextlib.aclosing(_events(registry, job)) as stream:
@@ -393,10 +380,10 @@ async def _respond(registry: JobRegistry, make_producer: Callable[[dict[str, Any
     """One job per choice (``n`` of them run side by side in the worker's batch; a seed gives
     choice i the seed + i), shaped into one OpenAI response."""
     n = req.n or 1
-    try:  # validates the bodies: a 400 before any job exists
+    try:  # validates the bodies and the key's scope: a 4xx before any job exists
         producers = [make_producer(_choice_body(job_body, i)) for i in range(n)]
-    except RequestError as exc:
-        raise OpenAIError(400, exc.message) from exc
+    except RbeeError as exc:
+        raise OpenAIError(exc.status, exc.message, code=exc.code) from exc
     jobs = [registry.create(producer) for producer in producers]
     created = int(time.time())
     shapes = [Shape(jobs[0].id, req.model, chat, tools, index=i, logprobs=job_body.get("logprobs") is not None,

@@ -29,6 +29,7 @@ from rbee.link.schemas import JobRequest
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HivePeer, HiveRegistry, LocalHiveLauncher
+from rbee.queen.keys import KeyStore
 from rbee.queen.scheduler import HiveView, choose_hive, hive_body, hive_view
 
 
@@ -41,6 +42,7 @@ class Queen:
                                   excused=lambda name: self.fleet.excused(name))
         self.local = LocalHiveLauncher(config, url, self.hives)
         self.metrics = Metrics(config.actor)
+        self.keys = KeyStore(config.home)
         self.registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace,
                                     on_finish=self.metrics.job_finished)
         #: jobs this queen is relaying, per (hive, model): the scheduler's view between heartbeats

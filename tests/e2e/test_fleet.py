@@ -98,6 +98,7 @@ def test_fleet_up_installs_both_hosts_offline_and_starts_them(fleet: Fleet) -> N
     for host in fleet.hosts:
         assert (host.home / ".rbee" / "venv" / "bin" / "python").exists()
         assert (host.home / ".rbee" / "install.json").exists()
+        assert (host.home / ".rbee").stat().st_mode & 0o777 == 0o700  # logs, hive.json: the host user's only
         assert any("rbee.hive" in " ".join(p.cmdline()) for p in host.rbee_processes())
     print(f"\nfleet up, 2 hosts from clean: {elapsed:.1f} s")
     kept = recorded()

@@ -4,6 +4,8 @@ keeper's port. The intruder runs as its own user, with the system's Python, stdl
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from rbee.link.client import LinkClient
@@ -151,3 +154,50 @@ def test_the_intruder_cannot_run_python_as_the_owner() -> None:
     """The premise of the suite: the intruder really is another user."""
     done = as_intruder("import os; print(os.geteuid())")
     assert done.returncode == 0 and int(done.stdout) != os.geteuid(), sys.executable
+
+
+FLOOD = r"""
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5))
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+async def test_a_flood_of_idle_connections_does_not_lock_the_owner_out(rbee_env: dict[str, str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23.13: 400 idle connections from another user took every descriptor of a queen
+    under `ulimit -n 256`, and the owner was locked out for ~75 s."""
+    import resource
+
+    monkeypatch.setenv("RBEE_MAX_CONNECTIONS", "32")
+    ensure_user(INTRUDER)
+    async with contextlib.AsyncExitStack() as stack:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the queen starts under `ulimit -n 256`
+        try:
+            url = await stack.enter_async_context(queen(rbee_env))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        flood = await asyncio.create_subprocess_exec(
+            RUNUSER, "-u", INTRUDER, "--", "/usr/bin/python3", "-c", FLOOD, url.rsplit(":", 1)[1], "400", "20",
+            stdout=asyncio.subprocess.PIPE, cwd="/tmp", env=INTRUDER_ENV, start_new_session=True)
+        stack.push_async_callback(flood.wait)
+        stack.callback(os.killpg, flood.pid, signal.SIGKILL)  # runuser and the intruder's python under it
+        assert flood.stdout is not None
+        opened = int(await flood.stdout.readline())
+        assert opened >= 300, opened  # all accepted; the idle ones were evicted to make room
+        started = time.monotonic()
+        async with httpx.AsyncClient(headers=owner_headers(), base_url=url, timeout=5) as http:
+            for _ in range(5):
+                assert (await http.get("/v1/hives")).status_code == 200
+        assert time.monotonic() - started < 5
+        queen_process = next(p for p in psutil.process_iter(["cmdline"]) if "rbee.queen" in " ".join(
+            p.info["cmdline"] or []) and any(rbee_env["RBEE_HOME"] in part for part in p.info["cmdline"]))
+        held = [c for c in queen_process.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED]
+        assert len(held) <= 32 + 8, len(held)  # the cap, plus the queen's own links

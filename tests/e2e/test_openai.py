@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from rbee.link.client import LinkClient
+from rbee.queen.keys import KeyStore
 from tests.helpers import owner_headers, owner_token, queen, worker_stops
 from tests.hub_server import HubServer, Repo
 
@@ -31,6 +32,26 @@ def aclient(queen_url: str) -> openai.AsyncOpenAI:
 async def test_models_list(aclient: openai.AsyncOpenAI) -> None:
     ids = {model.id for model in (await aclient.models.list()).data}
     assert {"gemma3-270m", "localhost/gemma3-270m"} <= ids
+
+
+async def test_a_scoped_client_key_streams_and_is_counted_but_opens_nothing_else(
+        queen_url: str, rbee_env: dict[str, str]) -> None:
+    """Issue 23.11: what the README gives clients is a key that only runs inference."""
+    _, key = KeyStore(Path(rbee_env["RBEE_HOME"])).add("editor", ["gemma3-270m"])
+    scoped = openai.AsyncOpenAI(base_url=f"{queen_url}/v1", api_key=key, max_retries=0, timeout=120)
+    stream = await scoped.chat.completions.create(model="gemma3-270m", messages=CHAT, max_tokens=8, stream=True)
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+    assert text
+    async with httpx.AsyncClient(base_url=queen_url, timeout=30) as http:
+        for method, path in [("GET", "/v1/hives"), ("POST", "/v1/admin/shutdown"), ("GET", "/metrics")]:
+            assert (await http.request(method, path, headers={"Authorization": f"Bearer {key}"})).status_code == 403
+        metrics = (await http.get("/metrics", headers={"Authorization": f"Bearer {owner_token()}"})).text
+    assert 'rbee_client_requests_total{key="editor"} 1.0' in metrics
+    assert any(line.startswith('rbee_client_tokens_total{key="editor"}') and float(line.split()[-1]) >= 1
+               for line in metrics.splitlines())
+    KeyStore(Path(rbee_env["RBEE_HOME"])).revoke("editor")
+    with pytest.raises(openai.AuthenticationError):
+        await scoped.models.list()
 
 
 async def test_chat_streaming_arrives_incrementally(aclient: openai.AsyncOpenAI) -> None:
@@ -142,8 +163,12 @@ BAD_MODELS = [
     ("hf:nobody/nothing:x.gguf", 404, "model_not_found"),
     ("hf:acme/tiny-GGUF", 404, "model_not_found"),  # a repo without a model
     ("hf:../../etc", 400, "bad_model_ref"),
-    ("file:/etc/passwd", 400, "bad_model_ref"),  # the API names files only under [queen] model_roots
+    ("hf:acme/tiny-GGUF:...gguf", 400, "bad_model_ref"),  # its stem `..` named the whole catalog
+]
+CLIENT_FILE_MODELS = [  # a client key names files only under [queen] model_roots, answered at the queen
+    ("file:/etc/passwd", 400, "bad_model_ref"),
     ("file:/", 400, "bad_model_ref"),
+    ("file:/no/such/model.gguf", 400, "bad_model_ref"),
 ]
 OWNER_FILE_MODELS = [  # the owner's CLI may name any file; what is not a model is still refused cleanly
     ("file:/etc/passwd", "bad_model"),
@@ -152,8 +177,15 @@ OWNER_FILE_MODELS = [  # the owner's CLI may name any file; what is not a model 
 ]
 
 
-async def test_bad_model_values_get_4xx_naming_the_problem(hub_queen: str) -> None:
+async def test_bad_model_values_get_4xx_naming_the_problem(hub_queen: str, rbee_env: dict[str, str]) -> None:
     client = openai.AsyncOpenAI(base_url=f"{hub_queen}/v1", api_key=owner_token(), max_retries=0, timeout=60)
+    _, key = KeyStore(Path(rbee_env["RBEE_HOME"])).add("test-client")
+    scoped = openai.AsyncOpenAI(base_url=f"{hub_queen}/v1", api_key=key, max_retries=0, timeout=60)
+    for model, status, code in CLIENT_FILE_MODELS:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await scoped.chat.completions.create(model=model, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]
+        assert caught.value.status_code == status and isinstance(caught.value.body, dict), model
+        assert caught.value.body["code"] == code and "model_roots" in caught.value.message, model
     for model, status, code in BAD_MODELS:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)  # type: ignore[arg-type]

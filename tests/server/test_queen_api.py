@@ -71,14 +71,14 @@ async def test_garbage_is_400(app: Any) -> None:
     assert (await response.get_json())["error"]["type"] == "invalid_request_error"
 
 
-def test_the_api_names_files_only_under_the_model_roots() -> None:
-    from rbee.queen.openai_api import ModelIndex, OpenAIError
+def test_a_client_key_names_files_only_under_the_model_roots() -> None:
+    from rbee.errors import BadModelRefError
+    from rbee.queen.keys import ClientKey, check_model
 
-    index = ModelIndex(lambda: {"localhost": ["gemma3-270m"]}, lambda: ["/srv/models"])
-    assert index.resolve("file:/srv/models/qwen.gguf") == (None, "file:/srv/models/qwen.gguf")
-    assert index.resolve("localhost/file:/srv/models/a/b") == ("localhost", "file:/srv/models/a/b")
-    for bad in ("file:/etc/passwd", "file:/", "file:/srv/models/../../etc/passwd", "localhost/file:/etc/x",
-                "file:/srv/modelsX/y.gguf", "file:relative.gguf"):
-        with pytest.raises(OpenAIError) as caught:
-            index.resolve(bad)
-        assert caught.value.status == 400 and caught.value.code == "bad_model_ref", bad
+    key = ClientKey("app", "0" * 64)
+    check_model(key, ["file:/srv/models/qwen.gguf", "file:/srv/models/a/b", None], ["/srv/models"], "gemma3-270m")
+    check_model(None, ["file:/etc/passwd"], ["/srv/models"], "gemma3-270m")  # the owner: any file
+    for bad in ("file:/etc/passwd", "file:/", "file:/srv/models/../../etc/passwd", "file:/srv/modelsX/y.gguf",
+                "file:relative.gguf"):
+        with pytest.raises(BadModelRefError, match="model_roots"):
+            check_model(key, [bad], ["/srv/models"], "gemma3-270m")

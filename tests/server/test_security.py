@@ -92,6 +92,19 @@ def test_token_file_must_be_private(tmp_path: Path) -> None:
     assert load_token({"RBEE_TOKEN_FILE": str(path)}) == TOKEN
 
 
+def test_a_fleet_hosts_home_is_made_private_though_its_secret_lives_elsewhere(tmp_path: Path) -> None:
+    """Issue 23.9: with RBEE_TOKEN_FILE set (every fleet host) RBEE_HOME kept its 0755, and the
+    logs and hive.json in it were world-readable."""
+    home = tmp_path / "host-home"
+    home.mkdir(mode=0o755)
+    (home / "logs").mkdir()
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    assert load_token({"RBEE_TOKEN_FILE": str(token)}, home=home) == TOKEN
+    assert home.stat().st_mode & 0o777 == 0o700
+
+
 def test_the_secret_is_made_private_at_first_need(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir(mode=0o755)

@@ -92,3 +92,29 @@ def test_an_alias_stands_for_its_model() -> None:
     inventory = parse('[aliases]\ncoder = "hf:org/coder-GGUF"\n', "inv.toml")
     assert inventory.resolve_alias("coder") == "hf:org/coder-GGUF"
     assert inventory.resolve_alias("gemma3-270m") == "gemma3-270m" and inventory.resolve_alias(None) is None
+
+
+def test_the_working_directorys_inventory_is_never_read_unless_named(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23.15: a cloned repository's ./inventory.toml chose the SSH targets and the
+    known_hosts that `fleet trust` appends to."""
+    import subprocess
+    import sys
+
+    from rbee.inventory import default_path
+
+    repo = tmp_path / "cloned-repo"
+    repo.mkdir()
+    (repo / "inventory.toml").write_text('[[hive]]\nname = "evil"\nssh = "me@attacker.example"\n')
+    home = tmp_path / "home"
+    env = {"RBEE_HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "HOME": str(tmp_path)}
+    monkeypatch.chdir(repo)
+    assert default_path(env) is None
+    home.mkdir()
+    (home / "inventory.toml").write_text('[[hive]]\nname = "localhost"\n')
+    assert default_path(env) == home / "inventory.toml"
+    (home / "inventory.toml").unlink()
+    done = subprocess.run([sys.executable, "-m", "rbee.keeper", "fleet", "plan"], cwd=repo, capture_output=True,
+                          text=True, timeout=60, env={**env, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "is not read unless named" in done.stderr, done.stderr
+    assert "attacker" not in done.stdout + done.stderr

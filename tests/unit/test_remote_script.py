@@ -45,3 +45,25 @@ def test_a_process_started_after_the_record_is_not_the_hive(tmp_path: Path) -> N
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_the_host_hashes_what_the_queen_pushed_and_drops_what_it_did_not(tmp_path: Path) -> None:
+    """Issue 23.16: a wheel already on a host was reused when its size matched. Now the host
+    reports each named file's sha256 (the queen re-pushes any that differ and checks again
+    before pip runs), and removes package files the queen did not name."""
+    import hashlib
+
+    from rbee.queen.fleet.wheelhouse import sha256_file
+
+    good = tmp_path / "rbee-1.0-py3-none-any.whl"
+    good.write_bytes(b"the queen's wheel")
+    same_size = tmp_path / "httpx-0.28.1-py3-none-any.whl"
+    same_size.write_bytes(b"a planted wheel!!")  # as long as the real one
+    stray = tmp_path / "httpx-0.28.1-py3-none-any.build1.whl"
+    stray.write_bytes(b"planted")
+    (tmp_path / "notes.txt").write_text("kept")
+    found = script("verify", str(tmp_path), json.dumps([good.name, same_size.name, "missing.whl"]))
+    assert found == {good.name: hashlib.sha256(b"the queen's wheel").hexdigest(),
+                     same_size.name: hashlib.sha256(b"a planted wheel!!").hexdigest()}
+    assert not stray.exists() and (tmp_path / "notes.txt").exists()
+    assert sha256_file(good) == found[good.name] == sha256_file(good)  # the second from its memo

@@ -42,3 +42,26 @@ def test_logprobs_are_shown_after_the_answer_with_the_alternatives() -> None:
     shown = err.getvalue()
     assert "' blue'" in shown and "-1.913" in shown and "' the' -0.81" in shown
     assert "\x1b[2J" not in shown  # a token is shown escaped there too
+
+
+def test_narration_errors_and_tables_from_other_machines_reach_the_terminal_escaped() -> None:
+    """Issue 23.14: a hive (or a GGUF's chat template it quotes) could send escape sequences
+    in narration and error text; only tokens were escaped."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rbee.keeper.render import remote_row
+
+    evil = "ok \x1b]0;pwned\x07 \x1b[2J\x1b[31m [bold]x[/bold] \x9b1A"
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, highlight=False, soft_wrap=True, width=400)
+    printer = JobPrinter(out=io.StringIO(), err=console)
+    printer.show(events.narration("hive:a\x1b[8m", "load", evil))
+    printer.show(events.error("bad_model\x1b[5m", evil, "hive:a"))
+    table = Table("hive", "reason")
+    remote_row(table, "a\x1b[41m", evil)
+    console.print(table)
+    shown = buffer.getvalue()
+    for raw in ("\x1b]0;pwned", "\x1b[2J", "\x1b[31m ", "\x9b", "\x1b[8m", "\x1b[5m", "\x1b[41m"):
+        assert raw not in shown, (raw, shown)
+    assert shown.count("\\x1b]0;pwned") == 3 and "[bold]x[/bold]" in shown  # visible, and not markup

@@ -150,8 +150,10 @@ class RemoteHost:
         install path says so, then pip install rbee with no index at all."""
         conn = await self.connected()
         wheel_dir = self._path("wheelhouse")
-        remote_sizes: dict[str, int] = await self.script("sizes", wheel_dir, what="listing the wheelhouse")
-        to_send = [p for p in wheels.wheels if remote_sizes.get(p.name) != p.stat().st_size]
+        manifest = json.dumps(sorted(wheels.hashes))
+        there: dict[str, str] = await self.script("verify", wheel_dir, manifest, what="checking the wheelhouse",
+                                                  timeout=300)
+        to_send = [p for p in wheels.wheels if there.get(p.name) != wheels.hashes[p.name]]
         if to_send:
             size = sum(p.stat().st_size for p in to_send)
             narrate("install", f"sending {len(to_send)} wheels ({size / 1e6:.0f} MB) over SFTP")
@@ -161,6 +163,12 @@ class RemoteHost:
                     partial = posixpath.join(wheel_dir, f".{local.name}.partial")
                     await sftp.put(str(local), partial)
                     await sftp.posix_rename(partial, posixpath.join(wheel_dir, local.name))
+        there = await self.script("verify", wheel_dir, manifest, what="checking the pushed wheels' sha256",
+                                  timeout=300)
+        wrong = sorted(name for name, sha in wheels.hashes.items() if there.get(name) != sha)
+        if wrong:
+            raise WheelhouseError(f"{self.actor}: after the push, {', '.join(wrong[:5])} on the host do not match "
+                                  "their sha256 here; nothing was installed. Run `rbee fleet up` again")
         python = self._path("venv", "bin", "python")
         if not probe.venv:
             narrate("install", f"creating the venv {self._path('venv')}")

@@ -102,12 +102,29 @@ def probe(home):
                     for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/cuda/bin"]),
     }
 
-def sizes(folder):
+def verify(folder, wanted):
+    """sha256 of each file the queen names; any other package file in the folder is removed, so
+    pip's --find-links sees exactly what the queen pushed."""
+    import hashlib
+    names = set(json.loads(wanted))
     try:
-        names = os.listdir(folder)
+        present = os.listdir(folder)
     except OSError:
         return {}
-    return {n: os.path.getsize(os.path.join(folder, n)) for n in names if n.endswith((".whl", ".tar.gz"))}
+    found = {}
+    for name in present:
+        path = os.path.join(folder, name)
+        if not name.endswith((".whl", ".tar.gz")) or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        if name not in names:
+            os.unlink(path)
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        found[name] = digest.hexdigest()
+    return found
 
 def stop(home, grace):
     hive = hive_state(home)
@@ -138,8 +155,8 @@ def tail(home, lines):
 command, args = sys.argv[1], sys.argv[2:]
 if command == "probe":
     out = probe(args[0])
-elif command == "sizes":
-    out = sizes(args[0])
+elif command == "verify":
+    out = verify(args[0], args[1])
 elif command == "stop":
     out = stop(args[0], float(args[1]))
 elif command == "tail":

@@ -12,11 +12,12 @@ may be built for this CPU only): hosts of this platform get rbee's portable buil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -33,6 +34,43 @@ Narrate = Callable[[str, str], None]
 
 # Installed for the hive only where it can run; the rest of rbee's closure always.
 OPTIONAL_ENGINES = {"mlx-lm", "mlx"}
+#: what a host builds llama-cpp-python with (InstallPath.build): pinned, hashed, in the digest
+BUILD_TOOLS = ("scikit-build-core[pyproject]==1.1.2", "cmake==4.4.5", "ninja==1.13.2")
+#: MLX for hosts that run it, when this queen has none installed to pin to
+MLX_DEFAULTS = {"mlx-lm": "0.32.2", "mlx": "0.32.4"}
+
+
+def mlx_pins(target_apple: bool) -> list[str]:
+    """mlx-lm (and mlx[cpu] off Apple Silicon) at the versions this queen runs, else MLX_DEFAULTS."""
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return MLX_DEFAULTS[name]
+
+    pins = [f"mlx-lm=={version('mlx-lm')}"]
+    return pins if target_apple else [*pins, f"mlx[cpu]=={version('mlx')}"]
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, remembered beside it (``NAME.sha256``, keyed by size and mtime): the
+    model package alone is 250 MB, hashed once."""
+    info = path.stat()
+    stamp = f"{info.st_size} {info.st_mtime_ns}"
+    memo = path.with_name(path.name + ".sha256")
+    try:
+        kept_stamp, _, kept = memo.read_text().rpartition(" ")
+        if kept_stamp == stamp and len(kept) == 64:
+            return kept
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    with contextlib.suppress(OSError):
+        memo.write_text(f"{stamp} {digest.hexdigest()}")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,6 +101,8 @@ class Platform:
 class WheelSet:
     wheels: tuple[Path, ...]
     digest: str  # over the names and contents: equal digest = nothing to install
+    #: file name -> sha256 of every file pushed to a host, checked there before pip runs
+    hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -124,7 +164,9 @@ def planned_digest(target: Platform, mlx: bool = False, llama_source: bool = Fal
              f"rbee={rbee.__version__}:{source_hash(root) if root else 'installed'}",
              f"pip=={metadata.version('pip')}", *requirement_closure()]
     if llama_source:
-        parts.append(f"llama-cpp-python-source=={metadata.version('llama-cpp-python')}")
+        parts += [f"llama-cpp-python-source=={metadata.version('llama-cpp-python')}", *BUILD_TOOLS]
+    if mlx or target.apple_silicon:
+        parts += mlx_pins(target.apple_silicon)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
@@ -185,14 +227,16 @@ class Wheelhouse:
             if path is None:
                 raise WheelhouseError(f"no wheel of {req} for {target.tag} in {folder}")
             wheels.append(path)
-        return WheelSet(tuple(wheels), await asyncio.to_thread(planned_digest, target, mlx, llama_source))
+        hashes = await asyncio.to_thread(lambda: {path.name: sha256_file(path) for path in wheels})
+        return WheelSet(tuple(wheels), await asyncio.to_thread(planned_digest, target, mlx, llama_source), hashes)
 
     async def llama_sources(self, target: Platform, narrate: Narrate) -> list[Path]:
         """llama-cpp-python's source and its build tools as wheels for ``target``, so the host
         builds it with its own compiler (and CUDA or Metal where it has them) without reaching
         an index. PyPI has no llama-cpp-python wheels, so this is also how another platform gets it."""
         version = metadata.version("llama-cpp-python")
-        folder = self.cache_dir / target.tag / "llama-source"
+        pins = hashlib.sha256("\n".join(BUILD_TOOLS).encode()).hexdigest()[:12]
+        folder = self.cache_dir / target.tag / f"llama-source-{pins}"
         if not any(folder.glob(f"llama_cpp_python-{version}.tar.gz")):
             narrate("wheelhouse", f"fetching llama-cpp-python {version} source and its build tools for {target.tag} "
                                   "from the package index")
@@ -200,8 +244,8 @@ class Wheelhouse:
                         f"llama-cpp-python=={version}"], "fetching llama-cpp-python's source")
             cross = [] if target == Platform.local() else [
                 "--python-version", target.python, "--implementation", "cp", *platform_args(target)]
-            await _pip(["download", "--only-binary=:all:", "--dest", str(folder), *cross,
-                        "scikit-build-core[pyproject]", "cmake", "ninja"], "collecting build tools")
+            await _pip(["download", "--only-binary=:all:", "--dest", str(folder), *cross, *BUILD_TOOLS],
+                       "collecting build tools")
         return sorted([*folder.glob("*.tar.gz"), *folder.glob("*.whl")])
 
     async def engine_wheel(self, version: str, narrate: Narrate) -> Path:
@@ -220,10 +264,10 @@ class Wheelhouse:
     async def _mlx_wheels(self, target: Platform, folder: Path, narrate: Narrate) -> list[Path]:
         """mlx-lm and what it needs, resolved by pip for that platform (``mlx[cpu]`` on Linux).
         llama.cpp needs nothing extra: it is in rbee's own closure."""
-        mlx_dir = folder / "mlx"
+        packages = mlx_pins(target.apple_silicon)
+        mlx_dir = folder / ("mlx-" + hashlib.sha256("\n".join(packages).encode()).hexdigest()[:12])
         if not any(mlx_dir.glob("mlx_lm-*.whl")):
-            narrate("wheelhouse", f"collecting mlx-lm for {target.tag}")
-            packages = ["mlx-lm"] if target.apple_silicon else ["mlx-lm", "mlx[cpu]"]
+            narrate("wheelhouse", f"collecting {', '.join(packages)} for {target.tag}")
             cross = [] if target == Platform.local() else [
                 "--python-version", target.python, "--implementation", "cp", *platform_args(target)]
             await _pip(["download", "--only-binary=:all:", "--dest", str(mlx_dir), *cross, *packages],
