@@ -19,6 +19,7 @@ across every hop.
     ├── ModelError                         model_error            500  provisioning went wrong on the host
     │   ├── ModelLoadError                 model_load_failed      500  the engine could not load the file
     │   ├── DownloadError                  download_failed        502  the Hub answered, the download failed
+    │   │   └── DownloadInterruptedError   download_interrupted   502  the connection kept failing; bytes kept to resume
     │   └── DiskFullError                  disk_full              507  no room for the model
     ├── NoCapacityError                    no_capacity            503  no memory for a new worker on the host
     │   └── NoHiveError                    no_hive                503  no hive is up to schedule on
@@ -36,6 +37,7 @@ across every hop.
     │       ├── WorkerDiedError            worker_died            503  the worker's process exited mid-job
     │       └── WorkerStalledError         worker_stalled         503  the worker hung and was killed
     ├── UnauthorizedError                  unauthorized           401  no or wrong bearer token
+    ├── ForbiddenError                     forbidden              403  a client key outside its scope (routes, models)
     └── StartupError                       startup_failed         503  a role (queen, hive, worker) failed to start
         ├── NodeDownError                  node_down              503  the node is marked down
         ├── WheelhouseError                wheelhouse_failed      500  the queen could not build what hosts install
@@ -133,6 +135,8 @@ class DownloadError(ModelError):
 
 class DownloadInterruptedError(DownloadError):
     """The connection kept failing: the bytes staged so far are kept, and the next pull resumes."""
+
+    code = "download_interrupted"
 
 
 class DiskFullError(ModelError):
@@ -271,6 +275,8 @@ def openai_type(status: int) -> str:
     """OpenAI's error ``type`` for an HTTP status (its clients branch on it)."""
     if status == 401:
         return "authentication_error"
+    if status == 403:
+        return "permission_error"
     if status == 429:
         return "rate_limit_error"
     if 400 <= status < 500:

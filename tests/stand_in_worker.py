@@ -9,6 +9,8 @@ real worker when ``RBEE_WORKER_MODULE=tests.stand_in_worker``."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -17,6 +19,14 @@ import sys
 import time
 
 from rbee.config import WorkerConfig, from_args
+
+
+def read_secret() -> str:
+    path = os.environ.get("RBEE_TOKEN_FILE")
+    if not path:
+        return ""
+    with open(path) as handle:
+        return handle.read().strip()
 
 
 async def main(config: WorkerConfig) -> None:
@@ -28,8 +38,20 @@ async def main(config: WorkerConfig) -> None:
     loaded_at = time.monotonic() + float(os.environ.get("STAND_IN_LOAD_S", "0"))
     die = int(os.environ.get("STAND_IN_DIE_SIGNAL", "0"))
 
+    secret = read_secret()
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
+        challenge = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"x-rbee-challenge:")), "")
+        if challenge and secret:  # the hive proves this worker on each connection (rbee.link.auth.proof)
+            host, port = writer.get_extra_info("sockname")[:2]
+            proof = hmac.new(secret.encode(), f"rbee-proof|{challenge}|{host}:{port}".encode(),
+                             hashlib.sha256).hexdigest()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Rbee-Proof: %s\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (proof.encode(), len(body), body))
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")  # the request it proved itself for
         if die and head.startswith(b"POST /v1/jobs"):
             signal.signal(die, signal.SIG_DFL)
             os.kill(os.getpid(), die)

@@ -19,16 +19,17 @@ def create_app(hive: Hive) -> Quart:
     app = Quart(__name__)
     config = hive.config
     install_error_handlers(app, config.actor)
+
+    def worker_key(worker_id: str) -> str | None:
+        """The secret the worker ``worker_id`` was spawned with."""
+        record = hive.supervisor.workers.get(worker_id)
+        return record.secret if record is not None else None
+
     def worker_secret() -> str | None:
         """A worker's heartbeat proves the worker with the secret it was spawned with."""
         if request.endpoint != "worker_heartbeat":
             return None
-        record = hive.supervisor.workers.get(str((request.view_args or {}).get("worker_id", "")))
-        return record.secret if record is not None else None
-
-    def worker_key(worker_id: str) -> str | None:
-        record = hive.supervisor.workers.get(worker_id)
-        return record.secret if record is not None else None
+        return worker_key(str((request.view_args or {}).get("worker_id", "")))
 
     install_auth(app, lambda: hive.keys, config.actor, peer_secret=worker_secret, peer_key=worker_key)
 

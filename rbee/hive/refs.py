@@ -43,7 +43,7 @@ class ModelRef:
 
 def safe_name(name: str, what: str) -> str:
     """``name`` if it passes the one rule, else a 400 naming ``what`` it came from."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise BadModelRefError(f"{what}: {name!r} cannot name a model on disk; names start with a letter or digit "
                                "and hold only letters, digits, '.', '_' and '-' (at most 128)")
     return name
@@ -75,7 +75,7 @@ def parse_ref(ref: str | None) -> ModelRef:
         body = ref[3:]
         repo, _, file = body.partition(":")
         parts = repo.split("/")
-        if len(parts) != 2 or not all(REPO_PART.match(part) for part in parts):
+        if len(parts) != 2 or not all(REPO_PART.fullmatch(part) for part in parts):
             raise BadModelRefError(f"model reference {ref!r}: write hf:org/repo or hf:org/repo:file.gguf")
         if file:
             file = safe_relative(file, ref)
@@ -90,7 +90,7 @@ def parse_ref(ref: str | None) -> ModelRef:
         if ".." in pure.parts or "\x00" in path:
             raise BadModelRefError(f"model reference {ref!r}: '..' is not allowed in a file: path")
         return ModelRef("file", path)
-    if NAME.match(ref):
+    if NAME.fullmatch(ref):
         return ModelRef("name", ref)
     raise BadModelRefError(
         f"unknown model reference {ref!r}: use {DEFAULT_MODEL}, a catalog name, hf:org/repo[:file.gguf] "

@@ -44,6 +44,8 @@ REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
 #: keywords whose value is a sub-schema or a list of them, and those whose value maps names to them
 SUBSCHEMA = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties")
 NAMED = ("properties", "$defs", "definitions")
+#: marks a found problem on the walk's stack (a schema may itself be None)
+PROBLEM = object()
 
 
 def schema_problems(schema: Any, path: str = "schema") -> list[str]:
@@ -52,12 +54,12 @@ def schema_problems(schema: Any, path: str = "schema") -> list[str]:
     in the schema's own order. Walks with its own stack: a schema nested 50,000 deep is
     refused, never a RecursionError."""
     found: list[str] = []
-    #: (sub-schema, its path, its depth), or (None, a problem, 0)
+    #: (sub-schema, its path, its depth), or (PROBLEM, the problem, 0)
     pending: list[tuple[Any, str, int]] = [(schema, path, 0)]
     nodes = 0
     while pending:
         node, where, depth = pending.pop()
-        if node is None:
+        if node is PROBLEM:
             found.append(where)
             continue
         steps: list[tuple[Any, str, int]] = []
@@ -71,14 +73,15 @@ def schema_problems(schema: Any, path: str = "schema") -> list[str]:
                 return [f"{path}: more than {MAX_SCHEMA_NODES} sub-schemas"]
             for key, value in node.items():
                 if key not in ENFORCED and key not in ANNOTATIONS:
-                    steps.append((None, f"{where}.{key}", 0))
+                    steps.append((PROBLEM, f"{where}.{key}", 0))
                 elif key in REPEATS and not (type(value) is int and 0 <= value <= MAX_REPEAT):
-                    steps.append((None, f"{where}.{key}: {value!r} is not a whole number from 0 to {MAX_REPEAT}", 0))
+                    steps.append((PROBLEM, f"{where}.{key}: {value!r} is not a whole number from 0 to {MAX_REPEAT}",
+                                  0))
                 elif key in NAMED and isinstance(value, dict):
                     steps += [(sub, f"{where}.{key}.{name}", depth + 1) for name, sub in value.items()]
                 elif key in SUBSCHEMA:
                     steps.append((value, f"{where}.{key}", depth + 1))
-        pending.extend(reversed([step for step in steps if step[0] is None or isinstance(step[0], (dict, list))]))
+        pending.extend(reversed([step for step in steps if step[0] is PROBLEM or isinstance(step[0], dict | list)]))
     return found
 
 

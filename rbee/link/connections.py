@@ -10,7 +10,7 @@ requests failed until the flood's connections timed out. So every role:
   flood's connections are exactly that) to admit the new one; only when every connection is
   busy with a request is the new one refused;
 - closes idle connections after ``IDLE_TIMEOUT`` seconds (Hypercorn's keep-alive timeout,
-  which also runs from the moment a connection opens until its first request).
+  which also runs from the moment a connection opens until its first request; was 75 s).
 
 Hypercorn makes one ``TCPServer`` per connection and exposes no hook for this, so
 :class:`GuardedTCPServer` (a subclass) is put in its place in ``hypercorn.asyncio.run``.
@@ -29,8 +29,11 @@ from hypercorn.events import Event, Updated
 
 log = logging.getLogger(__name__)
 
-#: seconds a connection may sit without a request in flight (clients reuse theirs within 3 s)
-IDLE_TIMEOUT = 5.0
+#: seconds a connection may sit without a request in flight: longer than the keep-alive of the
+#: clients people use (httpx and the openai/ollama libraries 5 s, aiohttp 15 s), or a client
+#: reusing a connection just as the server closes it gets "Server disconnected"; rbee's own
+#: clients drop theirs after 3 s. A flood is answered by eviction, not by this timeout.
+IDLE_TIMEOUT = 20.0
 MAX_CONNECTIONS = 4096
 
 

@@ -118,9 +118,11 @@ class JobRequest(BaseModel):
         if self.response_format is not None and self.response_format.get("type") not in ("json_object",
                                                                                           "json_schema"):
             raise ValueError('response_format.type must be "json_object" or "json_schema"')
-        problems = (grammar_problems(self.grammar) if self.grammar is not None else
-                    schema_problems(self.response_format.get("schema"), "response_format.schema")
-                    if self.response_format is not None else [])
+        problems = []
+        if self.grammar is not None:
+            problems = grammar_problems(self.grammar)
+        elif self.response_format is not None and self.response_format.get("type") == "json_schema":
+            problems = schema_problems(self.response_format.get("schema"), "response_format.schema")
         if problems:  # refused at every tier, before a worker's engine thread sees it
             raise ValueError(f"rbee cannot enforce or bound this output constraint: {'; '.join(problems)}")
         return self

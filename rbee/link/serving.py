@@ -141,7 +141,7 @@ async def run_server(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     limit = int(os.environ.get("RBEE_MAX_CONNECTIONS", "0")) or connection_limit(raise_fd_limit())
-    connections.install(config, limit)  # a cap, idle connections evicted first; 5 s idle timeout
+    connections.install(config, limit)  # a cap, idle connections evicted first; 20 s idle timeout
     watcher = loop.create_task(watch_parent(parent_pid, stop)) if parent_pid else None
 
     async def shutdown_trigger() -> None:

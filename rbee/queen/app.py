@@ -25,16 +25,17 @@ from rbee.queen.service import Queen
 def create_app(queen: Queen) -> Quart:
     app = Quart(__name__)
     install_error_handlers(app, queen.config.actor)
+
+    def hive_key(name: str) -> str | None:
+        """The secret the hive ``name`` was launched with."""
+        peer = queen.hives.get(name)
+        return peer.secret if peer is not None else None
+
     def hive_secret() -> str | None:
         """A heartbeat proves the hive with the secret it was launched with."""
         if request.endpoint != "hive_heartbeat":
             return None
-        peer = queen.hives.get(str((request.view_args or {}).get("name", "")))
-        return peer.secret if peer is not None else None
-
-    def hive_key(name: str) -> str | None:
-        peer = queen.hives.get(name)
-        return peer.secret if peer is not None else None
+        return hive_key(str((request.view_args or {}).get("name", "")))
 
     def client(secret: str) -> tuple[Response, int] | bool | None:
         """A scoped client key: inference routes only (rbee.queen.keys)."""

@@ -46,7 +46,7 @@ class ClientKey:
     created: float = field(default_factory=time.time)
 
     def allows_route(self, path: str) -> bool:
-        return any(route.match(path) for route in CLIENT_ROUTES)
+        return any(route.fullmatch(path) for route in CLIENT_ROUTES)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "models": list(self.models) or "all", "created": self.created}
@@ -82,7 +82,7 @@ class KeyStore:
 
     def add(self, name: str, models: Iterable[str] = ()) -> tuple[ClientKey, str]:
         """A new key named ``name``: returns it and the key itself (shown once, never stored)."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise RequestError(f"key name {name!r}: 1 to 64 letters, digits, '.', '_' or '-'")
         self._refresh()
         if any(entry.name == name for entry in self._keys.values()):

@@ -31,6 +31,9 @@ EXPECTED = {
     "rbee models list": ["--node", "--queen-url", "--inventory"],
     "rbee models pull": ["ref", "--node", "--queen-url", "--inventory"],
     "rbee models rm": ["name", "--node", "--queen-url", "--inventory"],
+    "rbee keys add": ["name", "--models"],
+    "rbee keys list": [],
+    "rbee keys revoke": ["name"],
     "rbee workers list": ["--queen-url", "--inventory"],
     "rbee workers stop": ["worker_id", "--node", "--queen-url", "--inventory"],
 }

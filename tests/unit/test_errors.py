@@ -16,11 +16,13 @@ EXPECTED = {  # the table of the module docstring, spelled out: a changed status
     "internal": 500, "bad_config": 400, "bad_inventory": 400, "trust_refused": 400, "bad_request": 400,
     "bad_model_ref": 400, "bad_model": 400, "no_engine": 400, "not_found": 404, "model_not_found": 404,
     "unknown_node": 404, "unknown_worker": 404, "job_not_found": 404, "model_error": 500,
-    "model_load_failed": 500, "download_failed": 502, "disk_full": 507, "no_capacity": 503, "no_hive": 503,
+    "model_load_failed": 500, "download_failed": 502,
+    "download_interrupted": 502, "disk_full": 507, "no_capacity": 503, "no_hive": 503,
     "queue_full": 429, "cancelled": 499, "link_failed": 502, "stalled": 504, "peer_down": 503,
     "hub_unreachable": 502, "unproven_peer": 502, "ssh_failed": 502, "host_key_refused": 502,
     "remote_command_failed": 502,
-    "peer_error": 502, "worker_died": 503, "worker_stalled": 503, "unauthorized": 401, "startup_failed": 503,
+    "peer_error": 502, "worker_died": 503, "worker_stalled": 503, "unauthorized": 401,
+    "forbidden": 403, "startup_failed": 503,
     "node_down": 503, "wheelhouse_failed": 500, "engine_build_failed": 500,
 }
 
@@ -38,6 +40,8 @@ def test_every_code_maps_to_its_status(code: str) -> None:
         assert kind == "rate_limit_error"
     elif status == 401:
         assert kind == "authentication_error"
+    elif status == 403:
+        assert kind == "permission_error"  # openai's PermissionDeniedError
     elif 400 <= status < 500:
         assert kind == "invalid_request_error"
     else:
