@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rbee.config import rbee_home
-from rbee.errors import RbeeError
-from rbee.keeper.common import err
+from rbee.keeper.common import err, run_sync
 from rbee.queen.keys import KeyStore
 
 keys_app = typer.Typer(help="Scoped keys for OpenAI/Ollama clients (inference only).", no_args_is_help=True)
@@ -24,11 +23,6 @@ def _store() -> KeyStore:
     return KeyStore(rbee_home())
 
 
-def _fail(exc: RbeeError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc.message}", markup=True)
-    return typer.Exit(1)
-
-
 @keys_app.command("add")
 def keys_add(
     name: Annotated[str, typer.Argument(help="What the key is for, e.g. open-webui")],
@@ -37,10 +31,7 @@ def keys_add(
 ) -> None:
     """Make a key that may only run inference (on the models named). It is printed once, as the
     last line of stdout: OPENAI_API_KEY=$(rbee keys add my-app | tail -1)."""
-    try:
-        entry, secret = _store().add(name, models.split(","))
-    except RbeeError as exc:
-        raise _fail(exc) from None
+    entry, secret = run_sync(_store().add, name, models.split(","))
     err.print(f"client key {entry.name!r} made: inference only, models: {', '.join(entry.models) or 'all'}. "
               "It is shown once; `rbee keys revoke` ends it.")
     typer.echo(secret)
@@ -49,10 +40,7 @@ def keys_add(
 @keys_app.command("list")
 def keys_list() -> None:
     """Every client key: name, models, when it was made (the keys themselves are not stored)."""
-    try:
-        keys = _store().keys()
-    except RbeeError as exc:
-        raise _fail(exc) from None
+    keys = run_sync(_store().keys)
     table = Table("name", "models", "created", title="client keys")
     for entry in keys:
         table.add_row(entry.name, ", ".join(entry.models) or "all",
@@ -63,8 +51,5 @@ def keys_list() -> None:
 @keys_app.command("revoke")
 def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name (`rbee keys list`)")]) -> None:
     """End a client key: the queen refuses it from its next request on."""
-    try:
-        entry = _store().revoke(name)
-    except RbeeError as exc:
-        raise _fail(exc) from None
+    entry = run_sync(_store().revoke, name)
     err.print(f"client key {entry.name!r} revoked")

@@ -64,13 +64,11 @@ def sha256_file(path: Path) -> str:
             return kept
     except OSError:
         pass
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     with contextlib.suppress(OSError):
-        memo.write_text(f"{stamp} {digest.hexdigest()}")
-    return digest.hexdigest()
+        memo.write_text(f"{stamp} {digest}")
+    return digest
 
 
 @dataclass(frozen=True)
