@@ -23,6 +23,8 @@ DEFAULT_QUEEN_PORT = 7833
 DEFAULT_HIVE_PORT = 7835
 DEFAULT_MODEL = "gemma3-270m"
 LOCAL_NODE = "localhost"
+#: what a hive runs (``python -m``) for each worker; the queen checks it imports on every host
+WORKER_MODULE = "rbee.worker"
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_QUEUE = 64
 #: tokens an embedding worker takes per input (its context): inputs are embedded whole, never cut

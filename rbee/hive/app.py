@@ -59,6 +59,14 @@ def create_app(hive: Hive) -> Quart:
     async def catalog() -> Response:
         return jsonify({"models": [entry.describe() for entry in hive.catalog.entries()]})
 
+    @app.post("/v1/catalog/show")
+    async def show_model() -> Response:
+        body = await read_json_body()
+        model, forms = body.get("model"), body.get("forms")
+        if not (model is None or isinstance(model, str)) or not (forms is None or isinstance(forms, dict)):
+            raise RequestError('show needs {"model": REF, "forms"?: {"gguf": REF, "mlx": REF}}')
+        return jsonify(await hive.show(model, forms))
+
     @app.delete("/v1/catalog/<name>")
     async def remove_model(name: str) -> Response:
         return jsonify({"removed": await hive.remove_model(name)})

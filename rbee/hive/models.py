@@ -47,12 +47,14 @@ class ModelEntry:
     sha256: str
     format: str
     info: GgufInfo
+    modified: float = 0.0  # unix seconds: when it entered the catalog (or the file's mtime)
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "ref": self.ref, "path": str(self.path), "size": self.size, "sha256": self.sha256,
             "format": self.format, "quantization": self.info.quantization, "architecture": self.info.architecture,
             "parameters": self.info.parameters, "context_length": self.info.context_length,
+            "modified": self.modified,
         }
 
 
@@ -183,7 +185,7 @@ class ModelCatalog:
                 data = json.loads(manifest.read_text())
                 info = GgufInfo(**data["metadata"])
                 entry = ModelEntry(data["name"], data["ref"], manifest.parent / data["file"], data["size"],
-                                   data["sha256"], data["format"], info)
+                                   data["sha256"], data["format"], info, stamp / 1e9)
                 self._parsed[manifest] = (stamp, entry)
             present = entry.path.is_dir() if entry.format == "mlx" else entry.path.is_file()
             return entry if present else None
@@ -232,22 +234,26 @@ class ModelCatalog:
         with lock:
             return self._resolve(ref_text, narrate, form)
 
-    def _resolve(self, ref_text: str | None, narrate: Narrate, form: str | None) -> ModelEntry:
+    def find(self, ref_text: str | None, form: str | None = None) -> ModelEntry | None:
+        """The local model for a reference, or None where it would have to be provisioned first;
+        never downloads."""
         ref = parse_ref(ref_text)
         if ref.kind == "file":
             return self._file(ref)
         if ref.kind == "hf" and ref.file is None:
             # a whole repo: only an entry made from this repo answers it, never one that merely
             # has the repo's name (another repo's file with that stem)
-            existing = next((e for e in self.entries() if serves(e, ref) and form in (None, e.format)), None)
-            if existing is not None:
-                return existing
-        else:
-            entry = self.get(entry_name(ref))
-            if entry is not None and ref.kind == "hf":
-                self.check_same(entry, ref)
-            if entry is not None:
-                return entry
+            return next((e for e in self.entries() if serves(e, ref) and form in (None, e.format)), None)
+        entry = self.get(entry_name(ref))
+        if entry is not None and ref.kind == "hf":
+            self.check_same(entry, ref)
+        return entry
+
+    def _resolve(self, ref_text: str | None, narrate: Narrate, form: str | None) -> ModelEntry:
+        entry = self.find(ref_text, form)
+        if entry is not None:
+            return entry
+        ref = parse_ref(ref_text)
         if ref.kind == "default":
             return self._provision_default(narrate)
         if ref.kind == "hf":
@@ -274,12 +280,13 @@ class ModelCatalog:
         try:
             if path.is_dir():
                 info = mlx_info(path)  # before dir_size: `file:/` is refused without walking the disk
-                return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", info)
+                return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", info, path.stat().st_mtime)
             if not path.is_file():
                 raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
             check_gguf_header(path)
             info = read_info(path)
-            return ModelEntry(path.stem, str(ref), path, path.stat().st_size, "", "gguf", info)
+            stat = path.stat()
+            return ModelEntry(path.stem, str(ref), path, stat.st_size, "", "gguf", info, stat.st_mtime)
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
             raise BadModelError(f"cannot read {path} ({why}); check its permissions") from exc

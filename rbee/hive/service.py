@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from rbee import __version__
-from rbee.config import DEFAULT_QUEUE, EMBED_MAX_CTX, HiveConfig
-from rbee.errors import LinkError, RequestError, StallError, WorkerDiedError, WorkerStalledError
+from rbee.config import DEFAULT_MODEL, DEFAULT_QUEUE, EMBED_MAX_CTX, HiveConfig
+from rbee.errors import LinkError, ModelNotFoundError, RequestError, StallError, WorkerDiedError, WorkerStalledError
 from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
 from rbee.hive.engine import Host as EngineHost
+from rbee.hive.gguf_meta import read_header
 from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.placement import Memory, Sized, size_worker
 from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
@@ -109,8 +110,7 @@ class Hive:
             workers=self.supervisor.views(), devices=devices,
             free_memory=free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
             engine=self.supervisor.engine.line,
-            models=[CatalogModel(name=e.name, ref=e.ref, size=e.size, path=str(e.path))
-                    for e in self.catalog.entries()],
+            models=[CatalogModel.model_validate(e.describe()) for e in self.catalog.entries()],
         )
 
     def narrator(self, job: Job) -> Any:
@@ -170,8 +170,7 @@ class Hive:
             # its context is one input's room, so admission reserves that, not the trained length
             trained = entry.info.context_length or EMBED_MAX_CTX
             request = request.model_copy(update={"ctx": min(request.ctx or trained, EMBED_MAX_CTX)})
-        body = request.downstream(model=None, node=None, backend=None, forms=None, ctx=None, gpu_layers=None,
-                                  gpu_split=None, parallel=None, queue=None, keep_alive=None)
+        body = request.for_tier("worker")
         if request.gpu_layers is not None:
             gpu_layers = request.gpu_layers
         else:
@@ -182,6 +181,10 @@ class Hive:
             spec, job.narrate, self.sizer(entry, choice.engine, host, request, gpu_layers), choice.reason
         )
         try:
+            if request.load_only:
+                job.narrate("load", f"{entry.name} is loaded on {worker.actor}")
+                job.emit(events.end(0, 0.0, "load", prompt_tokens=0, prompt_ms=0.0))
+                return
             with self.supervisor.peers.relaying(worker, job):
                 await relay(job, self.worker_link(worker), body)
         except LinkError as exc:
@@ -219,6 +222,21 @@ class Hive:
         entry = await self.provision(job, ref)
         job.narrate("report", f"{entry.name} is in the catalog", model=entry.describe())
         job.emit(events.end(0, time.monotonic() - started, "done"))
+
+    async def show(self, model: str | None, forms: dict[str, str] | None) -> dict[str, Any]:
+        """What the catalog's file for ``model`` says of itself (a client's "show"), without
+        provisioning it: a GGUF's header scalars and chat template; a 404 when it is not here yet."""
+        form = "gguf" if forms and "gguf" in forms else ("mlx" if forms else None)
+        ref = forms[form] if forms and form else model
+        entry = await asyncio.to_thread(self.catalog.find, ref, form)
+        if entry is None:
+            raise ModelNotFoundError(f"{ref or DEFAULT_MODEL} is not in the catalog of {self.config.actor} yet; "
+                                     "pull it (`rbee models pull`) or run it once")
+        header: dict[str, Any] = {}
+        if entry.format == "gguf":
+            fields, parameters = await asyncio.to_thread(read_header, entry.path)
+            header = {**fields, "general.parameter_count": parameters}
+        return {"model": entry.describe(), "header": header}
 
     async def remove_model(self, name: str) -> dict[str, Any]:
         entry = self.catalog.get(name)

@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee.config import DEFAULT_QUEUE, HiveConfig, ServeOptions, WorkerConfig, to_args
+from rbee.config import DEFAULT_QUEUE, WORKER_MODULE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.engine.backends import VARIANT_ENV
 from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
 from rbee.hive.engine_proof import EngineProof
 from rbee.hive.placement import Sized
 from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.client import LinkClient
+from rbee.link.engine_report import EngineReport
 from rbee.link.peers import Peer, PeerRegistry, PeerState
 from rbee.link.schemas import Load, WorkerReport, WorkerView, parse_wire
 from rbee.link.spawn import Child, bind_loopback, spawn
-from rbee.worker.backends.engine_report import EngineReport
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class WorkerRecord(Peer[WorkerReport]):
     def backend(self) -> str:
         return self.spec.backend
 
-    def view(self, now: float | None = None) -> WorkerView:
+    def view(self, now: float | None = None, keep_alive: float | None = None) -> WorkerView:
         now = time.monotonic() if now is None else now
         report = self.report
         return WorkerView(
@@ -104,7 +104,7 @@ class WorkerRecord(Peer[WorkerReport]):
             engine=self.engine or (report.engine if report else {}), pid=self.child.pid, url=self.url,
             heartbeat_age_s=self.heartbeat_age(now), tokens_generated=report.tokens_generated if report else 0,
             load=self.load, memory=self.memory,
-            idle_s=round(now - self.last_used, 1) if not self.active_jobs else 0.0,
+            idle_s=round(now - self.last_used, 1) if not self.active_jobs else 0.0, keep_alive_s=keep_alive,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -139,7 +139,7 @@ class Supervisor:
 
     #: what a worker process runs (``python -m``); tests put a light stand-in here (in a hive they
     #: start as a process: ``RBEE_WORKER_MODULE``)
-    worker_module = "rbee.worker"
+    worker_module = WORKER_MODULE
 
     def __init__(self, config: HiveConfig, hive_url: str, token: str | None = None,
                  engine: EngineProof | None = None) -> None:
@@ -383,7 +383,7 @@ class Supervisor:
 
     def views(self) -> list[WorkerView]:
         now = time.monotonic()
-        return [record.view(now) for record in self.peers]
+        return [record.view(now, self.keep_alive(record)) for record in self.peers]
 
     def describe(self) -> list[dict[str, Any]]:
         return [view.model_dump(mode="json") for view in self.views()]

@@ -175,14 +175,15 @@ def listen_address() -> str:
 
 def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]], role: str,
                  peer_secret: PeerSecret | None = None, peer_key: PeerKey | None = None,
-                 client: ClientCheck | None = None) -> None:
+                 client: ClientCheck | None = None, open_paths: Sequence[str] = ()) -> None:
     """Refuse every request without one of ``tokens`` (401); ``tokens`` may be a callable, for a
     hive whose secret the queen rotates. ``peer_secret`` may name one more secret for this
     request: a heartbeat route accepts the sending peer's own secret, so a hive or worker
     proves who it is. ``client`` judges any other bearer key (the queen's scoped client keys).
     ``GET /health`` without a secret answers only the role (a liveness check), plus the proof
     of a challenge: with this server's own secret, or with the secret of the caller that
-    ``X-Rbee-Peer`` names (``peer_key``)."""
+    ``X-Rbee-Peer`` names (``peer_key``). ``open_paths`` answer GET and HEAD without a key
+    (a liveness text that names nothing, like Ollama's ``/``)."""
     current = tokens if callable(tokens) else (lambda: tokens)
     if not any(current()):
         return
@@ -197,6 +198,8 @@ def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]]
             return None
         if request.path == "/health" and request.method in ("GET", "HEAD"):
             return _health(role, current()[0], peer_key)
+        if request.path in open_paths and request.method in ("GET", "HEAD"):
+            return None
         if client is not None and given.startswith(b"Bearer "):
             verdict = client(given[7:].decode(errors="replace"))
             if verdict is True:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbee.errors import RequestError
+
 #: minLength/maxLength/minItems/maxItems and GBNF {m,n}: the converter nests one level per unit
 MAX_REPEAT = 256
 #: nesting of a schema (objects in arrays in objects …)
@@ -138,3 +140,17 @@ def _skip_literal(text: str, start: int, closing: str) -> int:
             return index + 1
         index += 1
     return index
+
+
+def refuse_schema(schema: Any, what: str, path: str = "schema") -> None:
+    """A 400 naming every place ``schema`` cannot be enforced or is too big (rbee.link.bounds)."""
+    refused = schema_problems(schema, path)
+    if refused:
+        raise RequestError(f"{what}: the JSON schema uses something rbee cannot enforce or bound: "
+                           f"{', '.join(refused)}. Leave it out, or express it with enum, pattern or smaller lengths")
+
+
+def refuse_grammar(grammar: str, what: str = "grammar") -> None:
+    problems = grammar_problems(grammar)
+    if problems:
+        raise RequestError(f"{what} is too large or too deep for the engine: {'; '.join(problems)}")

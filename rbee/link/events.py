@@ -107,7 +107,7 @@ def end(tokens: int, duration_s: float, finish_reason: str, **extra: Any) -> Eve
         {
             "type": END,
             "tokens": tokens,
-            "duration_ms": round(duration_s * 1000, 1),
+            "duration_ms": round(duration_s * 1000, 3),
             "tokens_per_s": round(rate, 2),
             "finish_reason": finish_reason,
             **extra,

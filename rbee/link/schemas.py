@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.config import JsonDict
 
 from rbee.errors import RequestError
 from rbee.link.bounds import grammar_problems, schema_problems
@@ -52,62 +53,89 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(default=None, max_length=200)
 
 
+#: Which tier reads a job field (``json_schema_extra`` of each field, in the OpenAPI document too):
+#: the queen routes, the hive finds the model and places a worker, the worker generates. Each
+#: tier passes on only what the tiers below it read (``JobRequest.for_tier``).
+ROUTING: JsonDict = {"x-rbee-group": "routing"}  # the queen
+MODEL: JsonDict = {"x-rbee-group": "model"}  # the hive: which model, in which form
+PLACEMENT: JsonDict = {"x-rbee-group": "placement"}  # the hive: which worker, how big, how long
+CONTENT: JsonDict = {"x-rbee-group": "content"}  # the worker: what to read
+SAMPLING: JsonDict = {"x-rbee-group": "sampling"}  # the worker: how to generate
+READ_BY: dict[str, tuple[str, ...]] = {
+    "hive": ("model", "placement", "content", "sampling"),
+    "worker": ("content", "sampling"),
+}
+
+
 class JobRequest(BaseModel):
     """``POST /v1/jobs`` at queen, hive and worker: a raw ``prompt`` or chat ``messages``
     (formatted by the worker, which knows the model's chat template)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    # content ------------------------------------------------------------------------------------
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS, json_schema_extra=CONTENT)
     #: texts to embed instead of a generation: a vector each, from a worker loaded for embeddings
     input: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
-        default=None, min_length=1, max_length=2048)
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
+        default=None, min_length=1, max_length=2048, json_schema_extra=CONTENT)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256, json_schema_extra=CONTENT)
     #: with ``prompt``: "auto" sends it as one user turn through the model's own chat template when
     #: the model has one, and as a plain completion when it has none (what `rbee infer` asks for)
-    template: Literal["auto"] | None = None
-    model: str | None = Field(default=None, min_length=1, max_length=500)
-    node: str | None = Field(default=None, min_length=1, max_length=100)
-    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0, le=100_000)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    #: a llama.cpp GBNF grammar (rule ``root``) the output must match
-    grammar: str | None = Field(default=None, min_length=1, max_length=100_000)
-    #: structured output: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
-    response_format: dict[str, Any] | None = None
-    #: token id -> bias added to its logit (-100 bans it, 100 all but forces it), as OpenAI's
-    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(default=None, max_length=1024)
-    #: log-probabilities of each generated token, with this many likeliest alternatives (0-20)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    template: Literal["auto"] | None = Field(default=None, json_schema_extra=CONTENT)
     #: functions the model may call, in OpenAI's shape: shown to it through its chat template
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128, json_schema_extra=CONTENT)
+
+    # routing and model --------------------------------------------------------------------------
+    node: str | None = Field(default=None, min_length=1, max_length=100, json_schema_extra=ROUTING)
+    model: str | None = Field(default=None, min_length=1, max_length=500, json_schema_extra=MODEL)
+    #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
+    forms: dict[Literal["gguf", "mlx"], str] | None = Field(default=None, json_schema_extra=MODEL)
+
+    # placement ----------------------------------------------------------------------------------
     #: engine: auto (the hive decides), mlx or llama-cpp
-    backend: Literal["auto", "mlx", "llama-cpp"] | None = None
+    backend: Literal["auto", "mlx", "llama-cpp"] | None = Field(default=None, json_schema_extra=PLACEMENT)
     #: context length in tokens; omitted = the model's trained length, as far as memory allows
-    ctx: int | None = Field(default=None, ge=256, le=1_048_576)
+    ctx: int | None = Field(default=None, ge=256, le=1_048_576, json_schema_extra=PLACEMENT)
     #: layers llama.cpp offloads to the GPU: -1 all (the default where the build supports it), 0 none, N
-    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000)
+    gpu_layers: int | None = Field(default=None, ge=-1, le=10_000, json_schema_extra=PLACEMENT)
     #: may a model too big for any one GPU be split over several (the hive's `gpu_split =`)
-    gpu_split: bool | None = None
+    gpu_split: bool | None = Field(default=None, json_schema_extra=PLACEMENT)
     #: sequences a new worker decodes together, and how many may wait (the model's `parallel =`, `queue =`)
-    parallel: int | None = Field(default=None, ge=1, le=64)
-    queue: int | None = Field(default=None, ge=0, le=10_000)
+    parallel: int | None = Field(default=None, ge=1, le=64, json_schema_extra=PLACEMENT)
+    queue: int | None = Field(default=None, ge=0, le=10_000, json_schema_extra=PLACEMENT)
     #: how long the worker stays loaded once idle, in seconds: 0 unloads after this job, -1 keeps it
     #: (default: the hive's `keep_alive`, else RBEE_WORKER_IDLE_TIMEOUT)
-    keep_alive: Duration | None = None
-    #: a logical model's forms, e.g. {"gguf": "hf:…", "mlx": "hf:…"}; the hive picks one for its engine
-    forms: dict[Literal["gguf", "mlx"], str] | None = None
+    keep_alive: Duration | None = Field(default=None, json_schema_extra=PLACEMENT)
+    #: only load the model (a worker ready for it), generate nothing: Ollama's empty prompt
+    load_only: bool | None = Field(default=None, json_schema_extra=PLACEMENT)
+
+    # sampling -----------------------------------------------------------------------------------
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT, json_schema_extra=SAMPLING)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0, json_schema_extra=SAMPLING)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, json_schema_extra=SAMPLING)
+    top_k: int = Field(default=40, ge=0, le=100_000, json_schema_extra=SAMPLING)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0, json_schema_extra=SAMPLING)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0, json_schema_extra=SAMPLING)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, json_schema_extra=SAMPLING)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, json_schema_extra=SAMPLING)
+    #: a llama.cpp GBNF grammar (rule ``root``) the output must match
+    grammar: str | None = Field(default=None, min_length=1, max_length=100_000, json_schema_extra=SAMPLING)
+    #: structured output: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: dict[str, Any] | None = Field(default=None, json_schema_extra=SAMPLING)
+    #: token id -> bias added to its logit (-100 bans it, 100 all but forces it), as OpenAI's
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=1024, json_schema_extra=SAMPLING)
+    #: log-probabilities of each generated token, with this many likeliest alternatives (0-20)
+    logprobs: int | None = Field(default=None, ge=0, le=20, json_schema_extra=SAMPLING)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, json_schema_extra=SAMPLING)
+    stop: list[str] = Field(default_factory=list, max_length=8, json_schema_extra=SAMPLING)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> JobRequest:
-        if sum(part is not None for part in (self.prompt, self.messages, self.input)) != 1:
+        given = sum(part is not None for part in (self.prompt, self.messages, self.input))
+        if self.load_only and given:
+            raise ValueError("load_only loads the model and generates nothing: leave out prompt, messages and input")
+        if not self.load_only and given != 1:
             raise ValueError("give exactly one of prompt, messages or input (to embed)")
         return self
 
@@ -140,10 +168,17 @@ class JobRequest(BaseModel):
         return value
 
     def downstream(self, **changes: Any) -> dict[str, Any]:
-        """The body to send one tier down (routing fields the next tier doesn't need removed)."""
+        """The whole body, with ``changes`` (a None removes a field)."""
         body = self.model_dump(exclude_none=True, mode="json")
         body.update(changes)
         return {key: value for key, value in body.items() if value is not None}
+
+    def for_tier(self, tier: Literal["hive", "worker"], **changes: Any) -> dict[str, Any]:
+        """The body the next tier down gets: the groups it (and the tiers below it) read."""
+        groups = READ_BY[tier]
+        kept = {name for name, field in type(self).model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and field.json_schema_extra["x-rbee-group"] in groups}
+        return {key: value for key, value in self.downstream(**changes).items() if key in kept}
 
 
 def parse_job_request(body: dict[str, Any]) -> JobRequest:
@@ -212,6 +247,8 @@ class WorkerView(Wire):
     load: Load = Field(default_factory=Load)
     memory: int = 0
     idle_s: float = 0.0
+    #: how long it stays loaded once idle (seconds; -1: until stopped), for Ollama's `expires_at`
+    keep_alive_s: float | None = None
 
 
 class FleetWorker(WorkerView):
@@ -221,10 +258,20 @@ class FleetWorker(WorkerView):
 
 
 class CatalogModel(Wire):
+    """A catalog entry as hives report it (``ModelEntry.describe``): enough for a client's model
+    list (Ollama's ``/api/tags``) without asking the hive."""
+
     name: str = Field(min_length=1)
     ref: str = Field(min_length=1)
     size: int = Field(default=0, ge=0)
     path: str = ""
+    sha256: str = ""
+    format: str = ""
+    quantization: str = ""
+    architecture: str = ""
+    parameters: int = 0
+    context_length: int = 0
+    modified: float = 0.0  # when it entered the catalog (unix seconds)
 
 
 class HiveReport(Wire):

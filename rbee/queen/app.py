@@ -16,8 +16,11 @@ from rbee.link.jobs import Job, Producer
 from rbee.link.relay import relay
 from rbee.link.schemas import FleetWorker, parse_job_request
 from rbee.link.server import add_job_routes, error_body, install_error_handlers, read_json_body
+from rbee.queen.api.models import ModelIndex
+from rbee.queen.api.ollama import mount_ollama
+from rbee.queen.api.openai import mount_openai
+from rbee.queen.fleet_models import FleetModels
 from rbee.queen.keys import ClientKey, check_model
-from rbee.queen.openai_api import ModelIndex, mount_openai
 from rbee.queen.openapi import document as openapi_document
 from rbee.queen.service import Queen
 
@@ -50,7 +53,8 @@ def create_app(queen: Queen) -> Quart:
         queen.metrics.client_requests.labels(key.name).inc()
         return True
 
-    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key, client=client)
+    install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key, client=client,
+                 open_paths=("/",))
 
     def model_roots() -> list[str]:
         return list(queen.fleet.inventory.queen.model_roots)
@@ -85,7 +89,8 @@ def create_app(queen: Queen) -> Quart:
     add_job_routes(app, queen.registry, make_producer)
     queen.metrics.mount(app, lambda: [("hive", h.name, h.state, h.heartbeat_age_s) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
-    index = ModelIndex(queen.model_names, lambda: g.get("client_key"))
+    fleet_models = FleetModels(queen)
+    index = ModelIndex(queen.model_names, lambda: g.get("client_key"), fleet_models.catalogs)
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")
@@ -134,6 +139,7 @@ def create_app(queen: Queen) -> Quart:
         return produce
 
     add_job_routes(app, queen.registry, make_pull, prefix="/v1/catalog/jobs")
+    mount_ollama(app, queen.registry, index, make_producer, fleet_models, make_pull)
 
     @app.get("/v1/catalog")
     async def catalog() -> Response:

@@ -35,6 +35,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CLIENT_ROUTES = (
     re.compile(r"^/v1/(chat/completions|completions|embeddings|models)$"),
     re.compile(r"^/v1/jobs(/[A-Za-z0-9_-]+(/stream)?)?$"),
+    # Ollama's: inference and listings; pull and delete change the hosts' disks (the owner's)
+    re.compile(r"^/api/(chat|generate|embed|embeddings|tags|show|ps|version)$"),
 )
 
 

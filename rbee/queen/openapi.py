@@ -12,7 +12,8 @@ from pydantic import BaseModel
 
 from rbee import __version__
 from rbee.link.schemas import FleetWorker, HiveReport, HiveView, JobRequest
-from rbee.queen.openai_api import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from rbee.queen.api.ollama import ChatIn, EmbedIn, GenerateIn
+from rbee.queen.api.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 JOB_CREATED = {
@@ -71,9 +72,40 @@ def _with(operation: dict[str, Any], parameters: list[dict[str, Any]]) -> dict[s
     return {**operation, "parameters": parameters}
 
 
+MODEL_BODY = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string"}}}
+NDJSON = {"description": "NDJSON lines (stream: true, the default) or one JSON object",
+          "content": {"application/x-ndjson": {}, "application/json": {}}}
+
+
+def _ollama(summary: str, body: type[BaseModel] | dict[str, Any] | None = None, ndjson: bool = False) -> dict[str, Any]:
+    operation = _op(f"Ollama: {summary}", body=body, errors=("400", "404") if body is not None else ())
+    if ndjson:
+        operation["responses"]["200"] = NDJSON
+    return operation
+
+
+def ollama_paths() -> dict[str, Any]:
+    """Ollama's API (rbee.queen.api.ollama); errors are ``{"error": "…"}``."""
+    return {
+        "/": {"get": {"summary": "Ollama: liveness, without a key", "responses": {"200": {
+            "description": "Ollama is running", "content": {"text/plain": {}}}}}},
+        "/api/version": {"get": _ollama("the API version rbee answers like")},
+        "/api/tags": {"get": _ollama("models the fleet serves")},
+        "/api/ps": {"get": _ollama("models loaded now, on which host")},
+        "/api/show": {"post": _ollama("what a model's file says of itself", MODEL_BODY)},
+        "/api/chat": {"post": _ollama("chat", ChatIn, ndjson=True)},
+        "/api/generate": {"post": _ollama("completion (or load / unload with an empty prompt)", GenerateIn,
+                                          ndjson=True)},
+        "/api/embed": {"post": _ollama("embeddings", EmbedIn)},
+        "/api/embeddings": {"post": _ollama("one embedding (the older route)", EmbedIn)},
+        "/api/pull": {"post": _ollama("pull hf:org/repo[:file] with progress lines", MODEL_BODY, ndjson=True)},
+        "/api/delete": {"delete": _ollama("remove a model from the catalogs", MODEL_BODY)},
+    }
+
+
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                     HiveReport, HiveView, FleetWorker]
+                                     HiveReport, HiveView, FleetWorker, ChatIn, GenerateIn, EmbedIn]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -128,6 +160,7 @@ def document() -> dict[str, Any]:
                                         errors=("400", "404", "503"))},
         "/v1/embeddings": {"post": _op("OpenAI: embeddings (a worker loaded for them)", body=EmbeddingRequest,
                                        errors=("400", "404", "503"))},
+        **ollama_paths(),
     }
     return {
         "openapi": "3.1.0",

@@ -128,7 +128,7 @@ def hive_view(name: str, report: HiveReport | None, available: bool, in_flight: 
 def hive_body(request: JobRequest, inventory: Inventory, node: str) -> dict[str, Any]:
     """What the hive gets: a logical model's forms and settings, and the hive's own settings,
     each unless the job chose (job > model > hive > the hive's defaults)."""
-    changes: dict[str, Any] = {"node": None}
+    changes: dict[str, Any] = {}
     logical = inventory.models.get(request.model) if request.model else None
     entry = inventory.get(node)
     if logical is not None:
@@ -147,4 +147,4 @@ def hive_body(request: JobRequest, inventory: Inventory, node: str) -> dict[str,
         changes["gpu_split"] = True
     if request.keep_alive is None and entry is not None and entry.keep_alive is not None:
         changes["keep_alive"] = entry.keep_alive
-    return request.downstream(**changes)
+    return request.for_tier("hive", **changes)

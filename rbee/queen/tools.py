@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rbee.errors import RequestError
-from rbee.worker.structured import refuse_schema
+from rbee.link.bounds import refuse_schema
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: the Hermes/Qwen form, written by models whose template describes tools that way

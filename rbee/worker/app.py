@@ -46,9 +46,12 @@ def create_app(
         index = 0
         finish = "stop"
         prompt_tokens = None
+        first_at: float | None = None  # the prompt is read and the first token sampled
         scored: list[dict[str, Any]] = []  # logprobs of tokens whose text is not out yet (a split UTF-8 byte)
         async with contextlib.aclosing(runner.generate(request, job.narrate)) as pieces:
             async for piece in pieces:
+                if first_at is None:
+                    first_at = time.perf_counter()
                 scored += piece.logprobs or []
                 if piece.text:
                     job.emit(events.token(index, piece.text, **({"logprobs": scored} if scored else {})))
@@ -56,7 +59,9 @@ def create_app(
                     index += 1
                 if piece.finish_reason is not None:
                     finish, prompt_tokens = piece.finish_reason, piece.prompt_tokens
-        job.emit(events.end(index, time.perf_counter() - started, finish, prompt_tokens=prompt_tokens,
+        ended = time.perf_counter()
+        prompt_ms = round(((first_at or ended) - started) * 1000, 3)
+        job.emit(events.end(index, ended - started, finish, prompt_tokens=prompt_tokens, prompt_ms=prompt_ms,
                             **({"logprobs": scored} if scored else {})))
 
     add_job_routes(app, registry, request_producer(generate))

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from rbee.errors import RequestError
-from rbee.link.bounds import grammar_problems, schema_problems
+from rbee.link.bounds import refuse_grammar, refuse_schema
 
 
 def grammar_for(response_format: dict[str, Any]) -> str:
@@ -31,20 +31,6 @@ def grammar_for(response_format: dict[str, Any]) -> str:
         raise RequestError(f"response_format: the JSON schema uses something rbee cannot enforce: {exc}") from exc
     refuse_grammar(grammar, "response_format: the JSON schema's grammar")
     return strict_strings(grammar)
-
-
-def refuse_schema(schema: Any, what: str, path: str = "schema") -> None:
-    """A 400 naming every place ``schema`` cannot be enforced or is too big (rbee.link.bounds)."""
-    refused = schema_problems(schema, path)
-    if refused:
-        raise RequestError(f"{what}: the JSON schema uses something rbee cannot enforce or bound: "
-                           f"{', '.join(refused)}. Leave it out, or express it with enum, pattern or smaller lengths")
-
-
-def refuse_grammar(grammar: str, what: str = "grammar") -> None:
-    problems = grammar_problems(grammar)
-    if problems:
-        raise RequestError(f"{what} is too large or too deep for the engine: {'; '.join(problems)}")
 
 
 #: the converter's string character: anything but a quote or a backslash, raw control characters included

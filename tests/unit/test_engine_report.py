@@ -4,7 +4,7 @@ one is checked for real in tests/server/test_worker_app.py."""
 
 from __future__ import annotations
 
-from rbee.worker.backends.engine_report import MIB, parse_load_log
+from rbee.link.engine_report import MIB, parse_load_log
 
 CUDA_LOG = """\
 llama_model_load_from_file_impl: using device CUDA0 (NVIDIA H100 80GB HBM3) (0000:19:00.0) - 80614 MiB free

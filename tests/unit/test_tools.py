@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from rbee.errors import RequestError
-from rbee.queen.openai_api import ChatMessageIn, OpenAIError
+from rbee.queen.api.errors import ApiError
+from rbee.queen.api.requests import ChatMessageIn
 from rbee.queen.tools import plan
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
@@ -90,5 +91,5 @@ def test_any_message_is_read_or_refused_with_a_400(message: dict[str, Any]) -> N
         ChatMessageIn.model_validate(message).job_message(0)
     except ValidationError:
         pass  # the route answers these with a 400 too
-    except OpenAIError as exc:
+    except ApiError as exc:
         assert exc.status == 400

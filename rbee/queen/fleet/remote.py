@@ -24,7 +24,7 @@ import asyncssh
 import httpx
 
 from rbee import __version__
-from rbee.config import HiveConfig, ServeOptions, to_args
+from rbee.config import WORKER_MODULE, HiveConfig, ServeOptions, to_args
 from rbee.engine import build as engine_build
 from rbee.engine.proof import Verdict
 from rbee.errors import RemoteCommandError, RequestError, SshError, UnprovenPeerError, WheelhouseError
@@ -197,7 +197,7 @@ class RemoteHost:
             await run(conn, Command.of(*base, "--force-reinstall", "--no-deps", rbee_wheel, *stale, env=offline),
                       what=f"{self.actor}: installing rbee", timeout=300)
         engine = "mlx_lm" if engines else "llama_cpp"
-        await run(conn, Command.of(python, "-c", f"import rbee.hive.__main__, rbee.worker.__main__, {engine}",
+        await run(conn, Command.of(python, "-c", f"import rbee.hive.__main__, {WORKER_MODULE}.__main__, {engine}",
                                    env={"PYTHONDONTWRITEBYTECODE": ""}),
                   what=f"{self.actor}: importing rbee and {engine} once (checks them, writes their bytecode)",
                   timeout=300)

@@ -33,7 +33,7 @@ class Backend(Protocol):
     #: ``tokenizer.chat_template``), plus ``rbee.eos_text``: the end-of-sequence text.
     metadata: dict[str, str]
     #: Where the engine put the model, in its own words, after ``load``
-    #: (:class:`rbee.worker.backends.engine_report.EngineReport` as a dict).
+    #: (:class:`rbee.link.engine_report.EngineReport` as a dict).
     report: dict[str, Any]
 
     def load(self, path: Path) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import ModelLoadError, RbeeError, RequestError
+from rbee.link.engine_report import parse_load_log
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.engine_report import parse_load_log
 from rbee.worker.backends.llama_batch import BatchEngine, Emit, Sequence
 from rbee.worker.structured import grammar_for
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import ModelLoadError, RequestError
+from rbee.link.engine_report import EngineReport
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.engine_report import EngineReport
 from rbee.worker.backends.llama_batch import Emit
 from rbee.worker.backends.mlx_batch import MlxBatchEngine, MlxSequence
 
