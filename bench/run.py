@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import cpu_builds, gpu, link_chain, systems
+from bench import cpu_builds, dialects, gpu, link_chain, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +95,9 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
     say("models: first vs warm infer, download speed")
     extras["models"] = await systems.first_vs_warm(workdir / "queen-first", PROMPTS["short"], args.max_tokens)
     extras["models"].update(await asyncio.to_thread(systems.download_speeds, model, workdir / "downloads"))
+    say("dialects: time to first token of /api/chat against /v1/chat/completions, taking turns")
+    (workdir / "dialects").mkdir()
+    extras["dialects"] = await dialects.measure(args.runs * 10, workdir / "dialects")
     reason = systems.sshd_available()
     if reason is None:
         say("5/5 rbee over SSH and fleet up timings")
@@ -196,7 +199,9 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
                           f"**{builds['portable / native']:.3f}**, range {min(ratios):.3f}–{max(ratios):.3f}."]
     for section, title in (("link", "The link alone, no engine: fake worker → relay (as a hive runs it) → client"),
                            ("models", "Models: first vs warm infer; download through the provisioner"),
-                           ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker")):
+                           ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker"),
+                           ("dialects", "Ollama's /api/chat against OpenAI's /v1/chat/completions: time to first "
+                                        "token on the same warm worker, taking turns (bench/dialects.py)")):
         if isinstance(extras.get(section), dict):
             lines += ["", f"## {title}", ""]
             lines += [f"- {key}: {value:.3g}" for key, value in extras[section].items()]
@@ -205,7 +210,7 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         lines += [f"- {key}: {value:.2f}" for key, value in extras["fleet"].items()]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds"):
+        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds", "dialects"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"

@@ -46,8 +46,9 @@ def create_app(queen: Queen) -> Quart:
         if key is None:
             return None
         if not key.allows_route(request.path):
-            body = error_body("forbidden", f"the client key {key.name!r} runs inference only (the OpenAI routes "
-                                           "and /v1/jobs); fleet, admin and logs need the owner's key")
+            body = error_body("forbidden", f"the client key {key.name!r} runs inference only (the OpenAI routes, "
+                                           "Ollama's chat, generate, embed, tags, show, ps and /v1/jobs); fleet, "
+                                           "admin, logs, pull and delete need the owner's key")
             return jsonify(body), 403
         g.client_key = key
         queen.metrics.client_requests.labels(key.name).inc()

@@ -85,6 +85,19 @@ class ToolPlan:
         return found or None
 
 
+def answer_calls(tools: ToolPlan | None, text: str, finish: str) -> list[dict[str, Any]] | None:
+    """An answer's tool calls, or None for a text answer (or a forced call cut off by the token
+    budget before its JSON was whole: it is returned as text, with finish "length")."""
+    if tools is None:
+        return None
+    try:
+        return tools.calls(text)
+    except (ValueError, KeyError, TypeError):
+        if finish == "length":
+            return None
+        raise
+
+
 def call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": "call_" + secrets.token_urlsafe(12), "type": "function",
             "function": {"name": name, "arguments": arguments}}

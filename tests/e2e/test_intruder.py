@@ -88,10 +88,12 @@ async def test_another_user_is_refused_by_every_route_of_queen_hive_and_worker(
         for (method, target, _, headers), (status, body) in zip(requests + hijacks, answers, strict=True):
             if method == "GET" and target.endswith("/health"):
                 assert status == 200 and set(json.loads(body)) == {"role"}, (target, body)  # liveness only
+            elif method == "GET" and target == f"{url}/":
+                assert status == 200 and body == "Ollama is running", body  # Ollama's liveness text only
             else:
                 assert status == 401, (method, target, headers, status, body)
         print(f"\n{len(answers)} requests of another user: {sum(s == 401 for s, _ in answers)} refused (401), "
-              f"{sum(s == 200 for s, _ in answers)} bare /health answers")
+              f"{sum(s == 200 for s, _ in answers)} bare liveness answers (/health, Ollama's /)")
         # the owner notices nothing: the fleet still serves, and nothing of the hijack stuck
         async with LinkClient(url, "queen", token=owner_token()) as client:
             again = await warm_up(client)

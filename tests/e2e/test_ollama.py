@@ -14,7 +14,7 @@ import pytest
 from langchain_ollama import ChatOllama
 
 from rbee.queen.keys import KeyStore
-from tests.helpers import eventually, owner_token
+from tests.helpers import eventually, owner_headers, owner_token, worker_stops
 from tests.hub_server import HubServer, Repo, write_tiny_gguf
 
 MODEL = "gemma3-270m"
@@ -30,7 +30,8 @@ async def test_version_list_show_and_an_unknown_model(client: ollama.AsyncClient
     async with httpx.AsyncClient(base_url=queen_url, timeout=30) as http:
         root = await http.get("/")  # no key: a liveness text that names nothing
         assert root.status_code == 200 and root.text == "Ollama is running"
-        assert (await http.get("/api/tags")).status_code == 401
+        refused = await http.get("/api/tags")
+        assert refused.status_code == 401 and "Bearer" in refused.json()["error"]  # Ollama's shape: a string
         version = (await http.get("/api/version", headers={"Authorization": f"Bearer {owner_token()}"})).json()
     version = version["version"]
     assert all(part.isdigit() for part in version.split("."))
@@ -98,6 +99,18 @@ async def test_json_schema_format_and_a_forced_tool_call(client: ollama.AsyncCli
     assert isinstance(calls[0].function.arguments, dict) and isinstance(calls[0].function.arguments["city"], str)
 
 
+async def test_a_client_that_leaves_mid_stream_stops_the_worker(queen_url: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
+            "options": {"num_predict": 1500, "temperature": 0}}
+    async with httpx.AsyncClient(base_url=queen_url, headers=owner_headers(), timeout=60) as http:
+        async with http.stream("POST", "/api/chat", json=body) as response:
+            lines = response.aiter_lines()
+            for _ in range(5):
+                assert not json.loads(await anext(lines))["done"]
+        worker_url = (await http.get("/v1/hives")).json()["hives"][0]["workers"][0]["url"]
+    await worker_stops(worker_url, most=300)
+
+
 async def test_embed_ps_and_keep_alive_zero_unloads(client: ollama.AsyncClient) -> None:
     embedded = await client.embed(MODEL, ["red", "blue"])
     assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) > 100
@@ -138,7 +151,7 @@ async def test_pull_with_progress_then_delete(rbee_env: dict[str, str], tmp_path
             scoped = ollama.AsyncClient(host=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
             with pytest.raises(ollama.ResponseError) as refused:  # a client key runs models, never deletes them
                 await scoped.delete("pulled")
-            assert refused.value.status_code == 403
+            assert refused.value.status_code == 403 and "owner's key" in refused.value.error
             assert (await client.delete("pulled")).status == "success"
             await eventually(lambda: _missing(client, "pulled"), timeout=10)
             with pytest.raises(ollama.ResponseError) as gone:

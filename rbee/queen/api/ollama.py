@@ -19,19 +19,20 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 
 from rbee.errors import RbeeError
 from rbee.link import events
 from rbee.link.events import Event
 from rbee.link.jobs import JobRegistry, Producer
+from rbee.link.schemas import JobRequest
 from rbee.queen.api import streams
 from rbee.queen.api.errors import ApiError
 from rbee.queen.api.models import Listed, ModelIndex
 from rbee.queen.api.requests import ChatCompletionRequest, CompletionRequest, chat_job, parse
 from rbee.queen.api.streams import Events, MakeProducer, finish_of
 from rbee.queen.fleet_models import FleetModels
-from rbee.queen.tools import ToolPlan
+from rbee.queen.tools import ToolPlan, answer_calls
 
 #: the Ollama API version rbee answers like; clients parse it as integers (Copilot wants >= 0.6.4)
 VERSION = "0.12.0"
@@ -156,6 +157,14 @@ class EmbedIn(BaseModel):
     truncate: bool | None = None
 
 
+def model_name(body: dict[str, Any], usage: str) -> str:
+    """The model a body names (``model``, or the older ``name``), or a 400 showing ``usage``."""
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, usage)
+    return name
+
+
 def images_refused(where: str) -> ApiError:
     return ApiError(400, f"{where}: rbee serves text models only so far; images need a vision model (a GGUF "
                          "with its multimodal projector). Send text")
@@ -255,15 +264,7 @@ class Reply:
         return body
 
     def held_calls(self, text: str, finish: str) -> list[dict[str, Any]] | None:
-        """The tool calls in a held answer, or None for text (a forced call cut off by num_predict is text)."""
-        if self.tools is None:
-            return None
-        try:
-            return self.tools.calls(text)
-        except (ValueError, KeyError, TypeError):
-            if finish == "length":
-                return None
-            raise
+        return answer_calls(self.tools, text, finish)
 
 
 async def ndjson(reply: Reply, stream: Events) -> AsyncIterator[bytes]:
@@ -310,11 +311,11 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
 
     async def answer(kind: Literal["chat", "generate"], req: Generating, job_body: dict[str, Any],
                      tools: ToolPlan | None, started: float) -> Response:
-        _, choices = await streams.start(registry, make_producer, [job_body])
+        stream = await streams.one(registry, make_producer, job_body)
         reply = Reply(kind, req.model, tools, started)
         if not req.stream:
-            return jsonify(await whole(reply, choices[0]))
-        response = Response(ndjson(reply, choices[0]), status=200, content_type=NDJSON)
+            return jsonify(await whole(reply, stream))
+        response = Response(ndjson(reply, stream), status=200, content_type=NDJSON)
         response.timeout = None
         return response
 
@@ -327,8 +328,19 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
             return jsonify(reply.chunk("", True, done_reason="unload"))
         body = {"load_only": True, "model": model, "node": node, "keep_alive": req.keep_alive,
                 **req.placement()}
-        answer = await streams.collect((await streams.start(registry, make_producer, [body]))[1][0])
+        answer = await streams.collect(await streams.one(registry, make_producer, body))
         return jsonify(reply.chunk("", True, done_reason="load", **timings(started, answer.ending)))
+
+    @app.after_request
+    async def ollama_error_shape(response: Response) -> Response:
+        """Errors made before a route ran (401/403, 404 of an unknown route, 405) in Ollama's shape
+        on its paths: ``{"error": "…"}``, which its clients show as the message."""
+        if request.path.startswith("/api/") and response.status_code >= 400 and response.is_json:
+            body = await response.get_json()
+            error = body.get("error") if isinstance(body, dict) else None
+            if isinstance(error, dict):
+                response.set_data(json.dumps({"error": error.get("message") or error.get("code") or "error"}))
+        return response
 
     @app.route("/", methods=["GET", "HEAD"])
     async def ollama_root() -> Response:
@@ -388,7 +400,7 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
             raise ApiError(400, "input: one non-empty string, or a list of 1 to 2048")
         node, model = resolve(req.model)
         body = {"input": texts, "model": model, "node": node, "keep_alive": req.keep_alive}
-        result = await streams.collect((await streams.start(registry, make_producer, [body]))[1][0])
+        result = await streams.collect(await streams.one(registry, make_producer, body))
         return result.vectors, result.ending, started
 
     @app.post("/api/embed")
@@ -410,9 +422,7 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
     @app.post("/api/show")
     async def ollama_show() -> Response:
         body = await streams.body()
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, 'show needs {"model": NAME}')
+        name = model_name(body, 'show needs {"model": NAME}')
         node, model = resolve(name)
         try:
             shown = await models.show(node, model)
@@ -440,15 +450,13 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
     @app.post("/api/pull")
     async def ollama_pull() -> Response:
         body = await streams.body()
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, 'pull needs {"model": "hf:org/repo[:file.gguf]"}')
+        name = model_name(body, 'pull needs {"model": "hf:org/repo[:file.gguf]"}')
         node, ref = name.partition("/")[::2] if not name.startswith("hf:") else ("", name)
         if not ref.startswith("hf:"):
             raise ApiError(400, f"rbee pulls from Hugging Face: name the model as hf:org/repo[:file.gguf] "
                                 f"(or NODE/hf:…), not {name!r}")
         job = streams.create_jobs(registry, make_pull, [{"ref": ref, "node": node or None}])[0]
-        statuses = pull_lines(streams.job_events(registry, job))
+        statuses = pull_lines(streams.job_events(registry, job, streams.client_name()))
         if body.get("stream") is False:
             last: dict[str, Any] = {}
             async for status in statuses:
@@ -463,9 +471,7 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
     @app.delete("/api/delete")
     async def ollama_delete() -> Response:
         body = await streams.body()
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, 'delete needs {"model": NAME}')
+        name = model_name(body, 'delete needs {"model": NAME}')
         node, _, bare = name.partition("/")
         pinned = bool(bare) and node in index.nodes()
         try:
@@ -499,6 +505,17 @@ async def pull_lines(stream: Events) -> AsyncIterator[dict[str, Any]]:
                 yield ApiError.from_event(event).ollama_body()
 
 
+def default_parameters(context_length: int) -> str:
+    """What a request that sets no option gets, in a Modelfile's ``PARAMETER`` lines' form."""
+    fields = JobRequest.model_fields
+    names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+             "repeat_penalty": "repeat_penalty", "num_predict": "max_tokens"}
+    lines = [f"{name:<16}{fields[field].default}" for name, field in names.items()]
+    if context_length:
+        lines.append(f"{'num_ctx':<16}{context_length}")
+    return "\n".join(lines)
+
+
 def show_body(shown: dict[str, Any]) -> dict[str, Any]:
     """Ollama's /api/show from the hive's account of the file: the GGUF header's scalars as
     ``model_info``, its chat template, the capabilities the template and engine give."""
@@ -515,6 +532,7 @@ def show_body(shown: dict[str, Any]) -> dict[str, Any]:
     if entry.get("format") == "gguf":
         capabilities.append("embedding")  # any GGUF embeds on a worker loaded for it
     return {"license": "", "modelfile": f"# rbee catalog entry\nFROM {entry['ref']}\n",
-            "parameters": "", "template": template, "details": details(None, entry), "model_info": info,
+            "parameters": default_parameters(int(entry.get("context_length") or 0)), "template": template,
+            "details": details(None, entry), "model_info": info,
             "capabilities": capabilities,
             "modified_at": iso(entry["modified"]) if entry.get("modified") else now_iso()}

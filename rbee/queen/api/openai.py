@@ -33,7 +33,7 @@ from rbee.queen.api.requests import (
     parse,
 )
 from rbee.queen.api.streams import Events, MakeProducer, finish_of
-from rbee.queen.tools import ToolPlan, call
+from rbee.queen.tools import ToolPlan, answer_calls, call
 
 
 def encode_vector(vector: list[float], encoding: str) -> list[float] | str:
@@ -67,8 +67,7 @@ def mount_openai(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
         texts = req.texts()
         node, model = index.resolve(req.model)
         body = {"input": texts, "model": model, "node": node, "keep_alive": req.keep_alive}
-        _, started = await streams.start(registry, make_producer, [body])
-        answer = await streams.collect(started[0])
+        answer = await streams.collect(await streams.one(registry, make_producer, body))
         tokens = int(answer.ending.get("prompt_tokens") or 0)
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(answer.vectors[i], req.encoding_format)}
                 for i in range(len(texts))]
@@ -123,16 +122,7 @@ class Shape:
         self.created = int(time.time()) if created is None else created
 
     def calls(self, text: str, finish: str) -> list[dict[str, Any]] | None:
-        """The answer's tool calls, or None for a text answer (or a forced call cut off by
-        max_tokens before its JSON was whole: it is returned as text, with finish "length")."""
-        if self.tools is None:
-            return None
-        try:
-            return self.tools.calls(text)
-        except (ValueError, KeyError, TypeError):
-            if finish == "length":
-                return None
-            raise
+        return answer_calls(self.tools, text, finish)
 
     def scores(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         """OpenAI's ``logprobs`` of a choice or chunk: chat's ``content`` list, or the completions

@@ -32,10 +32,12 @@ async def body() -> dict[str, Any]:
 
 
 def client_name() -> str:
+    """Who is asking, for the cancel reason: read while the request is current (a stream's
+    cleanup runs after the request context is gone)."""
     return "the Ollama client" if request.path.startswith("/api/") else "the OpenAI client"
 
 
-async def job_events(registry: JobRegistry, job: Job) -> Events:
+async def job_events(registry: JobRegistry, job: Job, client: str) -> Events:
     """The job's events; if the client leaves early, the job is cancelled at once (down to the worker)."""
     try:
         async for batch in registry.stream(job.id):
@@ -43,7 +45,7 @@ async def job_events(registry: JobRegistry, job: Job) -> Events:
                 yield event
     finally:
         if not job.finished:
-            await registry.cancel(job.id, f"{client_name()} disconnected")
+            await registry.cancel(job.id, f"{client} disconnected")
 
 
 def create_jobs(registry: JobRegistry, make_producer: MakeProducer, bodies: list[dict[str, Any]]) -> list[Job]:
@@ -60,10 +62,11 @@ async def start(registry: JobRegistry, make_producer: MakeProducer,
     """One job per body, each stream started (its first token or end in hand); if one fails,
     the others are cancelled and its error raised."""
     jobs = create_jobs(registry, make_producer, bodies)
+    client = client_name()
     streams: list[Events] = []
     try:
         for job in jobs:
-            streams.append(await started(job_events(registry, job)))
+            streams.append(await started(job_events(registry, job, client)))
     except BaseException:
         for stream in streams:
             await stream.aclose()
@@ -72,6 +75,11 @@ async def start(registry: JobRegistry, make_producer: MakeProducer,
                 await registry.cancel(job.id, "another choice of the request failed")
         raise
     return jobs, streams
+
+
+async def one(registry: JobRegistry, make_producer: MakeProducer, job_body: dict[str, Any]) -> Events:
+    """The started stream of a request that is one job."""
+    return (await start(registry, make_producer, [job_body]))[1][0]
 
 
 async def started(stream: Events) -> Events:
