@@ -106,7 +106,6 @@ def _choice_body(job_body: dict[str, Any], index: int) -> dict[str, Any]:
     return job_body
 
 
-
 class Shape:
     """OpenAI's JSON for one choice (``index``) of a response."""
 
@@ -204,7 +203,6 @@ def joined_usage(usages: list[dict[str, int]]) -> dict[str, int]:
 def _joined(wholes: list[dict[str, Any]]) -> dict[str, Any]:
     return {**wholes[0], "choices": [w["choices"][0] for w in wholes],
             "usage": joined_usage([w["usage"] for w in wholes])}
-
 
 
 async def _collect(shape: Shape, stream: Events) -> dict[str, Any]:

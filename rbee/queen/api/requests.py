@@ -32,7 +32,7 @@ class ChatMessageIn(BaseModel):
             if self.role == "assistant" and self.tool_calls:
                 return ""
             raise ApiError(400, f"messages[{index}].content: missing; only an assistant turn with tool_calls "
-                                   "may leave it out", param=f"messages[{index}].content")
+                           "may leave it out", param=f"messages[{index}].content")
         if isinstance(self.content, str):
             return self.content
         texts = []
@@ -43,11 +43,11 @@ class ChatMessageIn(BaseModel):
                 texts.append(part["text"])
             elif kind in UNREADABLE_PARTS:
                 raise ApiError(400, f"{where}: rbee serves text models only so far; a {kind} part needs "
-                                       f"{UNREADABLE_PARTS[kind]}. Send text parts", param=where,
-                                  code="unsupported_content")
+                               f"{UNREADABLE_PARTS[kind]}. Send text parts", param=where,
+                               code="unsupported_content")
             else:
                 raise ApiError(400, f"{where}: a content part is {{\"type\": \"text\", \"text\": …}}; got "
-                                       f"type {kind!r}", param=where)
+                               f"type {kind!r}", param=where)
         return "".join(texts)
 
     def job_message(self, index: int) -> dict[str, Any]:
@@ -125,7 +125,7 @@ class SamplingFields(BaseModel):
             biases = {int(token): float(bias) for token, bias in self.logit_bias.items()}
         except ValueError as exc:
             raise ApiError(400, "logit_bias: keys are token ids (\"1234\"), values -100 to 100",
-                              param="logit_bias") from exc
+                           param="logit_bias") from exc
         if any(not -100 <= bias <= 100 for bias in biases.values()):
             raise ApiError(400, "logit_bias: values are -100 to 100", param="logit_bias")
         return biases
@@ -153,7 +153,7 @@ class SamplingFields(BaseModel):
         if fmt.get("type") == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
             return {"type": "json_schema", "schema": spec["schema"]}
         raise ApiError(400, 'response_format must be {"type": "text" | "json_object"} or {"type": "json_schema", '
-                               '"json_schema": {"name": …, "schema": {…}}}', param="response_format")
+                       '"json_schema": {"name": …, "schema": {…}}}', param="response_format")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -168,7 +168,7 @@ class ChatCompletionRequest(SamplingFields):
             raise ApiError(400, exc.message, param="tools") from exc
         if planned is not None and planned.forced and self.structured() is not None:
             raise ApiError(400, "a forced tool call and a response_format both shape the answer; send one",
-                              param="response_format")
+                           param="response_format")
         return planned
 
 
@@ -205,9 +205,8 @@ class EmbeddingRequest(BaseModel):
             raise ApiError(400, "input: empty strings have no embedding", param="input")
         if self.dimensions is not None:
             raise ApiError(400, "dimensions: rbee returns the model's own dimension; leave it out",
-                              param="dimensions")
+                           param="dimensions")
         return [str(text) for text in texts]
-
 
 
 def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
@@ -220,7 +219,6 @@ def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
     if isinstance(parsed, SamplingFields):
         parsed.refuse_unsupported()
     return parsed
-
 
 
 def chat_job(req: ChatCompletionRequest, node: str | None, model: str) -> tuple[dict[str, Any], ToolPlan | None]:
