@@ -299,3 +299,13 @@ async def test_a_worker_proves_itself_with_its_own_secret(tmp_path: Path) -> Non
     assert await status("/v1/workers/w-1/heartbeat", "secret-of-w-2-0123456789") == 401
     assert await status("/v1/workers", "secret-of-w-1-0123456789", "GET") == 401
     assert await status("/v1/workers", TOKEN, "GET") == 200
+
+
+async def test_ollama_liveness_at_the_root_names_nothing(tmp_path: Path) -> None:
+    """Ollama clients probe `GET /` or `HEAD /` before they send a key: the answer is its fixed text."""
+    client = apps(tmp_path)["queen"].test_client()
+    for method in ("GET", "HEAD"):
+        response = await client.open("/", method=method)
+        assert response.status_code == 200, method
+    assert await (await client.get("/")).get_data(as_text=True) == "Ollama is running"
+    assert (await client.post("/")).status_code in (401, 405)
