@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,13 @@ from rbee.link.spawn import bind_loopback
 T = TypeVar("T")
 
 RBEE = [sys.executable, "-m", "rbee.keeper"]
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test will SIGINT: a suite started in the background without
+    job control (``cmd &`` in a script) hands every process SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so the interrupt would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def owner_token() -> str:

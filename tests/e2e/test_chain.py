@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from rbee.link.client import LinkClient
-from tests.helpers import RBEE, eventually, owner_headers, owner_token, run_rbee, warm_up, worker_stops
+from tests.helpers import RBEE, eventually, interruptible, owner_headers, owner_token, run_rbee, warm_up, worker_stops
 
 GREEDY = {"temperature": 0.0, "seed": 7}
 
@@ -126,7 +126,7 @@ async def test_killed_worker_is_marked_dead_by_its_hive(queen_url: str) -> None:
 async def test_ctrl_c_cancels_and_exits_cleanly(rbee_env: dict[str, str]) -> None:
     process = await asyncio.create_subprocess_exec(
         *RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", "Count: one, two,",
-        env=rbee_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=rbee_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=interruptible,
     )
     assert process.stdout is not None and process.stderr is not None
     assert await asyncio.wait_for(process.stdout.read(8), 60), "no token before the interrupt"

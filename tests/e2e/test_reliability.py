@@ -22,7 +22,7 @@ from rbee.keeper.session import start_queen
 from rbee.link.client import LinkClient
 from rbee.link.events import Event
 from tests.conftest import processes_of
-from tests.helpers import RBEE, eventually, owner_headers, owner_token, warm_up, worker_stops
+from tests.helpers import RBEE, eventually, interruptible, owner_headers, owner_token, warm_up, worker_stops
 
 GREEDY = {"temperature": 0.0, "seed": 11}
 LONG = {"prompt": "Count from one to one thousand: one, two, three,", "max_tokens": 1500, **GREEDY}
@@ -158,7 +158,7 @@ async def test_cancel_reaches_the_worker_within_a_second(rbee_env: dict[str, str
     if how == "sigint":
         process = await asyncio.create_subprocess_exec(
             *RBEE, "infer", "--max-tokens", "1500", "--temperature", "0", LONG["prompt"], env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=interruptible,
         )
         assert process.stdout is not None
         assert await asyncio.wait_for(process.stdout.read(16), 60)
