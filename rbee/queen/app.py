@@ -91,7 +91,7 @@ def create_app(queen: Queen) -> Quart:
     queen.metrics.mount(app, lambda: [("hive", h.name, h.state, h.heartbeat_age_s) for h in queen.status()])
     add_job_routes(app, queen.registry, make_fleet_producer, prefix="/v1/fleet/jobs")
     fleet_models = FleetModels(queen)
-    index = ModelIndex(queen.model_names, lambda: g.get("client_key"), fleet_models.catalogs)
+    index = ModelIndex(queen.model_names, lambda: g.get("client_key"), queen.catalogs)
     mount_openai(app, queen.registry, index, make_producer)
 
     @app.get("/openapi.json")

@@ -48,15 +48,6 @@ class FleetModels:
     def __init__(self, queen: Queen) -> None:
         self.queen = queen
 
-    def catalogs(self) -> dict[str, list[CatalogModel]]:
-        """Each serving hive's catalog, from its last heartbeat."""
-        found = {}
-        for name in self.queen.known_nodes():
-            peer = self.queen.hives.serving(name)
-            if peer is not None and peer.report is not None:
-                found[name] = list(peer.report.models)
-        return found
-
     async def show(self, node: str | None, name: str) -> dict[str, Any]:
         """The hive's own account of the file behind ``name`` (rbee.hive.service.Hive.show):
         on ``node``, else where the scheduler would run it."""
@@ -70,7 +61,7 @@ class FleetModels:
 
     def loaded(self) -> Iterator[Loaded]:
         inventory = self.queen.fleet.inventory
-        catalogs = self.catalogs()
+        catalogs = self.queen.catalogs()
         for hive in self.queen.status():
             if hive.state not in ("up", "busy"):
                 continue
@@ -100,7 +91,7 @@ class FleetModels:
         """Remove the catalog entries behind ``name`` (on ``node``, else on every hive holding one);
         the ``node/entry`` names removed. Its workers stop first (the hive does that)."""
         refs = refs_of(self.queen.fleet.inventory, name)
-        targets = [(hive, entry.name) for hive, entries in self.catalogs().items() if node in (None, hive)
+        targets = [(hive, entry.name) for hive, entries in self.queen.catalogs().items() if node in (None, hive)
                    for entry in entries if serves(entry, refs)]
         if not targets:
             raise ModelNotFoundError(f"model {name!r} is in no hive's catalog")

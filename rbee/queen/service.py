@@ -24,8 +24,8 @@ from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
+from rbee.link.schemas import CatalogModel, JobRequest
 from rbee.link.schemas import HiveView as HiveStatus
-from rbee.link.schemas import JobRequest
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HivePeer, HiveRegistry, LocalHiveLauncher
@@ -96,14 +96,23 @@ class Queen:
         """Every name each node answers to: the default model, the hive's own `models`, the
         inventory's logical models and aliases, and what its catalog holds (from its last report)."""
         inventory = self.fleet.inventory
+        catalogs = self.catalogs()
         names: dict[str, list[str]] = {}
         for node in self.known_nodes():
             entry = inventory.get(node)
-            peer = self.hives.serving(node)
-            catalog = [model.name for model in peer.report.models] if peer is not None and peer.report else []
+            catalog = [model.name for model in catalogs.get(node, [])]
             listed = [DEFAULT_MODEL, *(entry.models if entry else ()), *inventory.models, *inventory.aliases, *catalog]
             names[node] = list(dict.fromkeys(listed))
         return names
+
+    def catalogs(self) -> dict[str, list[CatalogModel]]:
+        """Each serving hive's catalog, from its last heartbeat."""
+        found = {}
+        for name in self.known_nodes():
+            peer = self.hives.serving(name)
+            if peer is not None and peer.report is not None:
+                found[name] = list(peer.report.models)
+        return found
 
     def views(self) -> list[HiveView]:
         """What the scheduler needs of every hive: a pure function of the last typed reports."""

@@ -25,7 +25,7 @@ from rbee.errors import RbeeError
 from rbee.link import events
 from rbee.link.events import Event
 from rbee.link.jobs import JobRegistry, Producer
-from rbee.link.schemas import JobRequest
+from rbee.link.schemas import JobRequest, seconds
 from rbee.queen.api import streams
 from rbee.queen.api.errors import ApiError
 from rbee.queen.api.models import Listed, ModelIndex
@@ -113,7 +113,11 @@ class Generating(BaseModel):
         return {"ctx": ctx}
 
     def unloads(self) -> bool:
-        return self.keep_alive in (0, "0", "0s", "0m")
+        """``keep_alive`` 0 in any of its spellings (0, "0", "0s", "0m", …), read as jobs read it."""
+        try:
+            return seconds(self.keep_alive) == 0
+        except ValueError as exc:
+            raise ApiError(400, f"keep_alive: {exc}") from exc
 
 
 class ChatIn(Generating):
@@ -202,9 +206,9 @@ def parameter_size(count: int) -> str:
     return str(count)
 
 
-def details(listed: Listed | None, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+def details(found: dict[str, Any] | None) -> dict[str, Any]:
     """Ollama's ``details`` from a catalog entry (a reported one, or the hive's describe())."""
-    found = entry or (listed.entry.model_dump() if listed is not None and listed.entry is not None else {})
+    found = found or {}
     family = found.get("architecture") or ""
     return {"parent_model": "", "format": found.get("format") or "gguf", "family": family,
             "families": [family] if family else None,
@@ -223,7 +227,7 @@ def tag(listed: Listed) -> dict[str, Any]:
             "modified_at": iso(entry.modified) if entry is not None and entry.modified else now_iso(),
             "size": entry.size if entry is not None else 0,
             "digest": digest(entry.sha256, entry.ref) if entry is not None else digest("", listed.name),
-            "details": details(listed), "rbee": {"node": listed.node}}
+            "details": details(entry.model_dump() if entry is not None else None), "rbee": {"node": listed.node}}
 
 
 def timings(started: float, end: Event) -> dict[str, Any]:
@@ -442,7 +446,7 @@ def mount_ollama(app: Quart, registry: JobRegistry, index: ModelIndex, make_prod
             rows.append({"name": loaded.name, "model": loaded.name, "size": worker.memory,
                          "size_vram": worker.memory if on_gpu else 0,
                          "digest": digest(entry.sha256, entry.ref) if entry else digest("", worker.model_path),
-                         "details": details(None, entry.model_dump() if entry else None),
+                         "details": details(entry.model_dump() if entry else None),
                          "expires_at": iso(expires), "context_length": worker.n_ctx,
                          "rbee": {"node": loaded.node, "worker_id": worker.worker_id, "state": worker.state}})
         return jsonify({"models": rows})
@@ -533,6 +537,6 @@ def show_body(shown: dict[str, Any]) -> dict[str, Any]:
         capabilities.append("embedding")  # any GGUF embeds on a worker loaded for it
     return {"license": "", "modelfile": f"# rbee catalog entry\nFROM {entry['ref']}\n",
             "parameters": default_parameters(int(entry.get("context_length") or 0)), "template": template,
-            "details": details(None, entry), "model_info": info,
+            "details": details(entry), "model_info": info,
             "capabilities": capabilities,
             "modified_at": iso(entry["modified"]) if entry.get("modified") else now_iso()}
