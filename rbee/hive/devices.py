@@ -25,7 +25,9 @@ def probe() -> dict[str, Any]:
     devices: dict[str, Any] = {
         "os": fixed["os"],
         "arch": fixed["arch"],
-        "cpu": {"cores": fixed["cores"], "ram_total": memory.total, "ram_free": memory.available},
+        # load: percent busy since the previous probe (a heartbeat's interval)
+        "cpu": {"cores": fixed["cores"], "ram_total": memory.total, "ram_free": memory.available,
+                "load": psutil.cpu_percent(interval=None)},
         "gpus": nvidia_gpus(),
     }
     apple = fixed["apple"]

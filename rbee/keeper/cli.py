@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import webbrowser
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -261,6 +262,34 @@ async def _queen_status(settings: Settings) -> None:
         workers = ", ".join(f"{w.worker_id} ({w.state})" for w in hive.workers) or "-"
         remote_row(table, hive.name, hive.state, hive.reason, workers)
     Console().print(table)
+
+
+@app.command()
+def dashboard(
+    url: QueenUrl = None,
+    inventory_path: InventoryPath = None,
+    no_open: Annotated[bool, typer.Option("--no-open", help="Print the login URL only; open no browser")] = False,
+) -> None:
+    """Open the live fleet dashboard: starts a persistent queen if none runs, prints a login URL
+    that works once for five minutes (the last line of stdout), and opens it in your browser."""
+    settings = run_sync(Settings.load, url, inventory_path)
+    run_sync(settings.inventory)
+    login_url = run(_dashboard_login(settings))
+    if not no_open and not webbrowser.open(login_url):
+        err.print("no browser could be opened here; open the URL above on this machine (or through an SSH "
+                  "forward: see docs/operations.md)")
+    typer.echo(login_url)
+
+
+async def _dashboard_login(settings: Settings) -> str:
+    child = await start_persistent(settings.queen_url, settings.home, settings.heartbeat_interval,
+                                   settings.inventory_path, settings.token)
+    if child is not None:
+        err.print(f"queen started at {child.url} (pid {child.pid}); `rbee queen stop` stops it")
+    async with settings.client(settings.queen_url) as client:
+        login = await client.request_json("POST", "/v1/dashboard/logins")
+    err.print(f"dashboard login, valid once for {login['expires_in'] // 60} minutes:")
+    return f"{settings.queen_url}{login['path']}#login={login['token']}"
 
 
 @app.command()

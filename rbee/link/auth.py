@@ -162,6 +162,8 @@ PeerKey = Callable[[str], "str | None"]
 #: a key that is not the owner's or a peer's (a scoped client key): None refuses it, a
 #: response refuses it with that answer, True lets the request through
 ClientCheck = Callable[[str], "Response | tuple[Response, int] | bool | None"]
+#: a request without a key (a browser's, carrying a session cookie): the same verdicts
+SessionCheck = Callable[[], "Response | tuple[Response, int] | bool | None"]
 
 
 def listen_address() -> str:
@@ -175,7 +177,8 @@ def listen_address() -> str:
 
 def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]], role: str,
                  peer_secret: PeerSecret | None = None, peer_key: PeerKey | None = None,
-                 client: ClientCheck | None = None, open_paths: Sequence[str] = ()) -> None:
+                 client: ClientCheck | None = None, open_paths: Sequence[str] = (),
+                 session: SessionCheck | None = None) -> None:
     """Refuse every request without one of ``tokens`` (401); ``tokens`` may be a callable, for a
     hive whose secret the queen rotates. ``peer_secret`` may name one more secret for this
     request: a heartbeat route accepts the sending peer's own secret, so a hive or worker
@@ -183,7 +186,8 @@ def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]]
     ``GET /health`` without a secret answers only the role (a liveness check), plus the proof
     of a challenge: with this server's own secret, or with the secret of the caller that
     ``X-Rbee-Peer`` names (``peer_key``). ``open_paths`` answer GET and HEAD without a key
-    (a liveness text that names nothing, like Ollama's ``/``)."""
+    (a liveness text that names nothing, like Ollama's ``/``). ``session`` judges a request that
+    carries no key at all (the queen's dashboard: its pages and its cookie session)."""
     current = tokens if callable(tokens) else (lambda: tokens)
     if not any(current()):
         return
@@ -200,12 +204,15 @@ def install_auth(app: Quart, tokens: Sequence[str] | Callable[[], Sequence[str]]
             return _health(role, current()[0], peer_key)
         if request.path in open_paths and request.method in ("GET", "HEAD"):
             return None
+        verdict: Response | tuple[Response, int] | bool | None = None
         if client is not None and given.startswith(b"Bearer "):
             verdict = client(given[7:].decode(errors="replace"))
-            if verdict is True:
-                return None
-            if verdict is not None and verdict is not False:
-                return verdict
+        elif session is not None and not given:
+            verdict = session()
+        if verdict is True:
+            return None
+        if verdict is not None and verdict is not False:
+            return verdict
         body = {"error": {"code": "unauthorized", "message": "every rbee request needs 'Authorization: Bearer "
                           "<secret>'; the owner's secret is in RBEE_HOME/secret (`rbee queen key` prints it), "
                           "a client's key comes from `rbee keys add`", "type": "authentication_error"}}

@@ -50,9 +50,14 @@ class Job:
         self._streams = 0
         self._timer: asyncio.TimerHandle | None = None
         self.claimed = False
+        self.detached = False  # runs to its end with or without a stream
         self.cancel_reason = ""
         self.tokens = 0
         self.first_token_at: float | None = None
+        #: what the tier running it knows (the queen: kind, model, node), for status views
+        self.info: dict[str, str] = {}
+        #: sees every event but tokens (narration, the end): the queen's dashboard feed
+        self.watch: Callable[[Job, Event], None] | None = None
 
     def emit(self, event: Event) -> None:
         """Record an event and hand it to every open stream. Events after the terminal one are dropped."""
@@ -62,6 +67,8 @@ class Job:
             self.tokens += 1
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+        elif self.watch is not None:
+            self.watch(self, event)
         self.history.append(event)
         if event.terminal:
             self.finished = True
@@ -132,9 +139,11 @@ class JobRegistry:
         linger: float = 30.0,
         ping: float | None = 5.0,
         on_finish: Callable[[Job], None] | None = None,
+        watch: Callable[[Job, Event], None] | None = None,
     ) -> None:
         self.actor = actor
         self.on_finish = on_finish
+        self.watch = watch
         self.ping = ping
         self.claim_timeout = claim_timeout
         self.resume_grace = resume_grace
@@ -144,13 +153,23 @@ class JobRegistry:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def create(self, producer: Producer) -> Job:
+    def create(self, producer: Producer, *, detached: bool = False) -> Job:
+        """A new job, running now. ``detached``: it runs to its end whether or not anyone streams
+        it (a pull started from the dashboard, watched through its narration, not a stream)."""
         job = Job(new_job_id(), self.actor)
+        job.watch = self.watch
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job, producer), name=job.id)
         log.info("job created", extra={"job": job.id})
-        self._schedule(job, self.claim_timeout, self._expire_unclaimed)
+        if detached:
+            job.claimed = job.detached = True
+        else:
+            self._schedule(job, self.claim_timeout, self._expire_unclaimed)
         return job
+
+    def jobs(self) -> list[Job]:
+        """Every job held now, running or lingering after its end, oldest first."""
+        return list(self._jobs.values())
 
     def get(self, job_id: str) -> Job:
         try:
@@ -170,7 +189,7 @@ class JobRegistry:
             async for batch in job.subscribe(after, self.ping):
                 yield batch
         finally:
-            if not job.finished and job.subscriber_count == 0:
+            if not job.finished and job.subscriber_count == 0 and not job.detached:
                 self._schedule(job, self.resume_grace, self._cancel_abandoned)
 
     async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> Job:

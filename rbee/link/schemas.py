@@ -296,6 +296,7 @@ class HiveView(Wire):
     url: str = ""
     state: PeerStateName | Literal["not running"]
     reason: str = ""
+    since: float | None = None  # when it took this state (unix seconds)
     heartbeat_age_s: float | None = None
     version: str | None = None
     pid: int | None = None

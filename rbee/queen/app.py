@@ -19,6 +19,7 @@ from rbee.link.server import add_job_routes, error_body, install_error_handlers,
 from rbee.queen.api.models import ModelIndex
 from rbee.queen.api.ollama import mount_ollama
 from rbee.queen.api.openai import mount_openai
+from rbee.queen.dashboard.routes import mount_dashboard, session_gate
 from rbee.queen.fleet_models import FleetModels
 from rbee.queen.keys import ClientKey, check_model
 from rbee.queen.openapi import document as openapi_document
@@ -55,7 +56,7 @@ def create_app(queen: Queen) -> Quart:
         return True
 
     install_auth(app, [queen.token or ""], "queen", peer_secret=hive_secret, peer_key=hive_key, client=client,
-                 open_paths=("/",))
+                 open_paths=("/",), session=session_gate(queen.sessions))
 
     def model_roots() -> list[str]:
         return list(queen.fleet.inventory.queen.model_roots)
@@ -108,7 +109,9 @@ def create_app(queen: Queen) -> Quart:
 
     @app.post("/v1/hives/<name>/heartbeat")
     async def hive_heartbeat(name: str) -> Response:
-        queen.hives.heartbeat(name, await read_json_body())
+        hive = queen.hives.heartbeat(name, await read_json_body())
+        if hive.report is not None:
+            queen.feed.heartbeat(name, hive.report)
         return jsonify({"ok": True})
 
     @app.post("/v1/fleet/plan")
@@ -133,6 +136,7 @@ def create_app(queen: Queen) -> Quart:
             raise RequestError('pull needs {"ref": "hf:org/repo[:file.gguf]", "node"?: NAME}')
 
         async def produce(job: Job) -> None:
+            job.info.update(kind="pull", ref=ref, node=node)  # the dashboard's Models view follows it
             hive = await queen.hive_named(node, job.narrate)
             with queen.hives.relaying(hive, job):
                 await relay(job, queen.hive_link(hive), {"ref": ref}, path="/v1/catalog/jobs")
@@ -141,6 +145,8 @@ def create_app(queen: Queen) -> Quart:
 
     add_job_routes(app, queen.registry, make_pull, prefix="/v1/catalog/jobs")
     mount_ollama(app, queen.registry, index, make_producer, fleet_models, make_pull)
+    mount_dashboard(app, queen, make_producer, make_pull,
+                    lambda: sorted({name for names in queen.model_names().values() for name in names}))
 
     @app.get("/v1/catalog")
     async def catalog() -> Response:

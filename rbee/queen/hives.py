@@ -59,7 +59,7 @@ class HiveRegistry(PeerRegistry[HivePeer]):
             return HiveView(name=name, state="not running", reason="never started")
         report = peer.report
         return HiveView(
-            name=name, url=peer.url, state=peer.state.value, reason=peer.reason,
+            name=name, url=peer.url, state=peer.state.value, reason=peer.reason, since=peer.changes[-1].at,
             heartbeat_age_s=peer.heartbeat_age(now),
             version=report.version if report else None, pid=report.pid if report else None,
             workers=report.workers if report and peer.state != PeerState.STOPPED else [],

@@ -103,6 +103,35 @@ def ollama_paths() -> dict[str, Any]:
     }
 
 
+def _page(summary: str) -> dict[str, Any]:
+    return {"summary": summary, "responses": {"200": {"description": "OK", "content": {"text/html": {}}}}}
+
+
+def dashboard_paths(stream: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's page and its API: a browser session's cookie (``rbee dashboard``), with
+    the page's CSRF token in ``X-Rbee-Csrf`` on every action."""
+    token = {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}
+    return {
+        "/v1/dashboard/logins": {"post": _op("A one-time dashboard login (the owner's key)", ok="201", errors=())},
+        "/dashboard": {"get": _page("Redirects to /dashboard/")},
+        "/dashboard/": {"get": _page("The dashboard, or a login notice that names nothing")},
+        "/dashboard/static/{name}": {"get": _with(_page("The page's script, style and icon"), [_path("name")])},
+        "/dashboard/login": {"post": _op("Trade a one-time login for the session cookie", body=token,
+                                         errors=("401", "403"))},
+        "/dashboard/api/logout": {"post": _op("End this browser's session", errors=())},
+        "/dashboard/api/events": {"get": _op("The page's live views (SSE: HTML fragments by view, log lines)",
+                                             sse=True, errors=("401",))},
+        "/dashboard/api/jobs": {"post": _op("The playground: an inference job", body=JobRequest, ok="201",
+                                            ok_schema=JOB_CREATED)},
+        "/dashboard/api/jobs/{job_id}/stream": {"get": dict(stream)},
+        "/dashboard/api/jobs/{job_id}": dict(job),
+        "/dashboard/api/pull": {"post": _op("Pull a model; it runs to its end, followed in the Models view",
+                                            body=PULL_JOB, ok="202")},
+        "/dashboard/api/workers/{node}/{worker_id}/stop": {"post": _with(_op("Unload a worker", errors=("404",)),
+                                                                        [_path("node"), _path("worker_id")])},
+    }
+
+
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                                      HiveReport, HiveView, FleetWorker, ChatIn, GenerateIn, EmbedIn]
@@ -161,6 +190,7 @@ def document() -> dict[str, Any]:
         "/v1/embeddings": {"post": _op("OpenAI: embeddings (a worker loaded for them)", body=EmbeddingRequest,
                                        errors=("400", "404", "503"))},
         **ollama_paths(),
+        **dashboard_paths(stream, job),
     }
     return {
         "openapi": "3.1.0",

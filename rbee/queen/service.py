@@ -27,6 +27,8 @@ from rbee.link.relay import relay
 from rbee.link.schemas import CatalogModel, JobRequest
 from rbee.link.schemas import HiveView as HiveStatus
 from rbee.queen.catalog import HiveCatalog
+from rbee.queen.dashboard.feed import Feed
+from rbee.queen.dashboard.sessions import Sessions
 from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HivePeer, HiveRegistry, LocalHiveLauncher
 from rbee.queen.keys import KeyStore
@@ -43,8 +45,11 @@ class Queen:
         self.local = LocalHiveLauncher(config, url, self.hives)
         self.metrics = Metrics(config.actor)
         self.keys = KeyStore(config.home)
+        #: what the dashboard's pages stream, and their browser sessions
+        self.feed = Feed()
+        self.sessions = Sessions()
         self.registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace,
-                                    on_finish=self.metrics.job_finished)
+                                    on_finish=self.metrics.job_finished, watch=self.feed.observe)
         #: jobs this queen is relaying, per (hive, model): the scheduler's view between heartbeats
         self.in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         self.stop = asyncio.Event()
@@ -168,8 +173,11 @@ class Queen:
         if target != request.model:
             job.narrate("alias", f"{request.model} is {target} (the inventory's [aliases])")
             request = request.model_copy(update={"model": target})
+        job.info.update(kind="infer", model=request.model or DEFAULT_MODEL)
+        self.feed.notify()
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
+        job.info["node"] = hive.name
         key = (hive.name, request.model or DEFAULT_MODEL)
         self.in_flight[key] += 1
         try:
@@ -179,6 +187,7 @@ class Queen:
             self.in_flight[key] -= 1
             if self.in_flight[key] <= 0:
                 del self.in_flight[key]
+            self.feed.notify()
 
     async def run_fleet_job(self, job: Job, action: str) -> None:
         started = time.monotonic()
@@ -205,7 +214,8 @@ class Queen:
     async def watch_heartbeats(self) -> None:
         """Hives that miss their heartbeats go down and their jobs end; long-gone ones are dropped."""
         while True:
-            self.hives.check()
+            if self.hives.check():
+                self.feed.notify()
             await self.hives.prune()
             await asyncio.sleep(self.config.heartbeat_interval / 2)
 

@@ -83,6 +83,7 @@ async def test_another_user_is_refused_by_every_route_of_queen_hive_and_worker(
             ("POST", f"{url}/v1/fleet/jobs", {"action": "up", "inventory": evil}, {}),
             ("POST", f"{url}/v1/fleet/plan", {"inventory": evil}, {}),
             ("POST", f"{url}/v1/admin/shutdown", None, {}),
+            ("POST", f"{url}/v1/dashboard/logins", {}, {}),  # a dashboard login needs the owner's key
         ]
         answers = attack(requests + hijacks)
         for (method, target, _, headers), (status, body) in zip(requests + hijacks, answers, strict=True):
@@ -90,10 +91,15 @@ async def test_another_user_is_refused_by_every_route_of_queen_hive_and_worker(
                 assert status == 200 and set(json.loads(body)) == {"role"}, (target, body)  # liveness only
             elif method == "GET" and target == f"{url}/":
                 assert status == 200 and body == "Ollama is running", body  # Ollama's liveness text only
+            elif method == "GET" and not headers and (target in (f"{url}/dashboard", f"{url}/dashboard/")
+                                                      or target.startswith(f"{url}/dashboard/static/")):
+                # the dashboard's login notice (its files: 404), naming no hive, worker or model
+                assert status in (200, 404) and "localhost" not in body and "csrf" not in body, (target, body)
             else:
                 assert status == 401, (method, target, headers, status, body)
         print(f"\n{len(answers)} requests of another user: {sum(s == 401 for s, _ in answers)} refused (401), "
-              f"{sum(s == 200 for s, _ in answers)} bare liveness answers (/health, Ollama's /)")
+              f"{sum(s == 200 for s, _ in answers)} bare liveness answers or login notices (/health, Ollama's /, "
+              "/dashboard/)")
         # the owner notices nothing: the fleet still serves, and nothing of the hijack stuck
         async with LinkClient(url, "queen", token=owner_token()) as client:
             again = await warm_up(client)

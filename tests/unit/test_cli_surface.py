@@ -18,6 +18,7 @@ EXPECTED = {
                   "--keep-alive", "--queen-url", "--inventory"],
     "rbee embed": ["texts", "--model", "--node", "--json", "--quiet", "--queen-url", "--inventory"],
     "rbee version": [],
+    "rbee dashboard": ["--queen-url", "--inventory", "--no-open"],
     "rbee queen start": ["--queen-url", "--inventory"],
     "rbee queen stop": ["--queen-url"],
     "rbee queen status": ["--queen-url"],
