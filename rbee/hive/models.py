@@ -128,6 +128,9 @@ class ModelCatalog:
         self.root = root
         self.downloader = downloader  # rbee.hive.provision.HubDownloader, for hf: refs
         self._parsed: dict[Path, tuple[int, ModelEntry]] = {}
+        #: ``file:`` models by path, with the (size, mtime) they were read at: a GGUF header walks
+        #: every vocabulary string, far too slow to repeat for every job
+        self._files: dict[Path, tuple[tuple[int, int], ModelEntry]] = {}
         #: one provisioning of a reference at a time: two first jobs for a model (or a request's
         #: n choices) would download it twice; the second waits and finds it in place
         self._provisioning: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -229,6 +232,9 @@ class ModelCatalog:
 
         Blocking (it may download or write hundreds of MB): call it off the event loop.
         """
+        entry = self.find(ref_text, form)
+        if entry is not None:  # in place already: jobs for one model do not wait on each other
+            return entry
         with self._provisioning_guard:
             lock = self._provisioning[f"{ref_text}|{form}"]
         with lock:
@@ -283,10 +289,15 @@ class ModelCatalog:
                 return ModelEntry(path.name, str(ref), path, dir_size(path), "", "mlx", info, path.stat().st_mtime)
             if not path.is_file():
                 raise ModelNotFoundError(f"model file not found: {path}. Check the path on this host")
-            check_gguf_header(path)
-            info = read_info(path)
             stat = path.stat()
-            return ModelEntry(path.stem, str(ref), path, stat.st_size, "", "gguf", info, stat.st_mtime)
+            stamp = (stat.st_size, stat.st_mtime_ns)
+            cached = self._files.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            check_gguf_header(path)
+            entry = ModelEntry(path.stem, str(ref), path, stat.st_size, "", "gguf", read_info(path), stat.st_mtime)
+            self._files[path] = (stamp, entry)
+            return entry
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
             raise BadModelError(f"cannot read {path} ({why}); check its permissions") from exc

@@ -47,6 +47,8 @@ class Hive:
         self.queen_address = ""
         self.supervisor = supervisor
         self.catalog = catalog
+        #: the host as the last heartbeat probed it (when), for jobs: a job does not query NVML
+        self._probed: tuple[float, dict[str, Any]] | None = None
         self.metrics = Metrics(config.actor)
         self.registry = JobRegistry(config.actor, ping=config.ping_interval, resume_grace=config.resume_grace,
                                     on_finish=self.metrics.job_finished)
@@ -105,6 +107,7 @@ class Hive:
     def status(self) -> HiveReport:
         """This hive now: its heartbeat body and /v1/status answer."""
         devices = probe()
+        self._probed = (time.monotonic(), devices)
         return HiveReport(
             name=self.config.name, version=__version__, pid=os.getpid(),
             workers=self.supervisor.views(), devices=devices,
@@ -125,8 +128,15 @@ class Hive:
     async def provision(self, job: Job, ref: str | None, form: str | None = None) -> ModelEntry:
         return await asyncio.to_thread(self.catalog.resolve, ref, self.narrator(job), form)
 
+    def devices(self) -> dict[str, Any]:
+        """The host's devices as the last heartbeat saw them, probed again only when that is older
+        than two beats. Admission probes afresh (free memory must be now's)."""
+        if self._probed is None or time.monotonic() - self._probed[0] > 2 * self.config.heartbeat_interval:
+            self._probed = (time.monotonic(), probe())
+        return self._probed[1]
+
     async def host(self) -> EngineHost:
-        devices = probe()
+        devices = self.devices()
         nvidia = any(g.get("kind") == "cuda" for g in devices["gpus"])
         offload = await asyncio.to_thread(gpu_offload_supported)  # cached after the first call
         return EngineHost(devices["os"], devices["arch"], installed_engines(), nvidia, offload)
@@ -177,23 +187,17 @@ class Hive:
             gpu_layers = -1 if host.offload or backend == "mlx" else 0
         spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
                           queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
-        worker = await self.supervisor.worker_for(
-            spec, job.narrate, self.sizer(entry, choice.engine, host, request, gpu_layers), choice.reason
-        )
-        try:
+        size = self.sizer(entry, choice.engine, host, request, gpu_layers)
+        async with self.supervisor.lease(spec, job.narrate, size, choice.reason, request.keep_alive) as worker:
             if request.load_only:
                 job.narrate("load", f"{entry.name} is loaded on {worker.actor}")
                 job.emit(events.end(0, 0.0, "load", prompt_tokens=0, prompt_ms=0.0))
                 return
-            with self.supervisor.peers.relaying(worker, job):
-                await relay(job, self.worker_link(worker), body)
-        except LinkError as exc:
-            raise await self._explain_worker_failure(worker, exc) from exc
-        finally:
-            if request.keep_alive is not None:
-                worker.keep_alive = request.keep_alive
-            worker.active_jobs -= 1
-            worker.last_used = time.monotonic()
+            try:
+                with self.supervisor.peers.relaying(worker, job):
+                    await relay(job, self.worker_link(worker), body)
+            except LinkError as exc:
+                raise await self._explain_worker_failure(worker, exc) from exc
 
     async def _explain_worker_failure(self, worker: WorkerRecord, exc: LinkError) -> LinkError:
         """A broken worker stream usually means the worker died: say so, with its exit.

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,11 +181,26 @@ class Supervisor:
     def reserved(self) -> int:
         return sum(r.memory for r in self.peers if r.live)
 
+    @contextlib.asynccontextmanager
+    async def lease(self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = "",
+                    keep_alive: float | None = None) -> AsyncIterator[WorkerRecord]:
+        """A ready worker for one job, the job counted on it while the block runs; at the end,
+        its last use, and the keep-alive the job asked for. The one place a worker's jobs are
+        counted up and down."""
+        record = await self.worker_for(spec, narrate, size, reason)
+        try:
+            yield record
+        finally:
+            if keep_alive is not None:
+                record.keep_alive = keep_alive
+            record.active_jobs -= 1
+            record.last_used = time.monotonic()
+
     async def worker_for(
         self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = ""
     ) -> WorkerRecord:
-        """A ready worker for ``spec``, with the job counted on it (the caller ends it with
-        ``record.active_jobs -= 1``): a warm one if there is one, else a new one.
+        """A ready worker for ``spec``, with the job counted on it (``lease`` ends it): a warm one
+        if there is one, else a new one.
 
         Admission (``size``: context and placement, or NoCapacityError) runs under the same
         lock as the spawn, so a second job for a model still loading waits for it instead

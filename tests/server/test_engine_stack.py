@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     from rbee.engine.backends import load
     load()
     from rbee.link.bounds import ENGINE_STACK_BYTES, MAX_GRAMMAR_CHARS
-    from rbee.worker.backends.llama_batch import start_with_stack
+    from rbee.worker.backends.loop import start_with_stack
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), params)

@@ -28,8 +28,8 @@ from rbee.queen.fleet.ssh import Command
 from rbee.queen.service import Queen
 from rbee.worker.app import create_app as worker_app
 from rbee.worker.runner import ModelRunner
+from tests.fake_step import FakeBackend
 from tests.helpers import served
-from tests.server.test_worker_app import FakeEngine
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -39,7 +39,7 @@ def apps(tmp_path: Path) -> dict[str, Quart]:
     hive_config = HiveConfig(home=tmp_path / "h", models_dir=tmp_path / "m")
     hive = Hive(hive_config, Supervisor(hive_config, "http://127.0.0.1:7835", TOKEN), ModelCatalog(tmp_path), TOKEN)
     worker_config = WorkerConfig("w-1", tmp_path / "m.gguf", "http://127.0.0.1:9")
-    runner = ModelRunner(FakeEngine(), worker_config.model_path)
+    runner = ModelRunner(FakeBackend(), worker_config.model_path)
     worker = worker_app(worker_config, runner, JobRegistry(worker_config.actor), asyncio.Event(), TOKEN)
     return {"queen": queen_app(queen), "hive": hive_app(hive), "worker": worker}
 

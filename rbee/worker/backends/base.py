@@ -3,9 +3,10 @@ so a host without llama.cpp (or MLX) can still run the other one."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,9 @@ class Piece:
 
 
 class Backend(Protocol):
+    """What the runner drives: a generating engine (a :class:`~rbee.worker.backends.loop.BatchLoop`
+    and its step) or an embedding one; each refuses the other kind of request."""
+
     name: str
     #: The model's metadata (GGUF keys such as ``general.architecture`` and
     #: ``tokenizer.chat_template``), plus ``rbee.eos_text``: the end-of-sequence text.
@@ -35,32 +39,32 @@ class Backend(Protocol):
     #: Where the engine put the model, in its own words, after ``load``
     #: (:class:`rbee.link.engine_report.EngineReport` as a dict).
     report: dict[str, Any]
+    #: sequences decoded together (1 for an embedding engine)
+    slots: int
 
     def load(self, path: Path) -> None:
         """Load the model; raise ModelLoadError naming the file when it cannot."""
 
-    def close(self) -> None:
-        """Free the model."""
+    def submit(self, request: JobRequest, sink: asyncio.Queue[object], loop: asyncio.AbstractEventLoop,
+               cancelled: threading.Event) -> int:
+        """Queue a generation; its pieces (a ``Started`` mark first, or an exception) reach ``sink``
+        on ``loop``. Returns its place among those that must wait (0: it starts at the next step)."""
 
-
-class BatchingBackend(Backend, Protocol):
-    """An engine with its own thread serving many requests at once (llama.cpp and MLX both are)."""
-
-    def submit(self, request: JobRequest, emit: Callable[[object], None], cancelled: threading.Event,
-               on_start: Callable[[int], None] | None = None) -> int:
-        """Queue a request; its pieces (or an exception) reach ``emit`` from the engine thread.
-        Returns its place among those that must wait (0: it starts at the next step)."""
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The vectors of ``texts`` and their token count (on the runner's thread)."""
 
     def load_report(self) -> dict[str, Any]:
         """Slots, busy slots, queue depth and tokens/s."""
 
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens sampled so far, cancelled streams included."""
 
-class SerialBackend(Backend, Protocol):
-    """An engine the worker runs one request at a time on its model-owner thread (no real engine
-    today; the worker's tests drive the runner with one)."""
+    def wake(self) -> None:
+        """A request was cancelled: the engine notices at once."""
 
-    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
-        """Yield pieces as the engine makes them; stop soon after ``should_stop()`` is true."""
+    def close(self) -> None:
+        """Free the model."""
 
 
 BACKENDS = {

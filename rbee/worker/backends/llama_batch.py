@@ -1,12 +1,14 @@
-"""Continuous batching on llama.cpp's own low-level API (llama-cpp-python's ctypes bindings).
+"""Continuous batching on llama.cpp's own low-level API (llama-cpp-python's ctypes bindings),
+as the step of the batch loop (rbee/worker/backends/loop.py).
 
-One engine thread owns one llama context with ``n_seq_max = slots`` and a unified KV
-cache. Each step is a single ``llama_decode`` holding one token for every sequence that
+The loop's engine thread owns one llama context with ``n_seq_max = slots`` and a unified
+KV cache. Each step is a single ``llama_decode`` holding one token for every sequence that
 is generating, plus a chunk of the prompt of each sequence still prefilling (so a long
 new prompt never stalls the streams already running). After the step every sequence
-that asked for logits samples with its own llama.cpp sampler chain, and its text goes
-out the moment it is sampled. A finished or cancelled sequence frees its slot at once;
-its cells stay as a prefix cache until the room is needed (see rbee/worker/slots.py).
+that asked for logits samples: greedy ones by an argmax on llama.cpp's logits buffer,
+the others with their own llama.cpp sampler chain. A finished or cancelled sequence frees
+its slot at once; its cells stay as a prefix cache until the room is needed (see
+rbee/worker/slots.py).
 """
 
 from __future__ import annotations
@@ -14,18 +16,13 @@ from __future__ import annotations
 import codecs
 import ctypes
 import math
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.errors import RbeeError, RequestError
-from rbee.link.bounds import ENGINE_STACK_BYTES
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.base import Piece
-from rbee.worker.backends.engine_queue import EngineQueue
+from rbee.worker.backends.loop import Sequence, Token
 from rbee.worker.slots import SlotTable
-from rbee.worker.stops import StopMatcher
 
 #: prompt tokens one step may prefill, over all sequences (the rest waits for the next step)
 PREFILL_CHUNK = 256
@@ -42,137 +39,92 @@ IMAGE_MARKERS = (
 )
 
 
-Emit = Callable[[object], None]
+@dataclass(eq=False)
+class LlamaState:
+    """What the llama.cpp step keeps for one sequence."""
 
-
-@dataclass
-class Sequence:
-    request: JobRequest
-    prompt: list[int]
-    max_new: int
-    emit: Emit  # called from the engine thread with a Piece, or an exception
-    cancelled: threading.Event
-    on_start: Callable[[int], None] | None = None  # with the prompt tokens found in the cache
-    seq_id: int = -1
-    sampler: Any = None
+    seq_id: int
+    sampler: Any
+    greedy: bool  # argmax over the logits row, no sampler call (the chain would do exactly that)
     done_prompt: int = 0  # prompt tokens already in the KV cache
     fed: int = 0  # generated tokens already in the KV cache
-    produced: int = 0
     last: int = -1  # the last sampled token, fed in the next step
     out_index: int = -1  # its logits row in the current batch, -1 when it asked for none
     text: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    stops: StopMatcher = field(default_factory=lambda: StopMatcher([]))
     generated: list[int] = field(default_factory=list)
 
-    @property
-    def prefilling(self) -> bool:
-        return self.done_prompt < len(self.prompt)
 
-    @property
-    def cells(self) -> list[int]:
-        """The tokens this sequence's KV cells hold, in order."""
-        return self.prompt[: self.done_prompt] + self.generated[: self.fed]
+def state(seq: Sequence) -> LlamaState:
+    assert isinstance(seq.state, LlamaState)
+    return seq.state
 
 
-class BatchEngine(EngineQueue[Sequence]):
-    def __init__(self, llama_cpp: Any, model: Any, *, n_ctx: int, slots: int, threads: int, queue_limit: int) -> None:
-        super().__init__(slots, queue_limit)
+class LlamaStep:
+    """llama.cpp's low-level API as one step of the batch loop: one ``llama_decode`` for every
+    running sequence (one token each, plus prompt chunks), then each samples."""
+
+    name = "llama.cpp"
+
+    def __init__(self, llama_cpp: Any, model: Any, *, n_ctx: int, slots: int, threads: int) -> None:
         self.ll = llama_cpp
+        self.model = model
+        self.requested_ctx = n_ctx
+        self.n_slots = slots
+        self.threads = threads
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.banned = special_tokens(llama_cpp, self.vocab, IMAGE_MARKERS)
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = max(PREFILL_CHUNK + slots, 512)
+        self.n_ctx = 0
+        self._piece = ctypes.create_string_buffer(256)
+        #: per token id: its bytes and whether it ends generation (asked of llama.cpp once)
+        self._tokens: dict[int, tuple[bytes, bool]] = {}
+
+    def open(self) -> None:
+        ll = self.ll
+        params = ll.llama_context_default_params()
+        params.n_ctx = self.requested_ctx
+        params.n_batch = max(PREFILL_CHUNK + self.n_slots, 512)
         params.n_ubatch = params.n_batch
-        params.n_seq_max = slots
-        params.n_threads = params.n_threads_batch = threads
+        params.n_seq_max = self.n_slots
+        params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True
         params.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(model, params)
+        self.ctx = ll.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise RbeeError(f"llama.cpp could not create a context of {n_ctx} tokens for {slots} sequences")
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+            raise RbeeError(f"llama.cpp could not create a context of {self.requested_ctx} tokens for "
+                            f"{self.n_slots} sequences")
+        self.n_ctx = int(ll.llama_n_ctx(self.ctx))
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(params.n_batch, 0, 1)
         self.n_batch = int(params.n_batch)
-        self.slots = SlotTable(slots, self.n_ctx)
-        self.active: dict[int, Sequence] = {}
-        self._piece = ctypes.create_string_buffer(256)
-        self._thread = start_with_stack(self._run, "batch-engine", ENGINE_STACK_BYTES)
-
-    # the event loop's side ---------------------------------------------------------------
-
-    def busy_slots(self) -> int:
-        return self.slots.busy
-
-    def retry_after(self) -> float:
-        rate = self.rate()
-        running = list(self.active.values())  # a snapshot: the engine thread changes the dict
-        backlog = sum(s.max_new for s in self.waiting) + sum(s.max_new - s.produced for s in running)
-        return max(1.0, min(60.0, backlog / rate)) if rate > 0 else 2.0
+        self.slots = SlotTable(self.n_slots, self.n_ctx)
 
     def close(self) -> None:
-        self.stop(self._thread)
         self.ll.llama_batch_free(self.batch)
         self.ll.llama_free(self.ctx)
 
-    # the engine thread ---------------------------------------------------------------------
+    def admit(self, seq: Sequence) -> int | None:
+        """A slot and room for ``seq`` (reusing the longest cached prefix), and its sampler."""
+        assignment = self.slots.assign(seq.prompt, seq.max_new)
+        if assignment is None:
+            return None
+        sampler, greedy = self._sampler(seq.request)  # may refuse the request: before any slot changes
+        self.slots.start(assignment, seq.prompt, seq.max_new)
+        ll, mem, target = self.ll, self.memory, assignment.slot
+        for evicted in assignment.evict:
+            ll.llama_memory_seq_rm(mem, evicted, -1, -1)
+        if assignment.reuse_from == target:
+            ll.llama_memory_seq_rm(mem, target, assignment.reused, -1)
+        else:
+            ll.llama_memory_seq_rm(mem, target, -1, -1)
+            if assignment.reuse_from is not None:
+                ll.llama_memory_seq_cp(mem, assignment.reuse_from, target, 0, assignment.reused)
+        seq.state = LlamaState(target, sampler, greedy, done_prompt=assignment.reused)
+        return assignment.reused
 
-    def _run(self) -> None:
-        while self.wait_for_work(len(self.active)):
-            self._drop_cancelled()
-            self._admit()
-            if self.active:
-                try:
-                    self._step()
-                except Exception as exc:  # a failed decode ends every running sequence, never the engine
-                    for seq in list(self.active.values()):
-                        self._end(seq, error=RbeeError(f"llama.cpp failed: {exc}"), keep=False)
-        for seq in [*self.active.values(), *self.waiting]:
-            seq.emit(RbeeError("the model was unloaded"))
-
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            for seq in [s for s in self.waiting if s.cancelled.is_set()]:
-                self.waiting.remove(seq)
-                seq.emit(Piece("", "cancelled", 0, len(seq.prompt)))
-        for seq in [s for s in self.active.values() if s.cancelled.is_set()]:
-            self._end(seq, "cancelled")
-
-    def _admit(self) -> None:
-        """Start waiting sequences, first come first served, while a slot and room are free."""
-        while True:
-            with self._lock:
-                if not self.waiting:
-                    return
-                seq = self.waiting[0]
-                assignment = self.slots.assign(seq.prompt, seq.max_new)
-                if assignment is None:
-                    return
-                self.waiting.popleft()
-                self.slots.start(assignment, seq.prompt, seq.max_new)
-            ll, mem, target = self.ll, self.memory, assignment.slot
-            for evicted in assignment.evict:
-                ll.llama_memory_seq_rm(mem, evicted, -1, -1)
-            if assignment.reuse_from == target:
-                ll.llama_memory_seq_rm(mem, target, assignment.reused, -1)
-            else:
-                ll.llama_memory_seq_rm(mem, target, -1, -1)
-                if assignment.reuse_from is not None:
-                    ll.llama_memory_seq_cp(mem, assignment.reuse_from, target, 0, assignment.reused)
-            seq.seq_id, seq.done_prompt = target, assignment.reused
-            try:
-                seq.sampler = self._sampler(seq.request)
-            except RbeeError as exc:
-                self._end(seq, error=exc, keep=False)
-                continue
-            seq.stops = StopMatcher(seq.request.stop)
-            self.active[target] = seq
-            if seq.on_start is not None:
-                seq.on_start(assignment.reused)
-
-    def _sampler(self, request: JobRequest) -> Any:
+    def _sampler(self, request: JobRequest) -> tuple[Any, bool]:
+        """llama.cpp's sampler chain for ``request``, and whether it is plain greedy (argmax with
+        the banned tokens masked), which the step does itself without copying the vocabulary."""
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
 
@@ -195,53 +147,52 @@ class BatchEngine(EngineQueue[Sequence]):
                 ll.llama_sampler_free(chain)
                 raise RequestError("the grammar does not parse (llama.cpp GBNF)")
             add(grammar)
-        if request.repeat_penalty != 1.0 or request.frequency_penalty or request.presence_penalty:
+        penalties = request.repeat_penalty != 1.0 or request.frequency_penalty or request.presence_penalty
+        if penalties:
             add(ll.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, request.repeat_penalty,
                                                 request.frequency_penalty, request.presence_penalty))
         if request.temperature <= 0:
             add(ll.llama_sampler_init_greedy())
-            return chain
+            return chain, not (request.logit_bias or request.grammar or penalties)
         if request.top_k > 0:
             add(ll.llama_sampler_init_top_k(request.top_k))
         add(ll.llama_sampler_init_top_p(request.top_p, 1))
         add(ll.llama_sampler_init_min_p(request.min_p, 1))
         add(ll.llama_sampler_init_temp(request.temperature))
         add(ll.llama_sampler_init_dist(DEFAULT_SEED if request.seed is None else request.seed))
-        return chain
+        return chain, False
 
-    def _step(self) -> None:
+    def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         batch, n = self.batch, 0
-        for seq in self.active.values():
-            seq.out_index = -1
-            if not seq.prefilling:
-                self._add(n, seq.last, seq.seq_id, len(seq.prompt) + seq.fed, True)
-                seq.fed += 1
-                seq.out_index = n
+        for seq in running:
+            st = state(seq)
+            st.out_index = -1
+            if st.done_prompt >= len(seq.prompt):
+                self._add(n, st.last, st.seq_id, len(seq.prompt) + st.fed, True)
+                st.fed += 1
+                st.out_index = n
                 n += 1
         budget = min(PREFILL_CHUNK, self.n_batch - n)
-        for seq in self.active.values():
+        for seq in running:
             if budget <= 0:
                 break
-            if seq.prefilling:
-                take = min(budget, len(seq.prompt) - seq.done_prompt)
-                for i in range(seq.done_prompt, seq.done_prompt + take):
+            st = state(seq)
+            if st.done_prompt < len(seq.prompt):
+                take = min(budget, len(seq.prompt) - st.done_prompt)
+                for i in range(st.done_prompt, st.done_prompt + take):
                     last = i == len(seq.prompt) - 1
-                    self._add(n, seq.prompt[i], seq.seq_id, i, last)
+                    self._add(n, seq.prompt[i], st.seq_id, i, last)
                     if last:
-                        seq.out_index = n
+                        st.out_index = n
                     n += 1
-                seq.done_prompt += take
+                st.done_prompt += take
                 budget -= take
         batch.n_tokens = n
         code = self.ll.llama_decode(self.ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
-        with self._lock:
-            self.slots.clock += 1
-        for seq in list(self.active.values()):
-            if seq.out_index >= 0:
-                self._sample(seq)
-        self.stepped()
+        self.slots.clock += 1
+        return [(seq, self._sample(seq)) for seq in running if state(seq).out_index >= 0]
 
     def _add(self, i: int, token: int, seq_id: int, pos: int, logits: bool) -> None:
         batch = self.batch
@@ -251,68 +202,69 @@ class BatchEngine(EngineQueue[Sequence]):
         batch.seq_id[i][0] = seq_id
         batch.logits[i] = logits
 
-    def _sample(self, seq: Sequence) -> None:
-        ll = self.ll
-        token = int(ll.llama_sampler_sample(seq.sampler, self.ctx, seq.out_index))
-        if seq.fed == 0:  # the prompt is in the cache now: later prompts may share it
-            with self._lock:
-                self.slots.slots[seq.seq_id].tokens = list(seq.prompt)
-        if ll.llama_vocab_is_eog(self.vocab, token):
-            self._end(seq, "stop")
-            return
-        seq.generated.append(token)
-        seq.last = token
-        seq.produced += 1
-        self.tokens_generated += 1
-        raw = self._token_bytes(token)
-        text, hit = seq.stops.feed(seq.text.decode(raw))
-        scored = None if seq.request.logprobs is None else [self._logprobs(seq, token, raw)]
-        if hit:
-            seq.emit(Piece(text, logprobs=scored))
-            self._end(seq, "stop")
-        elif seq.produced >= seq.max_new:
-            seq.emit(Piece(text + seq.stops.flush(), logprobs=scored))
-            self._end(seq, "length")
-        else:
-            seq.emit(Piece(text, logprobs=scored))
+    def _logits(self, index: int) -> Any:
+        """The logits row of batch entry ``index``: a numpy view on llama.cpp's buffer, no copy."""
+        import numpy as np
 
-    def _token_bytes(self, token: int) -> bytes:
-        size = self.ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        return bytes(self._piece.raw[: max(size, 0)])
+        return np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+
+    def _sample(self, seq: Sequence) -> Token:
+        st = state(seq)
+        if st.greedy:
+            row = self._logits(st.out_index)
+            kept = row[self.banned]  # a copy of a few values; logprobs read the row as the model made it
+            row[self.banned] = -math.inf  # what the chain's logit-bias sampler does
+            token = int(row.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
+            row[self.banned] = kept
+        else:
+            token = int(self.ll.llama_sampler_sample(st.sampler, self.ctx, st.out_index))
+        if st.fed == 0:  # the prompt is in the cache now: later prompts may share it
+            self.slots.slots[st.seq_id].tokens = list(seq.prompt)
+        raw, eog = self._token(token)
+        if eog:
+            return Token(end=True)
+        st.generated.append(token)
+        st.last = token
+        scored = None if seq.request.logprobs is None else self._logprobs(seq, token, raw)
+        return Token(st.text.decode(raw), logprobs=scored)
+
+    def _token(self, token: int) -> tuple[bytes, bool]:
+        known = self._tokens.get(token)
+        if known is None:
+            size = self.ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+            known = (bytes(self._piece.raw[: max(size, 0)]), bool(self.ll.llama_vocab_is_eog(self.vocab, token)))
+            self._tokens[token] = known
+        return known
 
     def _logprobs(self, seq: Sequence, token: int, raw: bytes) -> dict[str, Any]:
         """OpenAI's entry for a sampled token: its log-probability under the model's own
-        distribution (before temperature, penalties, bias and grammar) and the likeliest others."""
+        distribution (before temperature, penalties, bias and grammar) and the likeliest others.
+        In float32 on the logits view: no copy of the vocabulary per token."""
         import numpy as np
 
-        row = self.ll.llama_get_logits_ith(self.ctx, seq.out_index)
-        logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,)).astype(np.float64)
+        logits = self._logits(state(seq).out_index)
         top = float(logits.max())
-        normaliser = top + math.log(float(np.exp(logits - top).sum()))
+        normaliser = top + math.log(float(np.exp(logits - top, dtype=np.float32).sum(dtype=np.float64)))
 
         def entry(tok: int, data: bytes) -> dict[str, Any]:
             return {"token": data.decode(errors="replace"), "logprob": float(logits[tok]) - normaliser,
                     "bytes": list(data)}
 
         k = int(seq.request.logprobs or 0)
-        best: Any = np.argpartition(-logits, k)[:k] if k else []
-        ranked = sorted((int(t) for t in best), key=lambda t: -logits[t])
-        return {**entry(token, raw), "top_logprobs": [entry(t, self._token_bytes(t)) for t in ranked]}
+        best: Any = np.argpartition(logits, -k)[-k:] if k else []
+        ranked = sorted((int(t) for t in best), key=lambda t: -float(logits[t]))
+        return {**entry(token, raw), "top_logprobs": [entry(t, self._token(t)[0]) for t in ranked]}
 
-    def _end(self, seq: Sequence, finish: str = "stop", error: BaseException | None = None, keep: bool = True) -> None:
+    def release(self, seq: Sequence, keep: bool) -> None:
         """Free the slot now; its cells stay as a prefix cache unless ``keep`` is false."""
-        self.active.pop(seq.seq_id, None)
-        if seq.sampler is not None:
-            self.ll.llama_sampler_free(seq.sampler)
-            seq.sampler = None
+        st = state(seq)
+        if st.sampler is not None:
+            self.ll.llama_sampler_free(st.sampler)
+            st.sampler = None
         if not keep:
-            self.ll.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-        with self._lock:
-            self.slots.finish(seq.seq_id, seq.cells if keep else [])
-        if error is not None:
-            seq.emit(error)
-        else:
-            seq.emit(Piece("", finish, seq.produced, len(seq.prompt)))
+            self.ll.llama_memory_seq_rm(self.memory, st.seq_id, -1, -1)
+        cells = seq.prompt[: st.done_prompt] + st.generated[: st.fed] if keep else []
+        self.slots.finish(st.seq_id, cells)
 
 
 def special_tokens(llama_cpp: Any, vocab: Any, texts: tuple[str, ...]) -> list[int]:
@@ -327,19 +279,3 @@ def special_tokens(llama_cpp: Any, vocab: Any, texts: tuple[str, ...]) -> list[i
         if llama_cpp.llama_vocab_get_attr(vocab, ids[0]) & special:
             found.append(int(ids[0]))
     return found
-
-
-def start_with_stack(target: Callable[[], None], name: str, size: int) -> threading.Thread:
-    """Start a daemon thread with a stack of ``size`` bytes: llama.cpp's grammar code recurses
-    per nesting level on it (rbee.link.bounds)."""
-    with _STACK_SIZE_LOCK:
-        previous = threading.stack_size(size)
-        try:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-    return thread
-
-
-_STACK_SIZE_LOCK = threading.Lock()

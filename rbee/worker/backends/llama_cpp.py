@@ -8,12 +8,13 @@ model really went is read from llama.cpp's own load log, not guessed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from collections.abc import Sequence as Floats
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 from rbee.errors import ModelLoadError, RbeeError, RequestError
 from rbee.link.engine_report import parse_load_log
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.llama_batch import BatchEngine, Emit, Sequence
+from rbee.worker.backends.llama_batch import LlamaStep
+from rbee.worker.backends.loop import BatchLoop, LoopBackend
 from rbee.worker.structured import grammar_for
 
 GGML_LOG_LEVEL_ERROR = 3
@@ -111,9 +113,10 @@ class LlamaModel:
             self._llm = None
 
 
-class LlamaCppBackend(LlamaModel):
+class LlamaCppBackend(LoopBackend, LlamaModel):
     """Loads the model with llama-cpp-python (weights, tokenizer, metadata) and serves it with
-    a :class:`BatchEngine`: continuous batching over ``slots`` sequences on the low-level API."""
+    a :class:`BatchLoop` of :class:`LlamaStep`: continuous batching over ``slots`` sequences on
+    the low-level API."""
 
     name = "llama-cpp"
 
@@ -124,7 +127,7 @@ class LlamaCppBackend(LlamaModel):
         super().__init__(n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, tensor_split=tensor_split)
         self.slots = slots or default_slots(n_ctx)
         self.queue_limit = queue_limit
-        self.engine: BatchEngine | None = None
+        self.n_ctx_engine = 0
 
     def load(self, path: Path) -> None:
         llama_cpp = self.native()  # lazy: importing it loads the native library
@@ -140,41 +143,35 @@ class LlamaCppBackend(LlamaModel):
                     n_gpu_layers=self.gpu_layers, tensor_split=self.tensor_split, verbose=False,
                 )
             with captured_llama_log(engine_log):
-                self.engine = BatchEngine(llama_cpp, self._llm.model, n_ctx=self.n_ctx, slots=self.slots,
-                                          threads=self.threads, queue_limit=self.queue_limit)
+                step = LlamaStep(llama_cpp, self._llm.model, n_ctx=self.n_ctx, slots=self.slots, threads=self.threads)
+                self.engine = BatchLoop(step, self.slots, self.queue_limit)
+                self.n_ctx_engine = step.n_ctx
         except (ValueError, RuntimeError, OSError, RbeeError) as exc:
             raise load_failure(path, exc, [*log, *engine_log]) from exc
         model_lines = [line for line in "".join(log).splitlines(keepends=True) if "KV buffer size" not in line]
-        self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]), self.engine.n_ctx,
-                                    self.cpu_variant)
+        self.report = engine_report(llama_cpp, self._llm.model, "".join([*model_lines, *engine_log]),
+                                    self.n_ctx_engine, self.cpu_variant)
         self.read_metadata()
         eos = self._llm.token_eos()
         if eos >= 0:
             self.metadata["rbee.eos_text"] = self._llm.detokenize([eos], special=True).decode(errors="replace")
 
-    def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
-               on_start: Callable[[int], None] | None = None) -> int:
-        """Tokenize and queue one request; its pieces (or an exception) reach ``emit`` from the
-        engine thread. Returns its place in the queue (0: it starts at the next step)."""
-        assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+    def submit(self, request: JobRequest, sink: asyncio.Queue[object], loop: asyncio.AbstractEventLoop,
+               cancelled: threading.Event) -> int:
+        """Tokenize and queue one request (see Backend.submit)."""
+        assert request.prompt is not None, "chat is rendered before"
         if request.response_format is not None:
             request = request.model_copy(update={"grammar": grammar_for(request.response_format),
                                                  "response_format": None})
         prompt = self._llm.tokenize(str(request.prompt).encode(), add_bos=True, special=True)
-        n_ctx = self.engine.n_ctx
+        n_ctx = self.n_ctx_engine
         if len(prompt) + 1 > n_ctx:
             raise RequestError(
                 f"the prompt is {len(prompt)} tokens; the worker's context holds {n_ctx}. Shorten it, or ask for "
                 "a larger context (`--ctx`, or `ctx =` for the model in the inventory)"
             )
-        seq = Sequence(request, prompt, min(request.max_tokens, n_ctx - len(prompt)), emit, cancelled, on_start)
-        return self.engine.submit(seq)
-
-    def load_report(self) -> dict[str, Any]:
-        return self.engine.load() if self.engine is not None else {}
+        return self.queue(request, prompt, min(request.max_tokens, n_ctx - len(prompt)), sink, loop, cancelled)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.close_engine()
         super().close()

@@ -7,7 +7,8 @@ are L2-normalised, as OpenAI's are. One request at a time, on the runner's threa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import threading
 from collections.abc import Sequence as Floats
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,19 @@ from typing import Any
 from rbee.config import EMBED_MAX_CTX
 from rbee.errors import RequestError
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.base import Piece
 from rbee.worker.backends.llama_cpp import LlamaModel, captured_llama_log, engine_report, load_failure
 
 
 class LlamaEmbedBackend(LlamaModel):
     name = "llama-cpp-embed"
+    slots = 1  # one request at a time, on the runner's thread
 
     def __init__(self, *, n_ctx: int = 2048, threads: int = 0, gpu_layers: int = 0, tensor_split: Floats[float] = (),
                  slots: int = 0, queue_limit: int = 0) -> None:
         super().__init__(n_ctx=min(n_ctx, EMBED_MAX_CTX), threads=threads, gpu_layers=gpu_layers,
                          tensor_split=tensor_split)
         self.pooling = ""
+        self.embedding = False
 
     def load(self, path: Path) -> None:
         llama_cpp = self.native()
@@ -62,8 +64,23 @@ class LlamaEmbedBackend(LlamaModel):
                                    f"{self.n_ctx} per input. Split it")
         # one decode per text: llama.cpp's sums run in another order when texts share a batch, which
         # moved vectors by ~1e-3 (seen); alone, a text gets the same vector in any request
-        vectors = [self._llm.embed(text, normalize=True, truncate=False) for text in texts]
+        self.embedding = True
+        try:
+            vectors = [self._llm.embed(text, normalize=True, truncate=False) for text in texts]
+        finally:
+            self.embedding = False
         return [list(map(float, vector)) for vector in vectors], sum(counts)
 
-    def generate(self, request: JobRequest, should_stop: Callable[[], bool]) -> Iterator[Piece]:
+    def submit(self, request: JobRequest, sink: asyncio.Queue[object], loop: asyncio.AbstractEventLoop,
+               cancelled: threading.Event) -> int:
         raise RequestError("this worker is loaded for embeddings: send `input`, not a prompt")
+
+    def load_report(self) -> dict[str, Any]:
+        return {"slots": 1, "slots_busy": int(self.embedding), "queue": 0, "tokens_per_s": 0.0}
+
+    @property
+    def tokens_generated(self) -> int:
+        return 0
+
+    def wake(self) -> None:
+        pass

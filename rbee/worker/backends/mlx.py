@@ -5,22 +5,23 @@ whose one thread both loads the model and generates: MLX streams are thread-loca
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rbee.errors import ModelLoadError, RequestError
 from rbee.link.engine_report import EngineReport
 from rbee.link.schemas import JobRequest
-from rbee.worker.backends.llama_batch import Emit
-from rbee.worker.backends.mlx_batch import MlxBatchEngine, MlxSequence
+from rbee.worker.backends.loop import BatchLoop, LoopBackend
+from rbee.worker.backends.mlx_batch import MlxStep
 
 REQUIRED = ("config.json",)
 
 
-class MlxBackend:
+class MlxBackend(LoopBackend):
     name = "mlx"
 
     def __init__(
@@ -30,7 +31,6 @@ class MlxBackend:
         self.n_ctx = n_ctx  # MLX has no layer offload or split: it runs where MLX's default device is
         self.slots = slots or 8  # its KV caches grow per sequence: the context does not bound the slots
         self.queue_limit = queue_limit
-        self.engine: MlxBatchEngine | None = None
         self._tokenizer: Any = None
         self.metadata: dict[str, str] = {}
         self.report: dict[str, Any] = {}
@@ -46,8 +46,9 @@ class MlxBackend:
             missing.append("tokenizer.json")
         if missing:
             raise ModelLoadError(f"MLX model directory {path} lacks {', '.join(missing)}; provision it again")
-        self.engine = MlxBatchEngine(path, slots=self.slots, queue_limit=self.queue_limit)
-        self._tokenizer = self.engine.tokenizer
+        step = MlxStep(path, self.slots)
+        self.engine = BatchLoop(step, self.slots, self.queue_limit)
+        self._tokenizer = step.tokenizer
         config = json.loads((path / "config.json").read_text())
         self.metadata = {"general.architecture": str(config.get("model_type", "unknown"))}
         template = getattr(self._tokenizer, "chat_template", None)
@@ -77,9 +78,9 @@ class MlxBackend:
             gpu_offload_supported=bool(mx.metal.is_available()),
         ).as_dict()
 
-    def submit(self, request: JobRequest, emit: Emit, cancelled: threading.Event,
-               on_start: Callable[[int], None] | None = None) -> int:
-        assert self.engine is not None and request.prompt is not None, "load first; chat is rendered before"
+    def submit(self, request: JobRequest, sink: asyncio.Queue[object], loop: asyncio.AbstractEventLoop,
+               cancelled: threading.Event) -> int:
+        assert request.prompt is not None, "chat is rendered before"
         if request.logprobs is not None or request.logit_bias:
             raise RequestError("MLX workers give no logprobs and take no logit_bias yet; use the model's GGUF form "
                                "on llama.cpp for them")
@@ -90,15 +91,8 @@ class MlxBackend:
         if len(prompt) + 1 > self.n_ctx:
             raise RequestError(f"the prompt is {len(prompt)} tokens; the worker's context holds {self.n_ctx}. "
                                "Shorten it, or ask for a larger context (`--ctx`)")
-        seq = MlxSequence(request, prompt, min(request.max_tokens, self.n_ctx - len(prompt)), emit, cancelled,
-                          on_start)
-        return self.engine.submit(seq)
-
-    def load_report(self) -> dict[str, Any]:
-        return self.engine.load() if self.engine is not None else {}
+        return self.queue(request, prompt, min(request.max_tokens, self.n_ctx - len(prompt)), sink, loop, cancelled)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.close_engine()
         self._tokenizer = None

@@ -1,0 +1,102 @@
+"""llama.cpp's own tools as baselines: ``llama-batched-bench`` (the engine's own ceiling) and
+``llama-server``, built from the llama.cpp vendored in the installed llama-cpp-python's
+source (the same version), with the CPU kernels of the variant rbee's workers load here.
+
+    python -m bench.llama_tools [--variant haswell]   # prints the folder holding both
+
+Built once per llama-cpp-python version and variant into ``~/.cache/rbee/llama-tools/`` (15
+to 30 minutes on 2 cores); later calls return the cached folder at once. No ``-march=native``:
+the flags are the variant's own, as ggml's CMakeLists lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from rbee.engine import build as engine_build
+
+TOOLS = ("llama-batched-bench", "llama-server")
+#: ggml's CPU variants (ggml/src/CMakeLists.txt, ggml_add_cpu_backend_variant) as CMake options
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "x64": (),
+    "sse42": ("SSE42",),
+    "sandybridge": ("SSE42", "AVX"),
+    "haswell": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2"),
+    "skylakex": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512"),
+    "icelake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI"),
+    "zen4": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+             "AVX512_BF16"),
+}
+ALL_FLAGS = sorted({flag for flags in VARIANTS.values() for flag in flags} | {"AVX_VNNI", "AMX_TILE", "AMX_INT8"})
+
+
+def cmake_flags(variant: str) -> list[str]:
+    on = set(VARIANTS[variant])
+    return ["-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+            "-DCMAKE_BUILD_TYPE=Release", *(f"-DGGML_{flag}={'ON' if flag in on else 'OFF'}" for flag in ALL_FLAGS)]
+
+
+def version() -> str:
+    from importlib.metadata import version as installed_version
+
+    return installed_version("llama_cpp_python")
+
+
+def source_archive(wanted: str) -> Path:
+    """llama-cpp-python's sdist of ``wanted``: kept by rbee's fleet wheelhouse, else from pip."""
+    name = f"llama_cpp_python-{wanted}.tar.gz"
+    for found in (Path.home() / ".cache" / "rbee" / "wheelhouse").glob(f"**/{name}"):
+        return found
+    target = engine_build.cache_dir() / "sdist"
+    target.mkdir(parents=True, exist_ok=True)
+    if not (target / name).is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={wanted}", "-d", str(target)], check=True)
+    return target / name
+
+
+def tools_dir(variant: str) -> Path:
+    return engine_build.cache_dir().parent / "llama-tools" / f"{version()}-{variant}"
+
+
+def ensure(variant: str) -> Path:
+    """The folder holding both tools, built now if missing."""
+    folder = tools_dir(variant)
+    if all((folder / tool).is_file() for tool in TOOLS):
+        return folder
+    with tempfile.TemporaryDirectory(prefix="llama-tools-") as tmp:
+        with tarfile.open(source_archive(version())) as archive:
+            archive.extractall(tmp, filter="data")
+        source = next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        build = Path(tmp) / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *cmake_flags(variant)], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target", *TOOLS],
+                       check=True, stdout=subprocess.DEVNULL)
+        staged = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for tool in TOOLS:
+            shutil.copy2(build / "bin" / tool, staged / tool)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete one
+        os.replace(staged, folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.llama_tools", description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default=os.environ.get("RBEE_CPU_VARIANT", "haswell"), choices=sorted(VARIANTS))
+    args = parser.parse_args(argv)
+    print(ensure(args.variant))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
