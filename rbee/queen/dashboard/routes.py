@@ -25,6 +25,7 @@ from rbee.config import DEFAULT_MODEL
 from rbee.errors import RequestError
 from rbee.link.auth import SessionCheck
 from rbee.link.jobs import Producer
+from rbee.link.schemas import HiveView
 from rbee.link.server import add_job_routes, error_body, read_json_body, sse_response
 from rbee.queen.dashboard import views
 from rbee.queen.dashboard.sessions import COOKIE, CSRF_HEADER, Sessions
@@ -97,9 +98,9 @@ class Dashboard:
         self.queen = queen
         self.model_names = model_names
 
-    def fragments(self) -> dict[str, str]:
+    def fragments(self, hives: list[HiveView] | None = None) -> dict[str, str]:
         queen = self.queen
-        hives = queen.status()
+        hives = queen.status() if hives is None else hives
         catalogs = queen.catalogs()
         held = queen.registry.jobs()
         workers = views.workers(hives, queen.feed, catalogs)
@@ -111,9 +112,6 @@ class Dashboard:
             "models": render("models.html", view=models),
             "model_options": render("model_options.html", names=self.model_names()),
         }
-
-    def hosts(self) -> list[str]:
-        return [row.name for row in self.queen.status()]
 
     def log_lines(self, after: int) -> tuple[str, int]:
         lines = self.queen.feed.lines_after(after)[-LOG_BACKLOG:]
@@ -168,8 +166,9 @@ def mount_dashboard(app: Quart, queen: Queen, make_producer: Callable[[dict[str,
         session = sessions.find(request.cookies.get(COOKIE))
         if session is None:
             return Response(render("login.html"), content_type="text/html; charset=utf-8")
-        page = render("page.html", csrf=session.csrf, views=dashboard.fragments(), hosts=dashboard.hosts(),
-                      default_model=DEFAULT_MODEL)
+        hives = queen.status()  # once, for the views and the host lists
+        page = render("page.html", csrf=session.csrf, views=dashboard.fragments(hives),
+                      hosts=[row.name for row in hives], default_model=DEFAULT_MODEL)
         return Response(page, content_type="text/html; charset=utf-8")
 
     @app.get(f"{PREFIX}/static/<name>")

@@ -80,6 +80,10 @@ class LlamaStep:
         self._tokens: dict[int, tuple[bytes, bool]] = {}
 
     def open(self) -> None:
+        import numpy as np
+
+        #: the banned ids as a numpy index, made once: the greedy path masks them every token
+        self.banned_rows = np.asarray(self.banned, dtype=np.intp)
         ll = self.ll
         params = ll.llama_context_default_params()
         params.n_ctx = self.requested_ctx
@@ -212,10 +216,11 @@ class LlamaStep:
         st = state(seq)
         if st.greedy:
             row = self._logits(st.out_index)
-            kept = row[self.banned]  # a copy of a few values; logprobs read the row as the model made it
-            row[self.banned] = -math.inf  # what the chain's logit-bias sampler does
+            banned = self.banned_rows
+            kept = row[banned]  # a copy of a few values; logprobs read the row as the model made it
+            row[banned] = -math.inf  # what the chain's logit-bias sampler does
             token = int(row.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
-            row[self.banned] = kept
+            row[banned] = kept
         else:
             token = int(self.ll.llama_sampler_sample(st.sampler, self.ctx, st.out_index))
         if st.fed == 0:  # the prompt is in the cache now: later prompts may share it
