@@ -1,11 +1,15 @@
 """GPU figures: the rbee chain with every layer offloaded against the same chain on the CPU
-(``gpu_layers = 0``) and against llama-cpp-python in-process with ``n_gpu_layers=-1``, on one
-card in one run. Needs an NVIDIA GPU and llama-cpp-python built with CUDA (``../shared/gpu``).
+(``gpu_layers = 0``), then the engine's hot path (bench/hot_path.py) against llama.cpp's own
+``llama-batched-bench`` and ``llama-server`` at 1, 8 and 32 streams, on one card in one run. Needs
+an NVIDIA GPU, llama-cpp-python built with CUDA and the two tools from the same build
+(``../shared/gpu/on-device`` puts them in /tmp/llama-bin).
 
     python -m bench.gpu --model /tmp/m.gguf --json $OUT/benchmarks-gpu.json   (on the GPU machine)
     python -m bench.gpu --render $OUT/benchmarks-gpu.json                     (here: writes the section)
 
-The section goes into docs/benchmarks.md between GPU markers, so the CPU bench keeps it.
+No in-process row: llama-cpp-python's ``create_completion`` re-detokenises all the text made so
+far at every step, so its rate was no baseline (batched-bench is the engine's own ceiling). The
+section goes into docs/benchmarks.md between GPU markers, so the CPU bench keeps it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from bench import systems
+from bench import hot_path, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,28 +57,12 @@ def summary(samples: list[Sample]) -> dict[str, float]:
             "tokens": statistics.median(s.tokens for s in samples)}
 
 
-async def measure(model: Path, max_tokens: int = 128, runs: int = 3,
+async def measure(model: Path, tools: Path, max_tokens: int = 128, runs: int = 3,
                   levels: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:
-    """In-process (all layers on the GPU), then the rbee chain with offload (the default) and with
-    ``gpu_layers = 0``, with the workers' own reports of where the model went; then ``levels``
-    streams at once to one batching worker."""
-    from rbee.engine.backends import load
-
-    load()  # a portable build registers its backends (CUDA, the CPU variant) only when asked
-    from llama_cpp import Llama
-
+    """The rbee chain with offload (the default) and with ``gpu_layers = 0``, with the workers'
+    own reports of where the model went; then the hot path at ``levels`` streams."""
     results: dict[str, Any] = {"card": card(), "date": datetime.date.today().isoformat(), "model": str(model),
                                "max_tokens": max_tokens, "runs": runs}
-    llm = Llama(model_path=str(model), n_ctx=4096, n_gpu_layers=-1, verbose=False)
-
-    async def in_process() -> Any:
-        for chunk in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, seed=systems.SEED,
-                                           stream=True):
-            if chunk["choices"][0]["text"]:
-                yield chunk["choices"][0]["text"]
-
-    results["in-process n_gpu_layers=-1"] = summary(await _measure("in-process", in_process, runs))
-    llm.close()
     with tempfile.TemporaryDirectory(prefix="rbee-gpu-") as home:
         async with systems.Rbee(Path(home)) as rbee:
             ref = f"file:{model}"
@@ -87,23 +75,16 @@ async def measure(model: Path, max_tokens: int = 128, runs: int = 3,
                 workers = (await http.get("/v1/workers")).json()["workers"]
             results["workers"] = [{"gpu_layers": w["gpu_layers"], "n_ctx": w["n_ctx"], **w["engine"]}
                                   for w in workers]
-            # many streams at once to one offloaded worker with room for them all (its own worker:
-            # a different ctx and parallel), after the two single-stream workers were read
-            top = max(levels)
-            results["concurrency"] = await systems.concurrency(
-                {"rbee chain": lambda prompt, n: rbee.pieces(prompt, n, model=ref, parallel=top,
-                                                             ctx=top * (max_tokens + 128))},
-                PROMPT, max_tokens, list(levels))
-    chain, cpu, direct = (results[k]["decode_tps"] for k in ("rbee chain (default: offload)",
-                                                            "rbee chain gpu_layers=0", "in-process n_gpu_layers=-1"))
+    chain, cpu = (results[k]["decode_tps"] for k in ("rbee chain (default: offload)", "rbee chain gpu_layers=0"))
     results["offload speed-up"] = chain / cpu if cpu else 0.0
-    results["chain / in-process"] = chain / direct if direct else 0.0
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    results["hot path"] = await hot_path.measure(model, tools, list(levels), max_tokens, gpu_layers=-1, say=say)
     return results
 
 
 def render(results: dict[str, Any]) -> str:
     rows = [f"| {name} | {results[name]['decode_tps']:.0f} | {results[name]['ttft_ms']:.1f} |"
-            for name in ("in-process n_gpu_layers=-1", "rbee chain (default: offload)", "rbee chain gpu_layers=0")]
+            for name in ("rbee chain (default: offload)", "rbee chain gpu_layers=0")]
     workers = [f"| {w['gpu_layers']} | {w['device']} | {w['layers_offloaded']}/{w['layers_total']} | "
                f"{(w['weights_on_device'] + w['kv_on_device']) / 1e6:.0f} MB | {w['n_ctx']} |"
                for w in results["workers"]]
@@ -113,34 +94,25 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"{results['date']}, {results['card']}, `{Path(results['model']).name}` (../shared/gpu/make_gguf.py, "
         f"1B F16, random weights), {results['max_tokens']} tokens, temperature 0, median of {results['runs']} "
-        "warm runs; all three systems in the same run.",
+        "warm runs; everything below in the same run.",
         "",
         "| system | decode tok/s | TTFT ms |",
         "|---|---|---|",
         *rows,
         "",
-        f"Offload speed-up of the chain: **{results['offload speed-up']:.1f}×** (target ≥ 5×). "
-        f"Chain decode ÷ in-process: **{results['chain / in-process']:.2f}**.",
+        f"Offload speed-up of the chain: **{results['offload speed-up']:.1f}×** (target ≥ 5×).",
         "",
         "What the workers reported (from llama.cpp's own load log):",
         "",
         "| gpu_layers asked | device | layers offloaded | device memory | context |",
         "|---|---|---|---|---|",
         *workers,
-        *concurrency_rows(results),
+        "",
+        "The engine's hot path against llama.cpp's own tools (bench/hot_path.py):",
+        "",
+        *hot_path.render(results["hot path"]),
         END,
     ])
-
-
-def concurrency_rows(results: dict[str, Any]) -> list[str]:
-    rows = results.get("concurrency") or []
-    if not rows:
-        return []
-    one = next(r for r in rows if r["streams"] == 1)["aggregate_tps"]
-    return ["", "Many streams at once to one offloaded worker (`parallel` = the most streams, same run):", "",
-            "| streams | aggregate tok/s | × 1 stream | TTFT p50 ms | TTFT p95 ms |", "|---|---|---|---|---|",
-            *(f"| {r['streams']} | {r['aggregate_tps']:.0f} | {r['aggregate_tps'] / one:.1f} | "
-              f"{r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} |" for r in rows)]
 
 
 def splice(document: str, section: str) -> str:
@@ -154,6 +126,7 @@ def splice(document: str, section: str) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu")
     parser.add_argument("--model", type=Path, default=Path("/tmp/m.gguf"))
+    parser.add_argument("--tools", type=Path, default=Path("/tmp/llama-bin"), help="llama.cpp's tools, same build")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks-gpu.json")
     parser.add_argument("--render", type=Path, help="only render this JSON into docs/benchmarks.md")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -161,7 +134,7 @@ def main(argv: list[str]) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
     else:
-        results = asyncio.run(measure(args.model))
+        results = asyncio.run(measure(args.model, args.tools))
         args.json.write_text(json.dumps(results, indent=1))
     args.doc.write_text(splice(args.doc.read_text() if args.doc.exists() else "", render(results)))
     print(render(results))

@@ -1,16 +1,19 @@
 """rbee benchmarks: every system measured in one run, on the same model and prompts.
 
     scripts/bench [--quick] [--runs N] [--max-tokens N] [--out docs/benchmarks.md]
+    scripts/bench --only hot-path     measure that section again, keep the rest from benchmarks.json
+    scripts/bench --setup             build llama.cpp's own tools (bench/llama_tools.py) and stop
 
 Systems (same model — the built-in default —, prompts, temperature 0, seed, max_tokens):
-  in-process          llama-cpp-python called directly: the limit for this stack
+  in-process          llama-cpp-python called directly, token by token: the limit for this stack
   llama_cpp.server    llama-cpp-python's own OpenAI server over HTTP
   rbee chain          keeper → queen → hive → worker through the dual-call link
   queen OpenAI API    /v1/completions on the queen (the same chain underneath)
   rbee over SSH       the hive on a loopback sshd host, reached through the SSH tunnel
 Plus concurrency (1/2/4/8 streams at once to rbee's batching worker and to llama_cpp.server),
-`fleet up` timings, and the portable llama.cpp build rbee installs against a native one on this
-CPU (bench/cpu_builds.py).
+`fleet up` timings, the portable llama.cpp build rbee installs against a native one on this
+CPU (bench/cpu_builds.py), and the engine's hot path against llama.cpp's own batched-bench and
+llama-server at 1 and 8 streams (bench/hot_path.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import cpu_builds, dialects, gpu, link_chain, systems
+from bench import cpu_builds, dialects, gpu, hot_path, link_chain, llama_tools, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +116,13 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
     else:
         extras["rbee over SSH"] = f"not measured: {reason}"
     return samples, extras
+
+
+def measure_hot_path(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    tools = llama_tools.ensure(os.environ.get("RBEE_CPU_VARIANT", "haswell"))
+    return asyncio.run(hot_path.measure(model, tools, [1, 4] if args.quick else [1, 8], args.max_tokens,
+                                        rounds=1 if args.quick else 3, say=say))
 
 
 def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespace, plot: Path | None) -> str:
@@ -208,9 +218,12 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
     if isinstance(extras.get("fleet"), dict):
         lines += ["", "## fleet up (loopback sshd hosts, each its own unix user)", ""]
         lines += [f"- {key}: {value:.2f}" for key, value in extras["fleet"].items()]
+    if isinstance(extras.get("hot path"), dict):
+        lines += ["", "## The engine's hot path against llama.cpp's own tools, this CPU", "",
+                  *hot_path.render(extras["hot path"])]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds", "dialects"):
+        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds", "dialects", "hot path"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"
@@ -297,6 +310,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from its .json")
+    parser.add_argument("--only", choices=["hot-path"],
+                        help="measure this section again; the rest comes from the .json")
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
     args.max_tokens = args.max_tokens or (64 if args.quick else 128)
@@ -318,13 +333,16 @@ def main(argv: list[str]) -> int:
     from rbee.config import models_dir
     from rbee.hive.models import ModelCatalog
 
-    if args.render_only:
+    model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
+    if args.render_only or args.only:
         raw = json.loads(args.out.with_suffix(".json").read_text())
+        if args.only == "hot-path":
+            raw["extras"]["hot path"] = measure_hot_path(model, args)
+            args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
         samples = [Sample(**s) for s in raw["samples"]]
         plot = draw(samples, args.out.with_suffix(".png"), raw["extras"].get("concurrency"))
         write_doc(args.out, render(samples, raw["extras"], args, plot))
         return 0
-    model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
     with tempfile.TemporaryDirectory(prefix="rbee-bench-") as tmp:
         say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
         say("0/5 CPU builds: the portable llama.cpp rbee installs against a native build, on this CPU")
@@ -335,6 +353,8 @@ def main(argv: list[str]) -> int:
             extras["mlx"] = systems.mlx_speeds(Path(tmp), args.max_tokens, args.runs)
         except ImportError as exc:
             extras["mlx"] = f"not measured: {exc}"
+        say("the engine's hot path: rbee and llama-server through one harness, llama-batched-bench")
+        extras["hot path"] = measure_hot_path(model, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = draw(samples, args.out.with_suffix(".png"), extras.get("concurrency"))
     text = render(samples, extras, args, plot)

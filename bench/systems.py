@@ -79,7 +79,9 @@ def cpu_seconds(pid: int) -> float:
 # 1. llama-cpp-python in-process -------------------------------------------------------------
 
 class InProcess:
-    """llama-cpp-python in this process: the limit for this stack."""
+    """llama-cpp-python in this process, token by token: the limit for this stack. Each token is
+    turned into text on its own (an incremental UTF-8 decoder); ``create_completion`` would
+    detokenise everything made so far at every step, a cost of its own and no baseline."""
 
     def __init__(self, model: Path, max_tokens: int, extras: dict[str, Any]) -> None:
         from rbee.engine.backends import load
@@ -93,11 +95,19 @@ class InProcess:
         self.max_tokens = max_tokens
 
     async def pieces(self, prompt: str) -> AsyncIterator[str]:
+        import codecs
+
+        import llama_cpp
+
         # Generation blocks the loop, as in a plain script; nothing else runs in this process meanwhile.
-        for chunk in self.llm.create_completion(prompt, max_tokens=self.max_tokens, temperature=0.0, seed=SEED,
-                                                stream=True):
-            if chunk["choices"][0]["text"]:
-                yield chunk["choices"][0]["text"]
+        llm, decoder = self.llm, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab
+        for made, token in enumerate(llm.generate(llm.tokenize(prompt.encode()), temp=0.0, reset=True)):
+            if made >= self.max_tokens or llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            text = decoder.decode(llm.detokenize([token]))
+            if text:
+                yield text
 
     def close(self) -> None:
         self.llm.close()

@@ -86,6 +86,13 @@ def peer_retention(env: Mapping[str, str] = os.environ) -> float:
     return _env_number("RBEE_PEER_RETENTION", 300.0, env)
 
 
+def memory_budget(process: int, host: int | None) -> int:
+    """What a hive's workers may hold in all: the lower of ``RBEE_MEMORY_BUDGET`` (``process``)
+    and the inventory's ``memory`` for the host, where set (0: no cap)."""
+    caps = [cap for cap in (process, host or 0) if cap > 0]
+    return min(caps) if caps else 0
+
+
 def queen_url(env: Mapping[str, str] = os.environ) -> str:
     return env.get("RBEE_QUEEN_URL") or f"http://127.0.0.1:{DEFAULT_QUEEN_PORT}"
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbee.config import DEFAULT_QUEEN_PORT, LOCAL_NODE, rbee_home
 from rbee.errors import InventoryError
@@ -95,6 +95,8 @@ class HiveEntry(BaseModel):
     build: Literal["auto", "source"] = "auto"
     #: how long an idle worker stays loaded on this host ("15m"; 0 unloads after each job, -1 keeps)
     keep_alive: Duration | None = None
+    #: the most rbee's workers may hold on this host in all ("12GB", "512MB" or bytes), RAM or VRAM
+    memory: ByteSize | None = None
 
     @field_validator("name")
     @classmethod
@@ -123,6 +125,13 @@ class HiveEntry(BaseModel):
     def _backend(cls, value: str) -> str:
         if value not in ("auto", "llama-cpp", "mlx"):
             raise ValueError(f"backend must be auto, llama-cpp or mlx, not {value!r}")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be more than 0 bytes: a size such as \"12GB\" or \"512MB\"")
         return value
 
     @field_validator("python", "home")
@@ -207,6 +216,11 @@ class Inventory(BaseModel):
 
     def get(self, name: str) -> HiveEntry | None:
         return next((entry for entry in self.hive if entry.name == name), None)
+
+    def memory(self, name: str) -> int | None:
+        """The ``memory`` cap of hive ``name``, if the inventory lists it with one."""
+        entry = self.get(name)
+        return int(entry.memory) if entry is not None and entry.memory is not None else None
 
     @property
     def names(self) -> list[str]:

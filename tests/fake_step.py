@@ -33,6 +33,7 @@ class FakeStep:
         self.batch_sizes: list[int] = []
         self.released: list[tuple[str, bool]] = []
         self.closed = False
+        self.decode_s = 0.0
 
     def open(self) -> None:
         self.threads.add(threading.current_thread().name)
@@ -51,7 +52,9 @@ class FakeStep:
     def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         self.threads.add(threading.current_thread().name)
         if self.delay:
-            time.sleep(self.delay)
+            started = time.perf_counter()
+            time.sleep(self.delay)  # the fake's "forward pass"
+            self.decode_s += time.perf_counter() - started
         self.steps += 1
         self.batch_sizes.append(len(running))
         if self.fail_at is not None and self.steps == self.fail_at:

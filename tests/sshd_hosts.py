@@ -189,13 +189,15 @@ def stop_hosts(hosts: list[Host]) -> None:
                 pass
 
 
-def write_inventory(path: Path, hosts: list[Host], client_key: Path, known_hosts: Path, extra: str = "") -> Path:
+def write_inventory(path: Path, hosts: list[Host], client_key: Path, known_hosts: Path, extra: str = "",
+                    per_host: dict[str, str] | None = None) -> Path:
+    """``per_host``: more keys for a host's ``[[hive]]`` entry, by host name."""
     known_hosts.write_text("".join(host.known_hosts_line() for host in hosts))
     lines = [f'[ssh]\nknown_hosts = "{known_hosts}"\n', extra]
     for host in hosts:
         lines.append(
             f'[[hive]]\nname = "{host.name}"\nssh = "{host.ssh}"\nidentity_file = "{client_key}"\n'
-            f'python = "/usr/bin/python3"\n'
+            f'python = "/usr/bin/python3"\n{(per_host or {}).get(host.name, "")}'
         )
     path.write_text("\n".join(lines))
     return path

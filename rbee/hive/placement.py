@@ -14,6 +14,7 @@ The context defaults to the model's trained length, halved until admission grant
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,8 @@ def place(
         raise NoCapacityError(
             f"cannot load {name}: it needs {_gb(need.total)} ({detail}) and {_gb(max(budget_left, 0))} is free in "
             f"rbee's memory budget ({_gb(memory.budget)} budget, {_gb(memory.reserved)} held by workers). "
-            "Stop a worker (`rbee workers stop`), raise RBEE_MEMORY_BUDGET or use a smaller model"
+            "Stop a worker (`rbee workers stop`), raise the host's `memory` in inventory.toml (or "
+            "RBEE_MEMORY_BUDGET) or use a smaller model"
         )
     wants_gpu = offload and (engine == "mlx" or gpu_layers != 0)
     if wants_gpu and memory.metal:
@@ -180,6 +182,26 @@ class Sized:
     n_ctx: int
     need: Need
     why: str
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a new worker of one model asks of its host (from the catalog entry and the job). The
+    supervisor sizes it against the memory free when it admits the worker, under its spawn lock."""
+
+    weights: int
+    kv_per_token: int
+    layers: int
+    trained_ctx: int
+    requested_ctx: int | None
+    engine: str
+    gpu_layers: int
+    offload: bool
+    allow_split: bool = False
+    name: str = "the model"
+
+    def size(self, memory: Memory) -> Sized:
+        return size_worker(memory, **dataclasses.asdict(self))
 
 
 def size_worker(

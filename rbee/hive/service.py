@@ -19,7 +19,7 @@ from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, insta
 from rbee.hive.engine import Host as EngineHost
 from rbee.hive.gguf_meta import read_header
 from rbee.hive.models import ModelCatalog, ModelEntry
-from rbee.hive.placement import Memory, Sized, size_worker
+from rbee.hive.placement import Demand
 from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
 from rbee.link import events
 from rbee.link.auth import Callee, accepted, load_token
@@ -154,20 +154,12 @@ class Hive:
         job.narrate("engine", f"{choice.engine}: {choice.reason}")
         return entry, choice, host
 
-    def sizer(self, entry: ModelEntry, engine: str, host: EngineHost, request: JobRequest,
-              gpu_layers: int) -> Callable[[], Sized]:
-        """Admission for a new worker, run when (and only when) one must be spawned."""
-
-        def size() -> Sized:
-            memory = Memory.from_probe(probe(), self.config.memory_budget, self.supervisor.reserved)
-            return size_worker(
-                memory, weights=entry.size, kv_per_token=entry.info.kv_cache_bytes(1), layers=entry.info.layers,
-                trained_ctx=entry.info.context_length, requested_ctx=request.ctx, engine=engine,
-                gpu_layers=gpu_layers, offload=host.offload if engine == "llama-cpp" else True,
-                allow_split=bool(request.gpu_split), name=f"{entry.name} on {self.config.actor}",
-            )
-
-        return size
+    def demand(self, entry: ModelEntry, engine: str, host: EngineHost, request: JobRequest, gpu_layers: int) -> Demand:
+        """What a new worker for this job would need; the supervisor sizes it if it must spawn one."""
+        return Demand(weights=entry.size, kv_per_token=entry.info.kv_cache_bytes(1), layers=entry.info.layers,
+                      trained_ctx=entry.info.context_length, requested_ctx=request.ctx, engine=engine,
+                      gpu_layers=gpu_layers, offload=host.offload if engine == "llama-cpp" else True,
+                      allow_split=bool(request.gpu_split), name=f"{entry.name} on {self.config.actor}")
 
     async def run_job(self, job: Job, request: JobRequest) -> None:
         entry, choice, host = await self.choose(job, request)
@@ -187,8 +179,8 @@ class Hive:
             gpu_layers = -1 if host.offload or backend == "mlx" else 0
         spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
                           queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
-        size = self.sizer(entry, choice.engine, host, request, gpu_layers)
-        async with self.supervisor.lease(spec, job.narrate, size, choice.reason, request.keep_alive) as worker:
+        demand = self.demand(entry, choice.engine, host, request, gpu_layers)
+        async with self.supervisor.lease(spec, job.narrate, demand, choice.reason, request.keep_alive) as worker:
             if request.load_only:
                 job.narrate("load", f"{entry.name} is loaded on {worker.actor}")
                 job.emit(events.end(0, 0.0, "load", prompt_tokens=0, prompt_ms=0.0))

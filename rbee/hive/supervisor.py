@@ -23,8 +23,9 @@ from typing import Any
 from rbee.config import DEFAULT_QUEUE, WORKER_MODULE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.engine.backends import VARIANT_ENV
 from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
+from rbee.hive.devices import probe
 from rbee.hive.engine_proof import EngineProof
-from rbee.hive.placement import Sized
+from rbee.hive.placement import Demand, Memory, Sized
 from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.client import LinkClient
 from rbee.link.engine_report import EngineReport
@@ -182,12 +183,12 @@ class Supervisor:
         return sum(r.memory for r in self.peers if r.live)
 
     @contextlib.asynccontextmanager
-    async def lease(self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = "",
+    async def lease(self, spec: WorkerSpec, narrate: Narrate, demand: Demand, reason: str = "",
                     keep_alive: float | None = None) -> AsyncIterator[WorkerRecord]:
         """A ready worker for one job, the job counted on it while the block runs; at the end,
         its last use, and the keep-alive the job asked for. The one place a worker's jobs are
         counted up and down."""
-        record = await self.worker_for(spec, narrate, size, reason)
+        record = await self.worker_for(spec, narrate, demand, reason)
         try:
             yield record
         finally:
@@ -196,35 +197,34 @@ class Supervisor:
             record.active_jobs -= 1
             record.last_used = time.monotonic()
 
-    async def worker_for(
-        self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized], reason: str = ""
-    ) -> WorkerRecord:
+    async def worker_for(self, spec: WorkerSpec, narrate: Narrate, demand: Demand, reason: str = "") -> WorkerRecord:
         """A ready worker for ``spec``, with the job counted on it (``lease`` ends it): a warm one
         if there is one, else a new one.
 
-        Admission (``size``: context and placement, or NoCapacityError) runs under the same
-        lock as the spawn, so a second job for a model still loading waits for it instead
-        of being refused for the memory the first one reserved. When every slot of the warm
-        workers is taken and a GPU has room for another, a second worker starts."""
+        Admission (``demand`` sized against the memory free now: context and placement, or
+        NoCapacityError) runs under the same lock as the spawn, so a second job for a model
+        still loading waits for it instead of being refused for the memory the first one
+        reserved. When every slot of the warm workers is taken and a GPU has room for another,
+        a second worker starts."""
         async with self._spawning.setdefault(spec, asyncio.Lock()):
             record = self.find(spec)
             if record is not None and record.active_jobs >= record.slots:
-                fresh = await self._scale_out(spec, record, narrate, size, reason)
+                fresh = await self._scale_out(spec, record, narrate, demand, reason)
                 if fresh is not None:
                     return fresh
             elif record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
             if record is None:
-                return await self._spawn(spec, narrate, await self.admit(spec, narrate, size), reason)
+                return await self._spawn(spec, narrate, await self.admit(spec, narrate, demand), reason)
             record.active_jobs += 1
             return record
 
-    async def _scale_out(self, spec: WorkerSpec, busy: WorkerRecord, narrate: Narrate, size: Callable[[], Sized],
+    async def _scale_out(self, spec: WorkerSpec, busy: WorkerRecord, narrate: Narrate, demand: Demand,
                          reason: str) -> WorkerRecord | None:
         """A second worker for ``spec``, or None: the job waits in ``busy``'s queue."""
         live = sum(1 for r in self.peers if r.spec == spec and r.live)
         try:
-            sized = size()
+            sized: Sized | None = demand.size(self.memory())
         except NoCapacityError:
             sized = None
         if sized is None or not scale_out(sized.placement.kind, live):
@@ -346,12 +346,17 @@ class Supervisor:
                 and self.keep_alive(r) >= 0]
         return min(idle, key=lambda r: r.last_used) if idle else None
 
-    async def admit(self, spec: WorkerSpec, narrate: Narrate, size: Callable[[], Sized]) -> Sized:
+    def memory(self) -> Memory:
+        """What a new worker may take now: the host probed afresh, capped by the memory budget,
+        less what live workers hold."""
+        return Memory.from_probe(probe(), self.config.memory_budget, self.reserved)
+
+    async def admit(self, spec: WorkerSpec, narrate: Narrate, demand: Demand) -> Sized:
         """Room for a new worker of ``spec``: when memory is short, idle workers are unloaded,
         least recently used first, until it fits; with none left to unload, NoCapacityError."""
         while True:
             try:
-                return size()
+                return demand.size(self.memory())
             except NoCapacityError:
                 victim = self.least_recently_used(spec)
                 if victim is None:

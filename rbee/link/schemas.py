@@ -207,6 +207,9 @@ class Load(Wire):
     slots_busy: int = Field(default=0, ge=0)
     queue: int = Field(default=0, ge=0)
     tokens_per_s: float = Field(default=0.0, ge=0)
+    #: where an engine step's time goes, ms per step since load: ``decode`` (the engine's forward
+    #: pass), ``sample`` (the rest of the step), ``loop`` (admission, stops, the hand-off); and ``steps``
+    step_ms: dict[str, float] = Field(default_factory=dict)
 
 
 class WorkerReport(Wire):
@@ -302,6 +305,8 @@ class HiveView(Wire):
     pid: int | None = None
     workers: list[WorkerView] = Field(default_factory=list)
     devices: dict[str, Any] = Field(default_factory=dict)
+    #: what a new worker may take there now (its last heartbeat: free memory within its `memory` cap)
+    free_memory: int = 0
     engine: str = ""
     installed: str | None = None
     ssh: str | None = None

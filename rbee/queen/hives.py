@@ -5,11 +5,13 @@ same way, by heartbeat."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
-from rbee.config import LOCAL_NODE, HiveConfig, QueenConfig, ServeOptions, to_args
+from rbee.config import LOCAL_NODE, HiveConfig, QueenConfig, ServeOptions, memory_budget, to_args
 from rbee.errors import StartupError, UnknownNodeError
 from rbee.link.auth import ENV, OWNER_ENV, secret_file, write_secret
 from rbee.link.peers import Peer, PeerRegistry, PeerState
@@ -64,6 +66,7 @@ class HiveRegistry(PeerRegistry[HivePeer]):
             version=report.version if report else None, pid=report.pid if report else None,
             workers=report.workers if report and peer.state != PeerState.STOPPED else [],
             devices=report.devices if report else {},
+            free_memory=report.free_memory if report else 0,
             engine=report.engine if report else "",
         )
 
@@ -71,11 +74,14 @@ class HiveRegistry(PeerRegistry[HivePeer]):
 class LocalHiveLauncher:
     """Starts the hive on this machine as a child of the queen, once, on first need."""
 
-    def __init__(self, config: QueenConfig, queen_url: str, registry: HiveRegistry) -> None:
+    def __init__(self, config: QueenConfig, queen_url: str, registry: HiveRegistry,
+                 memory: Callable[[], int | None] = lambda: None) -> None:
         self.config = config
         self.queen_url = queen_url
         self.registry = registry
         self.child: Child | None = None
+        #: the inventory's `memory` for this machine's entry, if it has one (read at each launch)
+        self.memory = memory
         self._lock = asyncio.Lock()
 
     async def ensure(self, narrate: Any) -> HivePeer:
@@ -101,6 +107,8 @@ class LocalHiveLauncher:
             peer_retention=self.config.peer_retention,
             serve=ServeOptions(),
         )
+        hive_config = dataclasses.replace(hive_config,
+                                          memory_budget=memory_budget(hive_config.memory_budget, self.memory()))
         narrate("launch", f"starting hive:{LOCAL_NODE} on this machine")
         started = time.monotonic()
         secret_path = self.config.home / "run" / f"hive-{LOCAL_NODE}.secret"

@@ -42,7 +42,7 @@ class Queen:
         self.url = url
         self.hives = HiveRegistry(config.heartbeat_interval, self._connect, retention=config.peer_retention,
                                   excused=lambda name: self.fleet.excused(name))
-        self.local = LocalHiveLauncher(config, url, self.hives)
+        self.local = LocalHiveLauncher(config, url, self.hives, memory=lambda: self.fleet.inventory.memory(LOCAL_NODE))
         self.metrics = Metrics(config.actor)
         self.keys = KeyStore(config.home)
         #: what the dashboard's pages stream, and their browser sessions

@@ -66,7 +66,8 @@ class Fleet:
 def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("fleet")
     hosts, client_key = sshd_hosts.start_hosts(workdir / "sshd", 2)
-    inventory = sshd_hosts.write_inventory(workdir / "inventory.toml", hosts, client_key, workdir / "known_hosts")
+    inventory = sshd_hosts.write_inventory(workdir / "inventory.toml", hosts, client_key, workdir / "known_hosts",
+                                           per_host={"h2": 'memory = "8GB"\n'})
     home = workdir / "queen-home"
     env = dict(os.environ)
     env.update(
@@ -113,6 +114,10 @@ def test_fleet_up_installs_both_hosts_offline_and_starts_them(fleet: Fleet) -> N
         line = next(line for line in status.splitlines() if f" {host.name} " in line)
         assert " up " in line and "cores" in line, status
         assert f"CPU variant {kept.variant}, proven" in line, status
+    # h2's `memory = "8GB"` is its hive's budget (issue 25.1); h1 has none
+    budgets = {host.name: {cmd[cmd.index("--memory-budget") + 1] for p in host.rbee_processes()
+                           if "--memory-budget" in (cmd := p.cmdline())} for host in fleet.hosts}
+    assert budgets == {"h1": {"0"}, "h2": {"8000000000"}}, budgets
 
 
 @pytest.mark.parametrize("node", ["h1", "h2"])

@@ -88,6 +88,27 @@ async def test_admission_refuses_a_model_too_large_for_the_budget(small_budget: 
     assert await workers(queen_url) == []
 
 
+async def test_a_hosts_memory_in_the_inventory_caps_its_workers(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 25.1: `memory = "100MB"` on the `localhost` entry is the hive's budget, in its
+    heartbeat's free memory and in admission, whose refusal names the inventory key."""
+    inventory = '[[hive]]\nname = "localhost"\nmemory = "100MB"\n'
+    async with queen(rbee_env, inventory, tmp_path) as url:
+        async with LinkClient(url, "queen", token=owner_token()) as client:
+            received = [e async for e in client.run({"prompt": "Hi", "max_tokens": 2, "node": "localhost"})]
+        error = received[-1]
+        assert error.type == "error" and error["code"] == "no_capacity", error
+        assert "(0.10 GB budget" in error["message"] and "`memory` in inventory.toml" in error["message"], error
+
+        async def reported() -> int | None:
+            async with httpx.AsyncClient(base_url=url, headers=owner_headers()) as http:
+                hives = (await http.get("/v1/hives")).json()["hives"]
+            return next((h["free_memory"] for h in hives if h["name"] == "localhost" and h["state"] == "up"), None)
+
+        free = await eventually(reported)
+        assert 0 < free <= 100 * 10**6, free
+        assert await workers(url) == []
+
+
 @pytest.fixture
 def short_idle(rbee_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RBEE_WORKER_IDLE_TIMEOUT", "1")

@@ -13,7 +13,7 @@ from rbee.config import HiveConfig
 from rbee.hive.supervisor import Supervisor, WorkerSpec
 from rbee.link.peers import PeerState
 from tests.helpers import eventually
-from tests.server.test_hive_leaks import size
+from tests.server.test_hive_leaks import DEMAND
 
 
 def narrate(*args: Any, **kwargs: Any) -> None:
@@ -33,7 +33,7 @@ async def test_a_load_slower_than_the_keep_alive_is_not_taken_for_idleness(
     watcher = asyncio.create_task(supervisor.watch_heartbeats())
     spec = WorkerSpec(tmp_path / "model.gguf", "llama-cpp")
     try:
-        starting = asyncio.create_task(supervisor.worker_for(spec, narrate, size))
+        starting = asyncio.create_task(supervisor.worker_for(spec, narrate, DEMAND))
         worker_id = await eventually(lambda: next(iter(supervisor.workers), None))
         report = {"worker_id": worker_id, "state": "ready", "model_path": str(spec.model_path),
                   "backend": "llama-cpp", "n_ctx": 2048}

@@ -13,7 +13,7 @@ import pytest
 
 from rbee.config import HiveConfig
 from rbee.hive.models import ModelCatalog
-from rbee.hive.placement import Memory, Sized, size_worker
+from rbee.hive.placement import Demand
 from rbee.hive.service import Hive
 from rbee.hive.supervisor import Supervisor, WorkerSpec
 from tests.helpers import eventually
@@ -21,9 +21,9 @@ from tests.helpers import eventually
 CYCLES = 200
 
 
-def size() -> Sized:
-    return size_worker(Memory(ram_free=64 << 30), weights=1 << 20, kv_per_token=1024, layers=2, trained_ctx=2048,
-                       requested_ctx=None, engine="llama-cpp", gpu_layers=0, offload=False)
+#: a 1 MB stand-in model: it fits on any host
+DEMAND = Demand(weights=1 << 20, kv_per_token=1024, layers=2, trained_ctx=2048, requested_ctx=None,
+                engine="llama-cpp", gpu_layers=0, offload=False)
 
 
 @pytest.mark.timeout(300)
@@ -40,7 +40,7 @@ async def test_a_hive_is_flat_after_200_worker_start_kill_cycles(tmp_path: Path)
         pass
 
     async def cycle() -> None:
-        record = await supervisor.worker_for(spec, narrate, size)
+        record = await supervisor.worker_for(spec, narrate, DEMAND)
         record.active_jobs -= 1
         supervisor.client(record)  # a connection pool, as a job's relay makes
         record.child.process.kill()

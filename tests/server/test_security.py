@@ -282,9 +282,10 @@ async def test_a_hive_proves_itself_with_its_own_secret_and_opens_nothing_else(t
 
 
 async def test_a_worker_proves_itself_with_its_own_secret(tmp_path: Path) -> None:
+    from rbee.hive.placement import Memory
     from rbee.hive.supervisor import WorkerRecord, WorkerSpec
     from rbee.link.spawn import Child
-    from tests.server.test_hive_leaks import size
+    from tests.server.test_hive_leaks import DEMAND
 
     hive = Hive(HiveConfig(home=tmp_path / "h", models_dir=tmp_path / "m"),
                 Supervisor(HiveConfig(home=tmp_path / "h"), "http://127.0.0.1:7835", TOKEN), ModelCatalog(tmp_path),
@@ -293,7 +294,7 @@ async def test_a_worker_proves_itself_with_its_own_secret(tmp_path: Path) -> Non
         process = SimpleNamespace(pid=1, returncode=None)  # a record only: no process is needed here
         child = Child(name=worker_id, process=process, url="http://127.0.0.1:9", log_path=tmp_path / "w.log")  # type: ignore[arg-type]
         record = hive.supervisor.peers.add(WorkerRecord(worker_id, WorkerSpec(tmp_path / "m.gguf", "llama-cpp"),
-                                                        child, size()))
+                                                        child, DEMAND.size(Memory(ram_free=64 << 30))))
         record.secret = f"secret-of-{worker_id}-0123456789"
     client = hive_app(hive).test_client()
     beat = {"worker_id": "w-1", "state": "ready", "model_path": "/m.gguf", "backend": "llama-cpp"}

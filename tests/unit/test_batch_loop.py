@@ -86,7 +86,8 @@ async def test_a_sequence_waits_for_a_slot_and_cancel_while_queued(engine: tuple
     second.cancelled.set()
     loop.wake()
     await drain(second)
-    assert loop.load() == {"slots": 2, "slots_busy": 0, "queue": 0, "tokens_per_s": loop.load()["tokens_per_s"]}
+    load = loop.load()
+    assert (load["slots"], load["slots_busy"], load["queue"]) == (2, 0, 0)
 
 
 async def test_the_queue_is_bounded_and_says_when_to_come_back(engine: tuple[BatchLoop, FakeStep]) -> None:
@@ -182,3 +183,17 @@ async def test_one_hand_off_per_step_carries_every_sequence(monkeypatch: pytest.
     pieces = 4 * (1 + 20 + 1)  # Started, 20 words, the end: each
     assert sum(calls) == pieces
     assert len(calls) <= step.steps + 2 < pieces / 3  # one wake-up per step, not one per token
+
+
+async def test_step_timers_say_where_a_step_goes(engine: tuple[BatchLoop, FakeStep]) -> None:
+    """What the bench reads from /v1/workers: ms per step in the engine's decode, in the rest of
+    the step, and in the loop's own work."""
+    loop, step = engine
+    step.delay = 0.02
+    seq = sequence(max_tokens=4)
+    loop.submit(seq)
+    await drain(seq)
+    timers = loop.load()["step_ms"]
+    assert timers["steps"] == step.steps == 4
+    assert 19 <= timers["decode"] < 200, timers  # the fake's sleep
+    assert 0 <= timers["sample"] < timers["decode"] and 0 <= timers["loop"] < timers["decode"], timers

@@ -48,6 +48,9 @@ def test_good_inventory() -> None:
         ('[[hive]]\nssh = "a@b"\n', "inv.toml:1: hive.0.name: Field required"),
         ('[[hive]]\nname = "a"\ngpu_layers = -2\n', "inv.toml:3: hive.0.gpu_layers"),
         ('[[hive]]\nname = "a"\nbuild = "wheel"\n', "inv.toml:3: hive.0.build"),
+        ('[[hive]]\nname = "a"\nmemory = "lots"\n', "inv.toml:3: hive.0.memory"),
+        ('[[hive]]\nname = "a"\nmemory = 0\n', "inv.toml:3: hive.0.memory: must be more than 0 bytes"),
+        ('[[hive]]\nname = "a"\nmemory = "12 parsecs"\n', "inv.toml:3: hive.0.memory"),
         ('[models.m]\ngguf = "hf:a/b"\nctx = 100\n', "inv.toml:3: models.m.ctx"),
         ('[models.m]\ngguf = "hf:a/b"\n[aliases]\nm = "hf:c/d"\n', "aliases.m: 'm' is also a [models] name"),
         ('[aliases]\na = "b"\nb = "hf:c/d"\n', "aliases.a: must name a model"),
@@ -65,6 +68,21 @@ def test_offload_context_and_build_settings() -> None:
     model, hive = inventory.models["m"], inventory.get("gpu")
     assert (model.ctx, model.gpu_layers) == (8192, 20)
     assert hive is not None and (hive.gpu_layers, hive.gpu_split, hive.build) == (-1, True, "source")
+
+
+def test_memory_caps_take_sizes_or_bytes() -> None:
+    inventory = parse('[[hive]]\nname = "localhost"\nmemory = "12GB"\n\n[[hive]]\nname = "b"\nssh = "x@b"\n'
+                      'memory = "512MiB"\n\n[[hive]]\nname = "c"\nssh = "x@c"\nmemory = 1000\n\n'
+                      '[[hive]]\nname = "d"\nssh = "x@d"\n', "inv.toml")
+    assert [inventory.memory(name) for name in ("localhost", "b", "c", "d", "nowhere")] == [
+        12 * 10**9, 512 * 2**20, 1000, None, None]
+
+
+def test_the_lower_of_the_env_budget_and_the_hosts_memory_applies() -> None:
+    from rbee.config import memory_budget
+
+    assert memory_budget(0, None) == 0 and memory_budget(0, 5) == 5 and memory_budget(7, None) == 7
+    assert memory_budget(7, 5) == 5 and memory_budget(3, 5) == 3
 
 
 @given(st.text(max_size=300))

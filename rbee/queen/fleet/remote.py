@@ -24,7 +24,7 @@ import asyncssh
 import httpx
 
 from rbee import __version__
-from rbee.config import WORKER_MODULE, HiveConfig, ServeOptions, to_args
+from rbee.config import WORKER_MODULE, HiveConfig, ServeOptions, memory_budget, to_args
 from rbee.engine import build as engine_build
 from rbee.engine.proof import Verdict
 from rbee.errors import RemoteCommandError, RequestError, SshError, UnprovenPeerError, WheelhouseError
@@ -254,6 +254,8 @@ class RemoteHost:
         config = dataclasses.replace(
             self.hive_settings, name=self.name, queen_url="", home=Path(self.home),
             models_dir=Path(self._path("models")), serve=ServeOptions("127.0.0.1", 0),
+            memory_budget=memory_budget(self.hive_settings.memory_budget,
+                                        int(self.entry.memory) if self.entry.memory is not None else None),
         )
         command = Command.of(self._path("venv", "bin", "python"), "-m", "rbee.hive", "--detach", *to_args(config),
                              env=env)

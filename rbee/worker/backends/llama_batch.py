@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +40,41 @@ IMAGE_MARKERS = (
 )
 
 
+#: llama.cpp calls of a few µs that the step makes per token or per admission. ctypes releases and
+#: retakes the GIL around every foreign call; for these the engine thread keeps it, so the event
+#: loop cannot slip in between (and hold the engine up for its whole turn) on every token
+HELD_GIL_CALLS = ("llama_get_logits_ith", "llama_token_to_piece", "llama_vocab_is_eog", "llama_memory_seq_rm",
+                  "llama_memory_seq_cp", "llama_sampler_free")
+
+
+class HeldGil:
+    """llama.cpp's small calls through ``ctypes.PyDLL`` on the same loaded library (same handle,
+    same signatures as llama-cpp-python declares them): called without releasing the GIL.
+    ``llama_decode`` and the sampler chain keep llama-cpp-python's own bindings, which let the
+    event loop run while the engine computes."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        held = ctypes.PyDLL(library._name, handle=library._handle)
+        for name in HELD_GIL_CALLS:
+            declared, call = getattr(library, name), getattr(held, name)
+            call.argtypes, call.restype = declared.argtypes, declared.restype
+            setattr(self, name, call)
+
+    llama_get_logits_ith: Any
+    llama_token_to_piece: Any
+    llama_vocab_is_eog: Any
+    llama_memory_seq_rm: Any
+    llama_memory_seq_cp: Any
+    llama_sampler_free: Any
+
+
 @dataclass(eq=False)
 class LlamaState:
     """What the llama.cpp step keeps for one sequence."""
 
     seq_id: int
-    sampler: Any
-    greedy: bool  # argmax over the logits row, no sampler call (the chain would do exactly that)
+    sampler: Any  # llama.cpp's sampler chain; None for plain greedy
+    greedy: bool  # argmax over the logits row, no sampler (a chain would do exactly that)
     done_prompt: int = 0  # prompt tokens already in the KV cache
     fed: int = 0  # generated tokens already in the KV cache
     last: int = -1  # the last sampled token, fed in the next step
@@ -67,6 +96,7 @@ class LlamaStep:
 
     def __init__(self, llama_cpp: Any, model: Any, *, n_ctx: int, slots: int, threads: int) -> None:
         self.ll = llama_cpp
+        self.held = HeldGil(llama_cpp.llama_cpp._lib)
         self.model = model
         self.requested_ctx = n_ctx
         self.n_slots = slots
@@ -75,6 +105,7 @@ class LlamaStep:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.banned = special_tokens(llama_cpp, self.vocab, IMAGE_MARKERS)
         self.n_ctx = 0
+        self.decode_s = 0.0
         self._piece = ctypes.create_string_buffer(256)
         #: per token id: its bytes and whether it ends generation (asked of llama.cpp once)
         self._tokens: dict[int, tuple[bytes, bool]] = {}
@@ -84,6 +115,7 @@ class LlamaStep:
 
         #: the banned ids as a numpy index, made once: the greedy path masks them every token
         self.banned_rows = np.asarray(self.banned, dtype=np.intp)
+        self._scratch = np.empty(self.n_vocab, dtype=np.float32)  # the logprobs' exp row
         ll = self.ll
         params = ll.llama_context_default_params()
         params.n_ctx = self.requested_ctx
@@ -114,7 +146,7 @@ class LlamaStep:
             return None
         sampler, greedy = self._sampler(seq.request)  # may refuse the request: before any slot changes
         self.slots.start(assignment, seq.prompt, seq.max_new)
-        ll, mem, target = self.ll, self.memory, assignment.slot
+        ll, mem, target = self.held, self.memory, assignment.slot
         for evicted in assignment.evict:
             ll.llama_memory_seq_rm(mem, evicted, -1, -1)
         if assignment.reuse_from == target:
@@ -129,17 +161,19 @@ class LlamaStep:
     def _sampler(self, request: JobRequest) -> tuple[Any, bool]:
         """llama.cpp's sampler chain for ``request``, and whether it is plain greedy (argmax with
         the banned tokens masked), which the step does itself without copying the vocabulary."""
+        outside = [token for token in request.logit_bias or {} if not 0 <= token < self.n_vocab]
+        if outside:
+            raise RequestError(f"logit_bias: token ids {outside[:5]} are outside this model's vocabulary "
+                               f"(0 to {self.n_vocab - 1})")
+        penalties = request.repeat_penalty != 1.0 or request.frequency_penalty or request.presence_penalty
+        if request.temperature <= 0 and not (request.logit_bias or request.grammar or penalties):
+            return None, True
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             ll.llama_sampler_chain_add(chain, sampler)
 
-        outside = [token for token in request.logit_bias or {} if not 0 <= token < self.n_vocab]
-        if outside:
-            ll.llama_sampler_free(chain)
-            raise RequestError(f"logit_bias: token ids {outside[:5]} are outside this model's vocabulary "
-                               f"(0 to {self.n_vocab - 1})")
         bias = {**(request.logit_bias or {}), **dict.fromkeys(self.banned, -100.0)}
         if bias:
             biases = (ll.llama_logit_bias * len(bias))(
@@ -151,13 +185,12 @@ class LlamaStep:
                 ll.llama_sampler_free(chain)
                 raise RequestError("the grammar does not parse (llama.cpp GBNF)")
             add(grammar)
-        penalties = request.repeat_penalty != 1.0 or request.frequency_penalty or request.presence_penalty
         if penalties:
             add(ll.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, request.repeat_penalty,
                                                 request.frequency_penalty, request.presence_penalty))
         if request.temperature <= 0:
             add(ll.llama_sampler_init_greedy())
-            return chain, not (request.logit_bias or request.grammar or penalties)
+            return chain, False
         if request.top_k > 0:
             add(ll.llama_sampler_init_top_k(request.top_k))
         add(ll.llama_sampler_init_top_p(request.top_p, 1))
@@ -192,7 +225,9 @@ class LlamaStep:
                 st.done_prompt += take
                 budget -= take
         batch.n_tokens = n
+        started = time.perf_counter()
         code = self.ll.llama_decode(self.ctx, batch)
+        self.decode_s += time.perf_counter() - started
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         self.slots.clock += 1
@@ -210,7 +245,7 @@ class LlamaStep:
         """The logits row of batch entry ``index``: a numpy view on llama.cpp's buffer, no copy."""
         import numpy as np
 
-        return np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return np.ctypeslib.as_array(self.held.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
 
     def _sample(self, seq: Sequence) -> Token:
         st = state(seq)
@@ -236,38 +271,41 @@ class LlamaStep:
     def _token(self, token: int) -> tuple[bytes, bool]:
         known = self._tokens.get(token)
         if known is None:
-            size = self.ll.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-            known = (bytes(self._piece.raw[: max(size, 0)]), bool(self.ll.llama_vocab_is_eog(self.vocab, token)))
+            held = self.held
+            size = held.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+            known = (bytes(self._piece.raw[: max(size, 0)]), bool(held.llama_vocab_is_eog(self.vocab, token)))
             self._tokens[token] = known
         return known
 
     def _logprobs(self, seq: Sequence, token: int, raw: bytes) -> dict[str, Any]:
         """OpenAI's entry for a sampled token: its log-probability under the model's own
         distribution (before temperature, penalties, bias and grammar) and the likeliest others.
-        In float32 on the logits view: no copy of the vocabulary per token."""
+        In float32 on the logits view, into one scratch row: no copy of the vocabulary per token."""
         import numpy as np
 
         logits = self._logits(state(seq).out_index)
         top = float(logits.max())
-        normaliser = top + math.log(float(np.exp(logits - top, dtype=np.float32).sum(dtype=np.float64)))
+        scratch = self._scratch
+        np.subtract(logits, top, out=scratch)
+        np.exp(scratch, out=scratch)
+        normaliser = top + math.log(float(scratch.sum(dtype=np.float64)))
 
         def entry(tok: int, data: bytes) -> dict[str, Any]:
             return {"token": data.decode(errors="replace"), "logprob": float(logits[tok]) - normaliser,
                     "bytes": list(data)}
 
-        k = int(seq.request.logprobs or 0)
-        best: Any = np.argpartition(logits, -k)[-k:] if k else []
-        ranked = sorted((int(t) for t in best), key=lambda t: -float(logits[t]))
+        ranked = sorted((int(t) for t in top_ids(logits, top, int(seq.request.logprobs or 0))),
+                        key=lambda t: -float(logits[t]))
         return {**entry(token, raw), "top_logprobs": [entry(t, self._token(t)[0]) for t in ranked]}
 
     def release(self, seq: Sequence, keep: bool) -> None:
         """Free the slot now; its cells stay as a prefix cache unless ``keep`` is false."""
         st = state(seq)
         if st.sampler is not None:
-            self.ll.llama_sampler_free(st.sampler)
+            self.held.llama_sampler_free(st.sampler)
             st.sampler = None
         if not keep:
-            self.ll.llama_memory_seq_rm(self.memory, st.seq_id, -1, -1)
+            self.held.llama_memory_seq_rm(self.memory, st.seq_id, -1, -1)
         cells = seq.prompt[: st.done_prompt] + st.generated[: st.fed] if keep else []
         self.slots.finish(st.seq_id, cells)
 
@@ -284,3 +322,17 @@ def special_tokens(llama_cpp: Any, vocab: Any, texts: tuple[str, ...]) -> list[i
         if llama_cpp.llama_vocab_get_attr(vocab, ids[0]) & special:
             found.append(int(ids[0]))
     return found
+
+
+def top_ids(logits: Any, top: float, k: int) -> Any:
+    """The ids of the ``k`` largest logits (any order). Only those within a few nats of the top
+    are partitioned when at least ``k`` are (then the k largest are among them): a compare is
+    ~20× cheaper than a partition of a 262k vocabulary."""
+    import numpy as np
+
+    if k <= 0:
+        return []
+    near = np.flatnonzero(logits >= top - 8.0)
+    if len(near) >= k:
+        return near[np.argpartition(logits[near], -k)[-k:]]
+    return np.argpartition(logits, -k)[-k:]

@@ -76,6 +76,8 @@ class Step(Protocol):
     """An engine as the loop drives it; every method runs on the engine thread."""
 
     name: str
+    #: seconds spent in the engine's forward pass so far (the rest of ``step`` is sampling)
+    decode_s: float
 
     def open(self) -> None:
         """Load or create what the engine needs on its own thread (MLX's streams are thread-local)."""
@@ -106,6 +108,10 @@ class BatchLoop:
         self._lock = threading.Condition()
         self._closed = False
         self._out: list[tuple[Sequence, object]] = []
+        self.steps = 0
+        self.step_s = 0.0  # in Step.step
+        self.decode_s = 0.0  # of which in the engine's forward pass (the step's own count, after each step)
+        self.loop_s = 0.0  # the rest of each turn of the loop: admission, stops, hand-off
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = start_with_stack(lambda: self._run(opened), f"{step.name}-engine", ENGINE_STACK_BYTES)
         opened.result()  # raises what opening raised
@@ -138,7 +144,15 @@ class BatchLoop:
         """Slots, busy slots, queue depth and tokens/s (what the scheduler weighs)."""
         with self._lock:
             return {"slots": self.n_slots, "slots_busy": len(self.active), "queue": len(self.waiting),
-                    "tokens_per_s": round(self.rate(), 1)}
+                    "tokens_per_s": round(self.rate(), 1), "step_ms": self.step_ms()}
+
+    def step_ms(self) -> dict[str, float]:
+        """Milliseconds per step since load: the engine's decode, its sampling, the loop's own work
+        (the caller holds the lock: the three counts move together)."""
+        steps, decode = max(self.steps, 1), self.decode_s
+        return {"steps": float(self.steps), "decode": round(decode / steps * 1000, 3),
+                "sample": round(max(self.step_s - decode, 0.0) / steps * 1000, 3),
+                "loop": round(self.loop_s / steps * 1000, 3)}
 
     def rate(self) -> float:
         """Tokens per second over the last steps (all sequences together)."""
@@ -171,11 +185,13 @@ class BatchLoop:
         opened.set_result(None)
         try:
             while self._wait_for_work():
+                turn = time.perf_counter()
                 self._drop_cancelled()
                 self._admit()
-                if self.active:
-                    self._step()
+                stepped = self._step() if self.active else 0.0
                 self._hand_off()
+                with self._lock:
+                    self.loop_s += time.perf_counter() - turn - stepped
         finally:
             with self._lock:
                 self._closed = True
@@ -226,16 +242,24 @@ class BatchLoop:
                     self.active.append(seq)
             self._send(seq, error if error is not None else Started(reused or 0))
 
-    def _step(self) -> None:
+    def _step(self) -> float:
+        """One step of the engine and what it made; returns the seconds the engine took."""
+        started = time.perf_counter()
         try:
             made = self.step.step(list(self.active))
         except Exception as exc:  # a failed decode ends every running sequence, never the loop
             for seq in list(self.active):
                 self._end(seq, error=RbeeError(f"{self.step.name} failed: {exc}"), keep=False)
-            return
+            return 0.0
+        took = time.perf_counter() - started
+        with self._lock:
+            self.steps += 1
+            self.step_s += took
+            self.decode_s = self.step.decode_s
         for seq, token in made:
             self._take(seq, token)
         self._rate.append((time.monotonic(), self.tokens_generated))
+        return took
 
     def _take(self, seq: Sequence, token: Token) -> None:
         if token.end:

@@ -9,6 +9,7 @@ honoured here.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class MlxStep:
         self.generator: Any = None
         self._by_uid: dict[int, Sequence] = {}
         self._finished: set[int] = set()  # uids the generator ended itself (its own length limit)
+        self.decode_s = 0.0  # mlx-lm's generator forwards and samples in one call: all counted here
 
     def open(self) -> None:
         import mlx_lm
@@ -68,7 +70,10 @@ class MlxStep:
 
     def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         made = []
-        for response in self.generator.next_generated():
+        started = time.perf_counter()
+        responses = self.generator.next_generated()
+        self.decode_s += time.perf_counter() - started
+        for response in responses:
             seq = self._by_uid.get(response.uid)
             if seq is None:
                 continue
