@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import hot_path, systems
 from bench.systems import Sample
 
@@ -71,10 +69,8 @@ async def measure(model: Path, tools: Path, max_tokens: int = 128, runs: int = 3
                 samples = await _measure(label, lambda f=fields: rbee.pieces(PROMPT, max_tokens, model=ref, **f),
                                          runs)
                 results[label] = summary(samples)
-            async with httpx.AsyncClient(base_url=rbee.url, headers={"Authorization": f"Bearer {rbee.token}"}) as http:
-                workers = (await http.get("/v1/workers")).json()["workers"]
             results["workers"] = [{"gpu_layers": w["gpu_layers"], "n_ctx": w["n_ctx"], **w["engine"]}
-                                  for w in workers]
+                                  for w in await rbee.workers()]
     chain, cpu = (results[k]["decode_tps"] for k in ("rbee chain (default: offload)", "rbee chain gpu_layers=0"))
     results["offload speed-up"] = chain / cpu if cpu else 0.0
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731

@@ -83,10 +83,8 @@ async def level(one: Stream, n: int, tokens: int, logprobs: bool = False) -> dic
     done = await asyncio.gather(*(one(tokens, {"logprobs": LOGPROBS} if logprobs and i == 0 else {})
                                   for i in range(n)))
     wall = time.perf_counter() - started
-    ttfts = sorted(d[1] * 1000 for d in done)
     return {"streams": n, "tokens": sum(d[0] for d in done), "aggregate_tok_s": sum(d[0] for d in done) / wall,
-            "decode_tok_s": sum(d[2] for d in done), "ttft_p50_ms": ttfts[len(ttfts) // 2],
-            "ttft_p95_ms": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+            "decode_tok_s": sum(d[2] for d in done), **systems.ttft_percentiles([d[1] for d in done])}
 
 
 def rbee_stream(rbee: systems.Rbee, model: str, parallel: int, ctx: int, gpu_layers: int | None) -> Stream:
@@ -160,9 +158,9 @@ def batched_bench(binary: Path, model: Path, levels: list[int], tokens: int, gpu
     return found
 
 
-async def workers(rbee: systems.Rbee) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=rbee.url, headers={"Authorization": f"Bearer {rbee.token}"}) as http:
-        return list((await http.get("/v1/workers")).json()["workers"])
+def default_tools() -> Path:
+    """llama.cpp's tools built for the CPU variant rbee's workers load here (bench.llama_tools)."""
+    return llama_tools.ensure(os.environ.get("RBEE_CPU_VARIANT", "haswell"))
 
 
 async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128, rounds: int = 3,
@@ -201,7 +199,7 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
                 section["rows"].append({"system": "rbee, one stream with logprobs", "round": turn,
                                         **await level(contenders["rbee"], mixed, tokens, logprobs=True)})
             section["workers"] = [{key: worker.get(key) for key in ("backend", "engine", "load", "n_ctx", "gpu_layers")}
-                                  for worker in await workers(rbee)]
+                                  for worker in await rbee.workers()]
     section["batched_bench_rounds"] = runs
     section["batched_bench"] = {batch: {key: statistics.median(run[batch][key] for run in runs)
                                         for key in runs[0][batch]} for batch in runs[0]}
@@ -324,13 +322,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpu-layers", type=int)
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.model is None:
         from rbee.config import models_dir
-        from rbee.hive.models import ModelCatalog
+        from rbee.engine.proof import default_model
 
-        args.model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
-    tools = args.tools or llama_tools.ensure(os.environ.get("RBEE_CPU_VARIANT", "haswell"))
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+        args.model = default_model(models_dir(), say)
+    tools = args.tools or default_tools()
     section = asyncio.run(measure(args.model, tools, [int(n) for n in args.levels.split(",")], args.tokens,
                                   args.rounds, args.gpu_layers, say=say))
     if args.json:

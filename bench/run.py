@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import cpu_builds, dialects, gpu, hot_path, link_chain, llama_tools, systems
+from bench import cpu_builds, dialects, gpu, hot_path, link_chain, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,9 +120,8 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
 
 def measure_hot_path(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    tools = llama_tools.ensure(os.environ.get("RBEE_CPU_VARIANT", "haswell"))
-    return asyncio.run(hot_path.measure(model, tools, [1, 4] if args.quick else [1, 8], args.max_tokens,
-                                        rounds=1 if args.quick else 3, say=say))
+    return asyncio.run(hot_path.measure(model, hot_path.default_tools(), [1, 4] if args.quick else [1, 8],
+                                        args.max_tokens, rounds=1 if args.quick else 3, say=say))
 
 
 def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespace, plot: Path | None) -> str:
@@ -331,9 +330,9 @@ def write_doc(path: Path, text: str) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from rbee.config import models_dir
-    from rbee.hive.models import ModelCatalog
+    from rbee.engine.proof import default_model
 
-    model = ModelCatalog(models_dir()).resolve(None, lambda *a, **k: None).path
+    model = default_model(models_dir(), lambda text: print(text, file=sys.stderr, flush=True))
     if args.render_only or args.only:
         raw = json.loads(args.out.with_suffix(".json").read_text())
         if args.only == "hot-path":

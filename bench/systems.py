@@ -209,6 +209,11 @@ class Rbee:
             elif event.type == "error":
                 raise RuntimeError(event["message"])
 
+    async def workers(self) -> list[dict[str, Any]]:
+        """Every worker as ``GET /v1/workers`` lists it."""
+        async with httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}) as http:
+            return list((await http.get("/v1/workers")).json()["workers"])
+
     async def hive(self, name: str) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}) as http:
             hives = (await http.get("/v1/hives")).json()["hives"]
@@ -285,14 +290,16 @@ async def concurrency(systems: dict[str, Callable[[str, int], AsyncIterator[str]
             started = time.perf_counter()
             results = await asyncio.gather(*(timed(pieces(prompt, max_tokens)) for _ in range(streams)))
             wall = time.perf_counter() - started
-            ttfts = sorted(r[1] for r in results)
-            rows.append({
-                "system": system, "streams": streams,
-                "aggregate_tps": sum(r[0] for r in results) / wall,
-                "ttft_p50_ms": ttfts[len(ttfts) // 2] * 1000,
-                "ttft_p95_ms": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] * 1000,
-            })
+            rows.append({"system": system, "streams": streams, "aggregate_tps": sum(r[0] for r in results) / wall,
+                         **ttft_percentiles([r[1] for r in results])})
     return rows
+
+
+def ttft_percentiles(ttfts_s: list[float]) -> dict[str, float]:
+    """The p50 and p95 of streams' times to first token, in ms."""
+    ordered = sorted(ttfts_s)
+    return {"ttft_p50_ms": ordered[len(ordered) // 2] * 1000,
+            "ttft_p95_ms": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] * 1000}
 
 
 # SSH fleet ----------------------------------------------------------------------------------
