@@ -120,6 +120,9 @@ class WorkerConfig:
     gpu_layers: int = 0
     #: fractions per visible GPU, comma-separated ("0.6,0.4"); empty = one GPU
     tensor_split: str = ""
+    #: the unix sockets of this model's shares on helper hosts (rbee.worker.rpc_share), comma-separated:
+    #: their devices take ``gpu_layers`` of the last layers, split by ``tensor_split``
+    rpc: str = ""
     #: sequences decoded together (continuous batching); 0 = from the context size
     slots: int = 0
     #: requests that may wait for a slot before the worker answers 429

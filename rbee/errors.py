@@ -41,7 +41,8 @@ across every hop.
     └── StartupError                       startup_failed         503  a role (queen, hive, worker) failed to start
         ├── NodeDownError                  node_down              503  the node is marked down
         ├── WheelhouseError                wheelhouse_failed      500  the queen could not build what hosts install
-        └── EngineBuildError               engine_build_failed    500  the engine build does not run on this CPU
+        ├── EngineBuildError               engine_build_failed    500  the engine build does not run on this CPU
+        └── PrivateNetworkError            no_private_network     503  a host cannot fence off a split's RPC server
 
 ``HTTP`` below maps every code to its HTTP status and OpenAI error type; a test checks
 it against the tree. Foreign exceptions are translated at the boundary where they
@@ -261,6 +262,12 @@ class EngineBuildError(StartupError):
 
     code = "engine_build_failed"
     status = 500
+
+
+class PrivateNetworkError(StartupError):
+    """A host cannot fence off a split's RPC server (no network namespace for its user)."""
+
+    code = "no_private_network"
 
 
 def _tree(cls: type[RbeeError]) -> list[type[RbeeError]]:

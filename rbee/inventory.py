@@ -168,6 +168,8 @@ class LogicalModel(BaseModel):
     parallel: int | None = Field(default=None, ge=1, le=64)
     #: requests that may wait for a slot; past it the answer is 429 with Retry-After
     queue: int | None = Field(default=None, ge=0, le=10_000)
+    #: the hives to split it across (the first runs the main worker), where none holds it alone
+    split: tuple[str, ...] | None = Field(default=None, min_length=2)
 
     @field_validator("gguf", "mlx")
     @classmethod
@@ -202,6 +204,13 @@ class Inventory(BaseModel):
             if entry.name in seen:
                 raise ValueError(f"hive.{index}.name: duplicate hive name {entry.name!r}")
             seen.add(entry.name)
+        for name, model in self.models.items():
+            strangers = [hive for hive in model.split or () if hive not in seen]
+            if strangers:
+                raise ValueError(f"models.{name}.split: {', '.join(strangers)} is not a [[hive]] name; "
+                                 f"hives: {', '.join(sorted(seen)) or 'none'}")
+            if model.split is not None and model.gguf is None:
+                raise ValueError(f"models.{name}.split: a split runs on llama.cpp, so give the model a gguf form")
         for alias, target in self.aliases.items():
             if alias in self.models:
                 raise ValueError(f"aliases.{alias}: {alias!r} is also a [models] name; use one of the two")

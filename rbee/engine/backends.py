@@ -24,8 +24,9 @@ from rbee.errors import EngineBuildError
 
 #: the CPU variant a worker loads: set by its hive from the verdict of the proof, or by the operator
 VARIANT_ENV = "RBEE_CPU_VARIANT"
-#: the core libraries of a build, not backends
-CORE = ("libggml.", "libggml-base.", "libllama.", "libmtmd.", "libllava.")
+#: the core libraries of a build, not backends; and the RPC backend, loaded only by a process that
+#: takes part in a split (rbee.engine.rpc): registered, it would make llama.cpp report GPU offload
+CORE = ("libggml.", "libggml-base.", "libllama.", "libmtmd.", "libllava.", "libggml-rpc.")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ def mapped_file(lib_dir: Path, stem: str, maps: str) -> Path | None:
                 path.name == f"{stem}.so" or path.name.startswith(f"{stem}.so.")):
             return path
     return None
+
+
+def registry() -> ctypes.CDLL:
+    """The libggml whose backend registry llama.cpp reads, for the build installed here."""
+    return _ggml(require_installed())
 
 
 def _ggml(build: Installed) -> ctypes.CDLL:

@@ -29,15 +29,16 @@ from pathlib import Path
 #: the llama-cpp-python that is built when the environment has none
 LLAMA_CPP_PYTHON = "0.3.36"
 #: bumped when the flags change, so hosts installed with older flags are rebuilt or reinstalled
-BUILD_ID = "portable-1"
+BUILD_ID = "portable-2"
 #: where the build installs the per-level CPU modules: next to libllama, where rbee loads them from.
 #: Typed STRING: an untyped -D of a PATH option is made absolute against the build directory, which
 #: would install them outside the wheel and compile a temporary folder in as a place to load from.
 MODULE_DIR = "llama_cpp/lib"
 #: LLAVA_BUILD=OFF: the multimodal library, which rbee does not load (images are refused), is
-#: not built
+#: not built. GGML_RPC=ON: the RPC backend (a module beside the CPU ones) through which a model is
+#: split across hosts; every build has it, so any host can serve a share or run the main worker
 PORTABLE = ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
-            f"-DGGML_BACKEND_DIR:STRING={MODULE_DIR}", "-DLLAVA_BUILD=OFF")
+            f"-DGGML_BACKEND_DIR:STRING={MODULE_DIR}", "-DLLAVA_BUILD=OFF", "-DGGML_RPC=ON")
 #: what an accelerator adds; CUDA kernels are built for the GPUs of the host that builds them (a
 #: CUDA build is made on its host and never copied), as GGML_NATIVE=ON would have
 ACCELERATOR: dict[str, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gguf import GGUFValueType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from rbee.errors import BadModelError
 
@@ -35,6 +35,10 @@ class GgufInfo:
     kv_heads: int
     head_dim: int
     has_chat_template: bool
+    #: the output projection (``output.weight``, or the token embeddings it is tied to): llama.cpp
+    #: puts it, and the logits' compute buffer, with the last offloaded layer (rbee.queen.split)
+    output_bytes: int = 0
+    vocab: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +86,24 @@ def _value(handle: BinaryIO, kind: int) -> Any:
     return _read(handle, _SCALARS[GGUFValueType(kind)])
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Scalar and string keys of the header (arrays skipped), and the parameter count."""
+#: the tensors whose size and shape a split needs: the output projection, or the embeddings tied to it
+OUTPUT_TENSORS = ("output.weight", "token_embd.weight")
+
+
+def tensor_bytes(kind: int, dims: list[int]) -> int:
+    count = 1
+    for dim in dims:
+        count *= dim
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        return 0
+    return count // block * size
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int, dict[str, tuple[int, list[int]]]]:
+    """Scalar and string keys of the header (arrays skipped), the parameter count, and the type
+    and shape of the output tensors (``OUTPUT_TENSORS``)."""
     try:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
@@ -99,10 +119,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                 key = _string(handle)
                 fields[key] = _value(handle, _read(handle, "<I"))
             parameters = 0
+            outputs: dict[str, tuple[int, list[int]]] = {}
             for _ in range(n_tensors):
-                _string(handle)
+                name = _string(handle)
                 dims = [_read(handle, "<Q") for _ in range(_read(handle, "<I"))]
-                handle.seek(4 + 8, 1)  # type, offset
+                kind = _read(handle, "<I")
+                handle.seek(8, 1)  # offset
+                if name in OUTPUT_TENSORS:
+                    outputs[name] = (kind, dims)
                 count = 1
                 for dim in dims:
                     count *= dim
@@ -111,11 +135,12 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise BadModelError(
             f"{path} is truncated or corrupt: its GGUF header cannot be read ({type(exc).__name__})"
         ) from exc
-    return fields, parameters
+    return fields, parameters, outputs
 
 
 def read_info(path: Path) -> GgufInfo:
-    fields, parameters = read_header(path)
+    fields, parameters, outputs = read_header(path)
+    output = outputs.get("output.weight") or outputs.get("token_embd.weight")
     arch = str(fields.get("general.architecture", "unknown"))
     heads = int(fields.get(f"{arch}.attention.head_count", 1) or 1)
     embedding = int(fields.get(f"{arch}.embedding_length", 0) or 0)
@@ -134,4 +159,6 @@ def read_info(path: Path) -> GgufInfo:
         kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", heads) or heads),
         head_dim=head_dim,
         has_chat_template="tokenizer.chat_template" in fields,
+        output_bytes=tensor_bytes(*output) if output else 0,
+        vocab=output[1][1] if output and len(output[1]) > 1 else 0,
     )

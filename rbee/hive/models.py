@@ -54,7 +54,8 @@ class ModelEntry:
             "name": self.name, "ref": self.ref, "path": str(self.path), "size": self.size, "sha256": self.sha256,
             "format": self.format, "quantization": self.info.quantization, "architecture": self.info.architecture,
             "parameters": self.info.parameters, "context_length": self.info.context_length,
-            "modified": self.modified,
+            "layers": self.info.layers, "kv_per_token": self.info.kv_cache_bytes(1),
+            "output_bytes": self.info.output_bytes, "vocab": self.info.vocab, "modified": self.modified,
         }
 
 

@@ -18,14 +18,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from rbee.engine.sizing import FALLBACK_CTX, MIN_AUTO_CTX, RUNTIME_OVERHEAD
 from rbee.errors import NoCapacityError
-
-#: compute buffers and the process itself, beyond weights + KV cache
-RUNTIME_OVERHEAD = 64 * 1024 * 1024
-#: the smallest context an automatic choice goes down to before refusing
-MIN_AUTO_CTX = 2048
-#: context for a model that does not say what it was trained for
-FALLBACK_CTX = 4096
 
 
 @dataclass(frozen=True)

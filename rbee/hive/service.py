@@ -230,7 +230,7 @@ class Hive:
                                      "pull it (`rbee models pull`) or run it once")
         header: dict[str, Any] = {}
         if entry.format == "gguf":
-            fields, parameters = await asyncio.to_thread(read_header, entry.path)
+            fields, parameters, _ = await asyncio.to_thread(read_header, entry.path)
             header = {**fields, "general.parameter_count": parameters}
         return {"model": entry.describe(), "header": header}
 

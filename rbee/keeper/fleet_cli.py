@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rbee import inventory
@@ -91,17 +92,22 @@ async def _stream_fleet_job(url: str, settings: Settings, action: str) -> bool:
 def fleet_plan(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
     """Show what `fleet up` would do on each host (install, upgrade, start, nothing, stop), doing nothing."""
     settings = _settings(url, inventory_path)
-    steps = run(_plan(settings))
+    result = run(_plan(settings))
     table = Table("hive", "would", "because", "install path", "CPU and engine variant", title="fleet plan")
-    for step in steps:
+    for step in result["plan"]:
         remote_row(table, step["name"], step["action"], step["reason"], step.get("path") or "-", step.get("cpu") or "-")
     out.print(table)
+    if result.get("models"):
+        models = Table("model", "where it fits now", title="models on the fleet as it runs")
+        for row in result["models"]:
+            models.add_row(escape(row["model"]), escape(row["placement"]) if row["fits"]
+                           else f"[red]{escape(row['placement'])}[/red]")
+        out.print(models)
 
 
-async def _plan(settings: Settings) -> list[dict[str, str]]:
+async def _plan(settings: Settings) -> dict[str, Any]:
     async with settings.session() as queen, settings.client(queen.url) as client:
-        result = await client.request_json("POST", "/v1/fleet/plan", {"inventory": str(settings.inventory_path)})
-    return list(result["plan"])
+        return dict(await client.request_json("POST", "/v1/fleet/plan", {"inventory": str(settings.inventory_path)}))
 
 
 @fleet_app.command("status")

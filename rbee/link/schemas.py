@@ -274,6 +274,11 @@ class CatalogModel(Wire):
     architecture: str = ""
     parameters: int = 0
     context_length: int = 0
+    #: what a split across hives is planned from (rbee.queen.split.Shape)
+    layers: int = 0
+    kv_per_token: int = 0
+    output_bytes: int = 0
+    vocab: int = 0
     modified: float = 0.0  # when it entered the catalog (unix seconds)
 
 

@@ -16,6 +16,7 @@ from rbee.link.jobs import Job, Producer
 from rbee.link.relay import relay
 from rbee.link.schemas import FleetWorker, parse_job_request
 from rbee.link.server import add_job_routes, error_body, install_error_handlers, read_json_body
+from rbee.queen import split
 from rbee.queen.api.models import ModelIndex
 from rbee.queen.api.ollama import mount_ollama
 from rbee.queen.api.openai import mount_openai
@@ -120,7 +121,9 @@ def create_app(queen: Queen) -> Quart:
         path = body.get("inventory")
         plan_for = queen.load_inventory(path) if isinstance(path, str) and path else queen.fleet.inventory
         steps = await queen.fleet.plan(plan_for, lambda action, message: None)
-        return jsonify({"plan": [step.as_dict() for step in steps]})
+        models = split.model_plans(queen.views(), plan_for, queen.catalogs())
+        return jsonify({"plan": [step.as_dict() for step in steps],
+                        "models": [{"model": m.model, "placement": m.placement, "fits": m.fits} for m in models]})
 
     @app.get("/v1/fleet/logs/<name>")
     async def fleet_logs(name: str) -> Response:

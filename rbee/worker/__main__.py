@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 from rbee.config import WorkerConfig, from_args
 from rbee.errors import RbeeError
@@ -19,6 +20,29 @@ from rbee.worker.backends.base import create_backend
 from rbee.worker.runner import ModelRunner
 
 log = logging.getLogger("rbee.worker")
+
+
+async def attach_shares(sockets: list[Path]) -> list[asyncio.AbstractServer]:
+    """Each helper's RPC server, reached through its unix socket, added to llama.cpp's devices
+    before the model loads. llama.cpp's client dials TCP, so each gets a loopback listener of
+    this process that hangs up on every other user (rbee.link.private.tcp_to_unix)."""
+    from rbee.engine import rpc
+    from rbee.link.private import Dial, tcp_to_unix
+
+    def dialer(path: Path) -> Dial:
+        return lambda: asyncio.open_unix_connection(str(path))
+
+    bridges = []
+    try:
+        for path in sockets:
+            server, port = await tcp_to_unix(dialer(path))
+            bridges.append(server)
+            await asyncio.to_thread(rpc.attach, f"127.0.0.1:{port}")
+    except BaseException:
+        for server in bridges:
+            server.close()
+        raise
+    return bridges
 
 
 async def main(config: WorkerConfig) -> int:
@@ -35,8 +59,11 @@ async def main(config: WorkerConfig) -> int:
                       callee=Callee(token, peer=config.worker_id))  # the hive proves it spawned us
     failure: list[str] = []
 
+    shares: list[asyncio.AbstractServer] = []
+
     async def load() -> None:
         try:
+            shares.extend(await attach_shares([Path(p) for p in config.rpc.split(",") if p]))
             await runner.load()
             log.info("%s loaded %s", config.actor, config.model_path)
         except RbeeError as exc:
@@ -74,6 +101,8 @@ async def main(config: WorkerConfig) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await loader
         runner.close()
+        for share in shares:
+            share.close()
     if failure:
         print(f"{config.actor}: {failure[0]}", file=sys.stderr)
         return 3

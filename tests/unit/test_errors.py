@@ -24,6 +24,7 @@ EXPECTED = {  # the table of the module docstring, spelled out: a changed status
     "peer_error": 502, "worker_died": 503, "worker_stalled": 503, "unauthorized": 401,
     "forbidden": 403, "startup_failed": 503,
     "node_down": 503, "wheelhouse_failed": 500, "engine_build_failed": 500,
+    "no_private_network": 503,
 }
 
 

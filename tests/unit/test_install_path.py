@@ -18,7 +18,7 @@ MAC = Platform("darwin", "arm64", "3.12")
 
 #: every build is the portable one: no -march=native, a CPU module per instruction-set level
 PORTABLE = ("-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib "
-            "-DLLAVA_BUILD=OFF")
+            "-DLLAVA_BUILD=OFF -DGGML_RPC=ON")
 CUDA_ARGS = f"{PORTABLE} -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native"
 METAL_ARGS = f"{PORTABLE} -DGGML_METAL=on"
 

@@ -54,6 +54,11 @@ def test_good_inventory() -> None:
         ('[models.m]\ngguf = "hf:a/b"\nctx = 100\n', "inv.toml:3: models.m.ctx"),
         ('[models.m]\ngguf = "hf:a/b"\n[aliases]\nm = "hf:c/d"\n', "aliases.m: 'm' is also a [models] name"),
         ('[aliases]\na = "b"\nb = "hf:c/d"\n', "aliases.a: must name a model"),
+        ('[models.m]\ngguf = "hf:a/b"\nsplit = ["a"]\n[[hive]]\nname = "a"\n', "models.m.split"),
+        ('[models.m]\ngguf = "hf:a/b"\nsplit = ["a", "z"]\n[[hive]]\nname = "a"\n',
+         "models.m.split: z is not a [[hive]] name; hives: a"),
+        ('[models.m]\nmlx = "hf:a/b"\nsplit = ["a", "b"]\n[[hive]]\nname = "a"\n[[hive]]\nname = "b"\n',
+         "models.m.split: a split runs on llama.cpp, so give the model a gguf form"),
     ],
 )
 def test_errors_name_file_line_and_key(text: str, expected: str) -> None:
@@ -66,7 +71,7 @@ def test_offload_context_and_build_settings() -> None:
     inventory = parse('[models.m]\ngguf = "hf:a/b"\nctx = 8192\ngpu_layers = 20\n\n[[hive]]\nname = "gpu"\n'
                       'ssh = "bob@gpu"\ngpu_layers = -1\ngpu_split = true\nbuild = "source"\n', "inv.toml")
     model, hive = inventory.models["m"], inventory.get("gpu")
-    assert (model.ctx, model.gpu_layers) == (8192, 20)
+    assert (model.ctx, model.gpu_layers, model.split) == (8192, 20, None)
     assert hive is not None and (hive.gpu_layers, hive.gpu_split, hive.build) == (-1, True, "source")
 
 

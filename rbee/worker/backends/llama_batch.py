@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rbee.engine import rpc
+from rbee.engine.rpc import SPLIT_UBATCH
 from rbee.errors import RbeeError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.loop import Sequence, Token
@@ -51,14 +53,18 @@ class HeldGil:
     """llama.cpp's small calls through ``ctypes.PyDLL`` on the same loaded library (same handle,
     same signatures as llama-cpp-python declares them): called without releasing the GIL.
     ``llama_decode`` and the sampler chain keep llama-cpp-python's own bindings, which let the
-    event loop run while the engine computes."""
+    event loop run while the engine computes.
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    ``hold=False`` keeps the usual bindings: in a split worker any of these calls may wait on a
+    helper's RPC server, whose bytes this process's own bridge (Python, on the event loop)
+    carries; holding the GIL there would deadlock."""
+
+    def __init__(self, library: ctypes.CDLL, hold: bool = True) -> None:
         held = ctypes.PyDLL(library._name, handle=library._handle)
         for name in HELD_GIL_CALLS:
             declared, call = getattr(library, name), getattr(held, name)
             call.argtypes, call.restype = declared.argtypes, declared.restype
-            setattr(self, name, call)
+            setattr(self, name, call if hold else declared)
 
     llama_get_logits_ith: Any
     llama_token_to_piece: Any
@@ -96,7 +102,7 @@ class LlamaStep:
 
     def __init__(self, llama_cpp: Any, model: Any, *, n_ctx: int, slots: int, threads: int) -> None:
         self.ll = llama_cpp
-        self.held = HeldGil(llama_cpp.llama_cpp._lib)
+        self.held = HeldGil(llama_cpp.llama_cpp._lib, hold=not rpc.attached())
         self.model = model
         self.requested_ctx = n_ctx
         self.n_slots = slots
@@ -120,7 +126,7 @@ class LlamaStep:
         params = ll.llama_context_default_params()
         params.n_ctx = self.requested_ctx
         params.n_batch = max(PREFILL_CHUNK + self.n_slots, 512)
-        params.n_ubatch = params.n_batch
+        params.n_ubatch = min(params.n_batch, SPLIT_UBATCH) if rpc.attached() else params.n_batch
         params.n_seq_max = self.n_slots
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True
