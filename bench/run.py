@@ -2,6 +2,7 @@
 
     scripts/bench [--quick] [--runs N] [--max-tokens N] [--out docs/benchmarks.md]
     scripts/bench --only hot-path     measure that section again, keep the rest from benchmarks.json
+    scripts/bench --only split        the same for the split section
     scripts/bench --setup             build llama.cpp's own tools (bench/llama_tools.py) and stop
 
 Systems (same model — the built-in default —, prompts, temperature 0, seed, max_tokens):
@@ -13,7 +14,8 @@ Systems (same model — the built-in default —, prompts, temperature 0, seed, 
 Plus concurrency (1/2/4/8 streams at once to rbee's batching worker and to llama_cpp.server),
 `fleet up` timings, the portable llama.cpp build rbee installs against a native one on this
 CPU (bench/cpu_builds.py), and the engine's hot path against llama.cpp's own batched-bench and
-llama-server at 1 and 8 streams (bench/hot_path.py).
+llama-server at 1 and 8 streams (bench/hot_path.py), and a model split with llama.cpp's RPC
+backend against the same engine unsplit (bench/split.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench import cpu_builds, dialects, gpu, hot_path, link_chain, systems
+from bench import cpu_builds, dialects, gpu, hot_path, link_chain, split, systems
 from bench.systems import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +126,13 @@ def measure_hot_path(model: Path, args: argparse.Namespace) -> dict[str, Any]:
                                         args.max_tokens, rounds=1 if args.quick else 3, say=say))
 
 
+def measure_split(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from rbee.hive.gguf_meta import read_info
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    return split.measure(model, read_info(model).layers, args.max_tokens, 2 if args.quick else 3, say)
+
+
 def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespace, plot: Path | None) -> str:
     import llama_cpp
 
@@ -141,7 +150,7 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
         f"- model: the built-in default (gemma3-270m Q4_K_M); temperature 0, seed {systems.SEED}, "
         f"max_tokens {args.max_tokens}; prompts short/medium/long from bench/prompts.json",
         f"- warm runs per prompt and system: {args.runs}; medians with min–max; date "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"{extras.get('date') or now()} (a section remeasured with `--only` gives its own)",
         "- TTFT: request sent → first non-empty text at the client; decode tok/s: tokens after the first "
         "÷ time after the first; wall: request → end of stream",
         "- order: in-process, llama_cpp.server, rbee chain and the queen's OpenAI API take turns, round by "
@@ -206,6 +215,16 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
             ratios = builds["paired ratios"]
             lines += ["", f"Portable ÷ native, paired (same prompt, same round; {len(ratios)} pairs): median "
                           f"**{builds['portable / native']:.3f}**, range {min(ratios):.3f}–{max(ratios):.3f}."]
+    if isinstance(extras.get("split"), dict):
+        lines += ["", "## A model split across processes with llama.cpp's RPC backend (bench/split.py)", "",
+                  "rbee's engine with the share's layers on an RPC share (its own network namespace, reached "
+                  "through its unix socket and rbee's bridges) against the same engine with every layer at home, "
+                  "taking turns, each load in a fresh process. On one machine both share its cores: this is the "
+                  "link's own cost, not what a second machine adds.", ""]
+        lines += [f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}"
+                  for key, value in extras["split"].items()]
+        lines += ["", "Not measured yet: the same split through `llama-server --rpc` (its tools are built without "
+                      "GGML_RPC), and the split across two hosts through the queen's SSH connections."]
     for section, title in (("link", "The link alone, no engine: fake worker → relay (as a hive runs it) → client"),
                            ("models", "Models: first vs warm infer; download through the provisioner"),
                            ("mlx", "MLX: tiny random-weight model, mlx-lm direct vs an rbee MLX worker"),
@@ -222,7 +241,8 @@ def render(samples: list[Sample], extras: dict[str, Any], args: argparse.Namespa
                   *hot_path.render(extras["hot path"])]
     lines += ["", "## Other figures", ""]
     for key, value in extras.items():
-        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds", "dialects", "hot path"):
+        if key in ("concurrency", "fleet", "models", "mlx", "link", "cpu builds", "dialects", "hot path", "split",
+                   "date"):
             continue
         lines.append(f"- {key}: {value:.3g}" if isinstance(value, float) else f"- {key}: {value}")
     return "\n".join(lines) + "\n"
@@ -309,7 +329,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from its .json")
-    parser.add_argument("--only", choices=["hot-path"],
+    parser.add_argument("--only", choices=["hot-path", "split"],
                         help="measure this section again; the rest comes from the .json")
     args = parser.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
@@ -317,6 +337,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.levels = [1, 2, 4] if args.quick else [1, 2, 4, 8]
     args.hosts = [1, 2] if args.quick else [1, 2, 4]
     return args
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def write_doc(path: Path, text: str) -> None:
@@ -337,6 +361,9 @@ def main(argv: list[str]) -> int:
         raw = json.loads(args.out.with_suffix(".json").read_text())
         if args.only == "hot-path":
             raw["extras"]["hot path"] = measure_hot_path(model, args)
+        elif args.only == "split":
+            raw["extras"]["split"] = measure_split(model, args)
+        if args.only:
             args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
         samples = [Sample(**s) for s in raw["samples"]]
         plot = draw(samples, args.out.with_suffix(".png"), raw["extras"].get("concurrency"))
@@ -347,6 +374,7 @@ def main(argv: list[str]) -> int:
         say("0/5 CPU builds: the portable llama.cpp rbee installs against a native build, on this CPU")
         builds = cpu_builds.compare(model, PROMPTS, args.max_tokens, args.runs, Path(tmp), say)
         samples, extras = asyncio.run(collect(args, model, Path(tmp)))
+        extras["date"] = now()
         extras["cpu builds"] = builds
         try:
             extras["mlx"] = systems.mlx_speeds(Path(tmp), args.max_tokens, args.runs)
@@ -354,6 +382,8 @@ def main(argv: list[str]) -> int:
             extras["mlx"] = f"not measured: {exc}"
         say("the engine's hot path: rbee and llama-server through one harness, llama-batched-bench")
         extras["hot path"] = measure_hot_path(model, args)
+        say("a model split with llama.cpp's RPC backend: half the layers on a share, against none")
+        extras["split"] = measure_split(model, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot = draw(samples, args.out.with_suffix(".png"), extras.get("concurrency"))
     text = render(samples, extras, args, plot)

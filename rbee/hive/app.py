@@ -75,6 +75,19 @@ def create_app(hive: Hive) -> Quart:
     async def workers() -> Response:
         return jsonify({"workers": hive.supervisor.describe()})
 
+    @app.post("/v1/shares")
+    async def start_share() -> Response:
+        body = await read_json_body()
+        model, need = body.get("model"), body.get("bytes")
+        if not isinstance(model, str) or not model or not isinstance(need, int) or need <= 0:
+            raise RequestError('a share needs {"model": NAME, "bytes": N}, N > 0')
+        return jsonify({"share": (await hive.start_share(model, need)).model_dump(mode="json")})
+
+    @app.delete("/v1/shares/<share_id>")
+    async def stop_share(share_id: str) -> Response:
+        share = await hive.supervisor.shares.stop(share_id, "stopped by the queen")
+        return jsonify({"stopped": share.view().model_dump(mode="json")})
+
     @app.post("/v1/workers/<worker_id>/stop")
     async def stop_worker(worker_id: str) -> Response:
         record = await hive.supervisor.stop(worker_id, "stopped by the operator")

@@ -193,9 +193,30 @@ class Demand:
     offload: bool
     allow_split: bool = False
     name: str = "the model"
+    #: a split job's main worker: the bytes it holds here (its layers on helpers' RPC shares)
+    split_bytes: int = 0
+    split_layers: int = 0
+    rpc_split: tuple[float, ...] = ()
 
     def size(self, memory: Memory) -> Sized:
-        return size_worker(memory, **dataclasses.asdict(self))
+        if self.split_bytes:
+            return self.size_split(memory)
+        fields = {key: value for key, value in dataclasses.asdict(self).items()
+                  if key not in ("split_bytes", "split_layers", "rpc_split")}
+        return size_worker(memory, **fields)
+
+    def size_split(self, memory: Memory) -> Sized:
+        """The main worker of a split: the queen planned its context and share; this host checks
+        it has the room (RAM, and rbee's budget), as for any worker."""
+        n_ctx = self.requested_ctx or FALLBACK_CTX
+        need = Need(self.weights, self.kv_per_token * n_ctx, self.layers)
+        detail = f"its share of a split: {self.split_bytes / 1e6:.0f} MB here, {self.split_layers} layers on helpers"
+        budget_left = memory.budget - memory.reserved if memory.budget > 0 else None
+        free = memory.ram_free if budget_left is None else min(memory.ram_free, budget_left)
+        _check(free, self.split_bytes, self.name, detail, "RAM" if budget_left is None else "rbee's memory budget")
+        placement = Placement("cpu", f"CPU and {len(self.rpc_split) or 1} RPC share(s)", self.split_layers,
+                              tensor_split=self.rpc_split, need=self.split_bytes, free=free)
+        return Sized(placement, n_ctx, need, "planned by the queen for the split")
 
 
 def size_worker(

@@ -5,10 +5,12 @@ provisioning, admission, relaying to a worker). Routes live in ``app.py``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rbee import __version__
@@ -28,7 +30,7 @@ from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
-from rbee.link.schemas import CatalogModel, HiveReport, JobRequest
+from rbee.link.schemas import CatalogModel, HiveReport, JobRequest, ShareView, SplitMain
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,14 @@ class Hive:
             free_memory=free_memory(devices, self.config.memory_budget, self.supervisor.reserved)[0],
             engine=self.supervisor.engine.line,
             models=[CatalogModel.model_validate(e.describe()) for e in self.catalog.entries()],
+            shares=self.supervisor.shares.views(),
         )
+
+    async def start_share(self, model: str, need: int) -> ShareView:
+        """A share of ``need`` bytes of ``model`` for a split job's main worker elsewhere."""
+        share = await self.supervisor.shares.start(
+            model, need, lambda: free_memory(probe(), self.config.memory_budget, self.supervisor.reserved)[0])
+        return share.view()
 
     def narrator(self, job: Job) -> Any:
         """A narrate function that may be called from a worker thread (downloads run on one)."""
@@ -161,6 +170,24 @@ class Hive:
                       gpu_layers=gpu_layers, offload=host.offload if engine == "llama-cpp" else True,
                       allow_split=bool(request.gpu_split), name=f"{entry.name} on {self.config.actor}")
 
+    def split_main(self, job: Job, spec: WorkerSpec, demand: Demand, split: SplitMain) -> tuple[WorkerSpec, Demand]:
+        """The main worker of a split job: its helpers' RPC shares behind the sockets the queen
+        made under this hive's run folder (no other path is dialed), llama.cpp's layer count and
+        split for them, and the bytes it holds here."""
+        if spec.backend != "llama-cpp":
+            raise RequestError(f"a split runs on llama.cpp with a GGUF model; {spec.model_path.name} is served by "
+                               f"{spec.backend} on {self.config.actor}")
+        allowed = (self.config.home / "run" / "splits").resolve()
+        for path in split.sockets:
+            if not Path(path).resolve().is_relative_to(allowed):
+                raise RequestError(f"a split's sockets live under {allowed}; {path} is not there")
+        job.narrate("split", f"main worker on {self.config.actor}: {split.gpu_layers} layers (the output counted) "
+                             f"on {', '.join(split.helpers) or 'the helpers'} over RPC")
+        spec = dataclasses.replace(spec, gpu_layers=split.gpu_layers, rpc=tuple(split.sockets))
+        demand = dataclasses.replace(demand, gpu_layers=split.gpu_layers, split_bytes=split.bytes,
+                                     split_layers=split.gpu_layers, rpc_split=tuple(split.tensor_split))
+        return spec, demand
+
     async def run_job(self, job: Job, request: JobRequest) -> None:
         entry, choice, host = await self.choose(job, request)
         backend = choice.engine
@@ -180,6 +207,8 @@ class Hive:
         spec = WorkerSpec(entry.path, backend, request.ctx, gpu_layers, slots=request.parallel or 0,
                           queue_limit=DEFAULT_QUEUE if request.queue is None else request.queue)
         demand = self.demand(entry, choice.engine, host, request, gpu_layers)
+        if request.split is not None:
+            spec, demand = self.split_main(job, spec, demand, request.split)
         async with self.supervisor.lease(spec, job.narrate, demand, choice.reason, request.keep_alive) as worker:
             if request.load_only:
                 job.narrate("load", f"{entry.name} is loaded on {worker.actor}")

@@ -26,6 +26,7 @@ from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
 from rbee.hive.devices import probe
 from rbee.hive.engine_proof import EngineProof
 from rbee.hive.placement import Demand, Memory, Sized
+from rbee.hive.shares import Shares
 from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.client import LinkClient
 from rbee.link.engine_report import EngineReport
@@ -53,6 +54,8 @@ class WorkerSpec:
     backend: str
     ctx: int | None = None  # as asked; None = the automatic choice
     gpu_layers: int = 0
+    #: a split job's main worker: the unix sockets of its helpers' RPC shares (never shared)
+    rpc: tuple[str, ...] = ()
     #: how a new worker batches; not part of what makes two jobs share one
     slots: int = field(default=0, compare=False)
     queue_limit: int = field(default=DEFAULT_QUEUE, compare=False)
@@ -154,6 +157,8 @@ class Supervisor:
             config.heartbeat_interval, self._connect, retention=config.peer_retention
         )
         self._spawning: dict[WorkerSpec, asyncio.Lock] = {}
+        #: shares of split models served here, held against memory as workers are
+        self.shares = Shares(config)
         self._watchers: set[asyncio.Task[None]] = set()
 
     def secret_path(self, worker_id: str) -> Path:
@@ -180,7 +185,7 @@ class Supervisor:
 
     @property
     def reserved(self) -> int:
-        return sum(r.memory for r in self.peers if r.live)
+        return sum(r.memory for r in self.peers if r.live) + self.shares.reserved
 
     @contextlib.asynccontextmanager
     async def lease(self, spec: WorkerSpec, narrate: Narrate, demand: Demand, reason: str = "",
@@ -247,6 +252,7 @@ class Supervisor:
             threads=worker_threads(os.cpu_count() or 1, self.live_count()),
             gpu_layers=placement.gpu_layers,
             tensor_split=",".join(str(part) for part in placement.tensor_split),
+            rpc=",".join(spec.rpc),
             slots=spec.slots,
             queue_limit=spec.queue_limit,
             ping_interval=self.config.ping_interval,
@@ -392,7 +398,7 @@ class Supervisor:
         return record
 
     async def stop_all(self, reason: str = "hive shutting down") -> None:
-        await asyncio.gather(*(self.stop(w, reason) for w in list(self.workers)))
+        await asyncio.gather(*(self.stop(w, reason) for w in list(self.workers)), self.shares.stop_all(reason))
         for worker_id in self.workers:
             self.secret_path(worker_id).unlink(missing_ok=True)
         for task in list(self._watchers):

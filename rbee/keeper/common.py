@@ -28,7 +28,9 @@ QueenUrl = Annotated[
     str | None, typer.Option("--queen-url", help="Queen to use [default: $RBEE_QUEEN_URL or http://127.0.0.1:7833]")
 ]
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model reference [default: gemma3-270m]")]
-NodeOption = Annotated[str | None, typer.Option("--node", "-n", help="Hive to run on [default: localhost]")]
+NodeOption = Annotated[str | None, typer.Option(
+    "--node", "-n", help="Hive to run on; a,b splits the model across those hives, the first running the main "
+                         "worker [default: the scheduler's choice]")]
 KeepAlive = Annotated[str | None, typer.Option(help="How long the model stays loaded once idle: 30s, 5m, 1h; "
                                                     "0 unloads after, -1 keeps [default: the hive's].")]
 InventoryPath = Annotated[

@@ -122,12 +122,14 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
         remote_row(
             table, hive.name, hive.state, hive.reason, "-" if age is None else f"{age:.1f} s ago",
             hive.version or "-", describe_devices(hive.devices), hive.engine or "-",
-            "; ".join(
-                f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
-                + (f", {w.engine.get('device', '?')} {offload_text(w.engine)}" if w.engine else "")
-                + (f" ({w.engine_reason})" if w.engine_reason else "")
-                for w in hive.workers
-            ) or "-",
+            "; ".join([
+                *(f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
+                  + (f", {w.engine.get('device', '?')} {offload_text(w.engine)}" if w.engine else "")
+                  + (f" ({w.engine_reason})" if w.engine_reason else "")
+                  for w in hive.workers),
+                *(f"share {s.share_id} {s.state}: {s.bytes / 1e6:.0f} MB of {s.model} (RPC, for a split)"
+                  for s in hive.shares),
+            ]) or "-",
         )
     out.print(table)
 

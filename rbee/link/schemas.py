@@ -67,6 +67,25 @@ READ_BY: dict[str, tuple[str, ...]] = {
 }
 
 
+class SplitMain(BaseModel):
+    """What the queen tells the hive that runs a split job's main worker (rbee.queen.split): the
+    unix sockets, on this host, that lead to each helper's RPC share, and how much goes where.
+    Set by the queen only; a client's job that carries it is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: one per helper, in llama.cpp's device order (the last holds the output projection)
+    sockets: list[str] = Field(min_length=1, max_length=16)
+    #: the layers the helpers take, the output projection counted (llama.cpp's n_gpu_layers)
+    gpu_layers: int = Field(ge=1, le=10_000)
+    #: each helper's part of those layers (llama.cpp's tensor_split over the RPC devices)
+    tensor_split: list[float] = Field(default_factory=list, max_length=16)
+    #: what the main worker itself holds on this host
+    bytes: int = Field(ge=0)
+    #: the helpers' hive names, for messages
+    helpers: list[str] = Field(default_factory=list, max_length=16)
+
+
 class JobRequest(BaseModel):
     """``POST /v1/jobs`` at queen, hive and worker: a raw ``prompt`` or chat ``messages``
     (formatted by the worker, which knows the model's chat template)."""
@@ -108,6 +127,8 @@ class JobRequest(BaseModel):
     keep_alive: Duration | None = Field(default=None, json_schema_extra=PLACEMENT)
     #: only load the model (a worker ready for it), generate nothing: Ollama's empty prompt
     load_only: bool | None = Field(default=None, json_schema_extra=PLACEMENT)
+    #: a split job's main worker (set by the queen: rbee.queen.split)
+    split: SplitMain | None = Field(default=None, json_schema_extra=PLACEMENT)
 
     # sampling -----------------------------------------------------------------------------------
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT, json_schema_extra=SAMPLING)
@@ -282,6 +303,18 @@ class CatalogModel(Wire):
     modified: float = 0.0  # when it entered the catalog (unix seconds)
 
 
+class ShareView(Wire):
+    """A share of a split model this hive serves (`rbee.hive.shares`): llama.cpp's RPC server."""
+
+    share_id: str
+    model: str
+    bytes: int = 0
+    socket: str = ""
+    pid: int | None = None
+    state: str = "up"  # up | stopped (SIGSTOP) | how it ended
+    since: float | None = None
+
+
 class HiveReport(Wire):
     """A hive's heartbeat body and its /v1/status answer."""
 
@@ -295,6 +328,8 @@ class HiveReport(Wire):
     models: list[CatalogModel] = Field(default_factory=list)
     #: the engine proven on this host: build, CPU variant and why (rbee.engine.proof.Verdict.line)
     engine: str = ""
+    #: shares of split models served here (their bytes are held like a worker's)
+    shares: list[ShareView] = Field(default_factory=list)
 
 
 class HiveView(Wire):
@@ -309,6 +344,7 @@ class HiveView(Wire):
     version: str | None = None
     pid: int | None = None
     workers: list[WorkerView] = Field(default_factory=list)
+    shares: list[ShareView] = Field(default_factory=list)
     devices: dict[str, Any] = Field(default_factory=dict)
     #: what a new worker may take there now (its last heartbeat: free memory within its `memory` cap)
     free_memory: int = 0

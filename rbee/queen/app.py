@@ -113,6 +113,7 @@ def create_app(queen: Queen) -> Quart:
         hive = queen.hives.heartbeat(name, await read_json_body())
         if hive.report is not None:
             queen.feed.heartbeat(name, hive.report)
+            queen.reap_strays(name, hive.report)
         return jsonify({"ok": True})
 
     @app.post("/v1/fleet/plan")

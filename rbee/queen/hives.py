@@ -65,6 +65,7 @@ class HiveRegistry(PeerRegistry[HivePeer]):
             heartbeat_age_s=peer.heartbeat_age(now),
             version=report.version if report else None, pid=report.pid if report else None,
             workers=report.workers if report and peer.state != PeerState.STOPPED else [],
+            shares=report.shares if report and peer.state != PeerState.STOPPED else [],
             devices=report.devices if report else {},
             free_memory=report.free_memory if report else 0,
             engine=report.engine if report else "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,14 @@ import psutil
 
 from rbee import inventory
 from rbee.config import DEFAULT_MODEL, LOCAL_NODE, HiveConfig, QueenConfig
-from rbee.errors import NodeDownError, UnknownNodeError, UnprovenPeerError
+from rbee.errors import (
+    NoCapacityError,
+    NodeDownError,
+    RbeeError,
+    RequestError,
+    UnknownNodeError,
+    UnprovenPeerError,
+)
 from rbee.link import events
 from rbee.link.auth import Callee
 from rbee.link.client import LinkClient
@@ -24,8 +32,9 @@ from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
-from rbee.link.schemas import CatalogModel, JobRequest
+from rbee.link.schemas import CatalogModel, HiveReport, JobRequest
 from rbee.link.schemas import HiveView as HiveStatus
+from rbee.queen import split
 from rbee.queen.catalog import HiveCatalog
 from rbee.queen.dashboard.feed import Feed
 from rbee.queen.dashboard.sessions import Sessions
@@ -33,6 +42,10 @@ from rbee.queen.fleet.manager import Fleet, default_wheelhouse
 from rbee.queen.hives import HivePeer, HiveRegistry, LocalHiveLauncher
 from rbee.queen.keys import KeyStore
 from rbee.queen.scheduler import HiveView, choose_hive, hive_body, hive_view
+from rbee.queen.split import Split
+from rbee.queen.split_job import ShareLedger, SplitJob
+
+log = logging.getLogger("rbee.queen")
 
 
 class Queen:
@@ -52,6 +65,9 @@ class Queen:
                                     on_finish=self.metrics.job_finished, watch=self.feed.observe)
         #: jobs this queen is relaying, per (hive, model): the scheduler's view between heartbeats
         self.in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: the shares split jobs hold; any other a hive lists is stopped (reap_strays)
+        self.shares = ShareLedger()
+        self._reaping: set[asyncio.Task[None]] = set()
         self.stop = asyncio.Event()
         self.catalog = HiveCatalog(config.home / "queen.db")
         self.fleet = Fleet(
@@ -124,11 +140,14 @@ class Queen:
         result = []
         for name in self.known_nodes():
             peer = self.hives.serving(name)
-            entry = self.fleet.inventory.get(name)
-            local = name == LOCAL_NODE and (entry is None or not entry.remote)
+            local = self.is_local(name)
             jobs = {model: n for (hive, model), n in self.in_flight.items() if hive == name}
             report = peer.report if peer is not None else None
-            fallback = psutil.virtual_memory().available if local and report is None else 0
+            fallback = 0
+            if local and report is None:  # what this machine's hive would have, within its `memory`
+                fallback = psutil.virtual_memory().available
+                cap = self.fleet.inventory.memory(name)
+                fallback = min(fallback, cap) if cap is not None else fallback
             result.append(hive_view(name, report, peer is not None or local, jobs, fallback))
         return result
 
@@ -139,10 +158,71 @@ class Queen:
             job.narrate("schedule", f"scheduler picked hive:{node} for {request.model or DEFAULT_MODEL}")
         return await self.hive_named(node, job.narrate)
 
+    def is_local(self, node: str) -> bool:
+        """The hive on this machine (a child of the queen), not an SSH host."""
+        entry = self.fleet.inventory.get(node)
+        return node == LOCAL_NODE and (entry is None or not entry.remote)
+
+    def split_plan(self, request: JobRequest) -> Split | None:
+        """A split for this job: the hives named (``--node a,b`` or the logical model's ``split``),
+        or, with none named, when no hive has the model warm and the plan says none holds it alone.
+        None: the job goes to one hive as usual (whose own admission explains a refusal)."""
+        if request.split is not None:
+            raise RequestError("`split` is the queen's to set; name the hives with --node a,b or `split = [...]` "
+                               "on the model in inventory.toml")
+        inventory = self.fleet.inventory
+        model = request.model or DEFAULT_MODEL
+        logical = inventory.models.get(model)
+        if request.node is not None and "," in request.node:
+            forced: tuple[str, ...] = tuple(name.strip() for name in request.node.split(","))
+        elif request.node is None and logical is not None and logical.split:
+            forced = logical.split
+        else:
+            forced = ()
+        views = self.views()
+        if not forced and (request.node is not None or any(model in view.warm for view in views)):
+            return None
+        ref = logical.gguf if logical is not None and logical.gguf else model
+        shape = split.shape_of(model, ref, self.catalogs())
+        if shape is None:
+            if forced:
+                raise NoCapacityError(f"cannot split {model} across {', '.join(forced)}: no hive has it on disk "
+                                      f"yet, so its size is unknown. Pull it first: rbee models pull {ref} "
+                                      f"--node {forced[0]}")
+            return None
+        try:
+            plan = split.plan_split(split.fleet_rooms(views, inventory), shape, forced=forced,
+                                    requested_ctx=request.ctx or (logical.ctx if logical is not None else None))
+        except NoCapacityError:
+            if forced:
+                raise
+            return None
+        return plan if plan.split else None
+
+    def reap_strays(self, node: str, report: HiveReport) -> None:
+        """Stop, in the background, the shares ``node`` lists that no split job holds any more."""
+        for share_id in self.shares.strays(node, report):
+            if share_id in self.shares.held:
+                continue
+            self.shares.hold(share_id)  # held by its reaping: one DELETE, not one per heartbeat
+
+            async def stop(share_id: str = share_id) -> None:
+                try:
+                    await self.on_hive(node, "DELETE", f"/v1/shares/{share_id}")
+                    log.info("stopped share %s on %s: no split job holds it", share_id, node)
+                except RbeeError as exc:
+                    log.warning("could not stop the stray share %s on %s: %s", share_id, node, exc.message)
+                finally:
+                    self.shares.release(share_id)
+
+            task = asyncio.create_task(stop())
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
+
     async def hive_named(self, node: str, narrate: Any) -> HivePeer:
         """A live hive by name: the local one or an inventory host, started when needed."""
         entry = self.fleet.inventory.get(node)
-        if node == LOCAL_NODE and (entry is None or not entry.remote):
+        if self.is_local(node):
             return await self.local.ensure(narrate)
         if entry is None:
             raise UnknownNodeError(
@@ -175,6 +255,13 @@ class Queen:
             request = request.model_copy(update={"model": target})
         job.info.update(kind="infer", model=request.model or DEFAULT_MODEL)
         self.feed.notify()
+        plan = self.split_plan(request)
+        if plan is not None:
+            try:
+                await SplitJob(self, job, request, plan).run()
+            finally:
+                self.feed.notify()
+            return
         hive = await self.hive_for(request, job)
         job.narrate("route", f"job goes to hive:{hive.name}")
         job.info["node"] = hive.name
@@ -220,6 +307,8 @@ class Queen:
             await asyncio.sleep(self.config.heartbeat_interval / 2)
 
     async def close(self) -> None:
+        for task in list(self._reaping):
+            task.cancel()
         await self.registry.close()
         await self.local.stop()
         await self.fleet.close(stop_launched=self.config.ephemeral)

@@ -7,6 +7,7 @@ kill a hive, remove a host, down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,12 +63,12 @@ class Fleet:
                               text=True, timeout=300).stdout
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Fleet]:
-    workdir = tmp_path_factory.mktemp("fleet")
+@contextlib.contextmanager
+def two_hosts(workdir: Path, extra: str = "", per_host: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """Two loopback sshd hosts and a queen of their own; at the end, nothing of rbee left on either."""
     hosts, client_key = sshd_hosts.start_hosts(workdir / "sshd", 2)
     inventory = sshd_hosts.write_inventory(workdir / "inventory.toml", hosts, client_key, workdir / "known_hosts",
-                                           per_host={"h2": 'memory = "8GB"\n'})
+                                           extra=extra, per_host=per_host)
     home = workdir / "queen-home"
     env = dict(os.environ)
     env.update(
@@ -88,6 +89,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterato
         assert_no_orphans(home)
         for host in hosts:
             assert not host.rbee_processes(), f"rbee processes left on {host.name}"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Fleet]:
+    with two_hosts(tmp_path_factory.mktemp("fleet"), per_host={"h2": 'memory = "8GB"\n'}) as state:
+        yield state
 
 
 def test_fleet_up_installs_both_hosts_offline_and_starts_them(fleet: Fleet) -> None:

@@ -15,10 +15,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from bench.split import run_child
 from rbee.engine.rpc import SPLIT_UBATCH
 from rbee.link.private import tcp_to_unix
 from tests.sshd_hosts import ensure_user
@@ -28,48 +30,12 @@ RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 LINUX = sys.platform == "linux"
 pytestmark = pytest.mark.skipif(not LINUX, reason="network namespaces are Linux's")
 
-#: runs in a child: rbee's own engine on the default model, ``layers`` of its last layers (the output
-#: projection counted, as llama.cpp counts it) on the shares given, greedy
-LOAD_AND_GENERATE = r"""
-import asyncio, json, sys, time
-from pathlib import Path
-
-async def main() -> None:
-    from rbee.link.schemas import JobRequest
-    from rbee.worker.__main__ import attach_shares
-    from rbee.worker.backends.base import create_backend
-    from rbee.worker.runner import ModelRunner
-
-    model, layers, shares = Path(sys.argv[1]), int(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
-    bridges = await attach_shares(shares)
-    runner = ModelRunner(create_backend("llama-cpp", n_ctx=1024, threads=0, gpu_layers=layers, slots=1), model)
-    started = time.monotonic()
-    await runner.load()
-    loaded = time.monotonic() - started
-    request = JobRequest(prompt="The three primary colours are", max_tokens=24, temperature=0.0)
-    text = "".join([piece.text async for piece in runner.generate(request)])
-    import llama_cpp
-
-    backend = runner.backend
-    ubatch = llama_cpp.llama_n_ubatch(backend.engine.step.ctx)
-    print(json.dumps({"text": text, "load_s": loaded, "report": backend.report, "ubatch": ubatch}), flush=True)
-    runner.close()
-    for bridge in bridges:
-        bridge.close()
-
-asyncio.run(main())
-"""
-
-
 def default_model(models_dir: Path) -> Path:
     return next(models_dir.rglob("*.gguf"))
 
 
-def run_model(model: Path, layers: int, shares: list[Path], env: dict[str, str]) -> tuple[dict[str, object], str]:
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(model), str(layers), *map(str, shares)],
-                          capture_output=True, text=True, timeout=100, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+def run_model(model: Path, layers: int, shares: list[Path], env: dict[str, str]) -> dict[str, Any]:
+    return run_child(model, layers, shares, env=env)[0]
 
 
 @pytest.fixture
@@ -95,14 +61,14 @@ def test_split_text_equals_the_unsplit_run_and_the_layers_are_on_the_share(
         share: tuple[Path, subprocess.Popen[str]], models_dir: Path, rbee_env: dict[str, str]) -> None:
     socket_path, process = share
     model = default_model(models_dir)
-    alone, _ = run_model(model, 0, [], rbee_env)
-    split, _ = run_model(model, 9, [socket_path], rbee_env)
+    alone = run_model(model, 0, [], rbee_env)
+    split = run_model(model, 9, [socket_path], rbee_env)
     assert alone["text"] and split["text"] == alone["text"]
     report = split["report"]
     assert isinstance(report, dict) and report["layers_offloaded"] == 9, report
     assert report["device"].startswith("RPC0") and report["weights_on_device"] > 100 * 2**20, report
     assert split["ubatch"] == SPLIT_UBATCH and alone["ubatch"] > SPLIT_UBATCH  # the helper's logits buffer stays small
-    cached, _ = run_model(model, 9, [socket_path], rbee_env)  # the share's layers now come from its cache
+    cached = run_model(model, 9, [socket_path], rbee_env)  # the share's layers now come from its cache
     assert cached["text"] == alone["text"]
     assert process.poll() is None, "the share serves one client after another"
 

@@ -6,9 +6,10 @@ import pytest
 
 from rbee.errors import NoCapacityError
 from rbee.inventory import Inventory
-from rbee.link.schemas import CatalogModel
+from rbee.link.schemas import CatalogModel, HiveReport, ShareView
 from rbee.queen.scheduler import HiveView
 from rbee.queen.split import RPC_OVERHEAD, Room, Shape, Split, model_plans, plan_split
+from rbee.queen.split_job import ShareLedger
 
 MB = 1_000_000
 #: the default model as its GGUF header says: 18 layers, 1 KV head of 256 (18,432 bytes of KV cache per
@@ -151,3 +152,18 @@ def test_fleet_plan_rows_split_what_fits_nowhere_alone_and_refuse_what_fits_nowh
     assert "mac cannot take part (its hive runs mlx-lm only" in huge.placement
     assert "off cannot take part (not running)" in huge.placement
     assert not rows["unpulled"].fits and "rbee models pull hf:org/new:n.gguf" in rows["unpulled"].placement
+
+
+def test_a_share_no_job_holds_is_a_stray_after_the_grace_only() -> None:
+    ledger = ShareLedger(grace=10)
+    report = HiveReport(name="h2", shares=[ShareView(share_id=share, model="m") for share in ("held", "left")])
+    ledger.hold("held")
+    assert ledger.strays("h2", report, now=100) == []
+    assert ledger.strays("h1", HiveReport(name="h1"), now=105) == []  # another hive's beat forgets nothing of h2's
+    assert ledger.strays("h2", report, now=109) == []
+    assert ledger.strays("h2", report, now=110) == ["left"]
+    ledger.release("held")  # its job's teardown could not reach the hive: it becomes a stray in turn
+    assert ledger.strays("h2", report, now=111) == ["left"]
+    assert ledger.strays("h2", report, now=121) == ["held", "left"]
+    assert ledger.strays("h2", HiveReport(name="h2"), now=122) == []  # gone from the report: forgotten
+    assert ledger.strays("h2", report, now=123) == []  # listed again: a new grace

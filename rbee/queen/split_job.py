@@ -1,0 +1,227 @@
+"""A job split across hives, once ``rbee.queen.split`` has planned it: each helper hive starts a
+share (llama.cpp's RPC server, fenced in its own network namespace behind a unix socket); on the
+main hive's host the queen opens one unix socket per share, in that hive's run folder, and carries
+each connection to the share over the SSH connections it already holds (or directly, for this
+machine); the main hive gets the job with those sockets; and at the end everything is stopped.
+
+While the job runs, a helper whose hive goes down, whose share stops (SIGSTOP) or ends, or whose
+path breaks ends the job with ``peer_down`` naming that helper; tearing its share down then makes
+the main worker's RPC calls fail, so nothing waits on a share that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rbee.errors import PeerDownError, RbeeError
+from rbee.link.jobs import Job
+from rbee.link.peers import PeerState
+from rbee.link.private import Dial, private_folder, splice
+from rbee.link.relay import relay
+from rbee.link.schemas import HiveReport, JobRequest
+from rbee.queen.scheduler import hive_body
+from rbee.queen.split import Split
+
+if TYPE_CHECKING:
+    from rbee.queen.service import Queen
+
+log = logging.getLogger("rbee.queen.split")
+
+#: how often the queen looks at the helpers while a split job runs
+WATCH_INTERVAL_S = 0.25
+#: how long a share no job holds may be listed by its hive before the queen stops it
+STRAY_GRACE_S = 10.0
+Closer = Callable[[], Awaitable[None]]
+
+
+class ShareLedger:
+    """The shares this queen's split jobs hold, and the strays: a share a hive still lists that
+    no job holds (its job's teardown could not reach a hive that hung, or the queen restarted)
+    is stopped once it has been listed for ``grace`` seconds, so nothing outlives its job."""
+
+    def __init__(self, grace: float = STRAY_GRACE_S) -> None:
+        self.grace = grace
+        self.held: set[str] = set()
+        self.first_seen: dict[str, dict[str, float]] = {}  # hive → share id → when first listed unheld
+
+    def hold(self, share_id: str) -> None:
+        self.held.add(share_id)
+
+    def release(self, share_id: str) -> None:
+        self.held.discard(share_id)
+
+    def strays(self, hive: str, report: HiveReport, now: float | None = None) -> list[str]:
+        """The shares ``hive``'s report lists that no job has held for ``grace`` seconds."""
+        now = time.monotonic() if now is None else now
+        unheld = {share.share_id for share in report.shares} - self.held
+        seen = self.first_seen.setdefault(hive, {})
+        for share_id in set(seen) - unheld:
+            del seen[share_id]
+        for share_id in unheld:
+            seen.setdefault(share_id, now)
+        return sorted(share_id for share_id, first in seen.items() if now - first >= self.grace)
+
+
+class SplitJob:
+    def __init__(self, queen: Queen, job: Job, request: JobRequest, plan: Split) -> None:
+        self.queen = queen
+        self.job = job
+        self.request = request
+        self.plan = plan
+        self.shares: list[tuple[str, str, str]] = []  # (helper hive, share id, its socket there)
+        self.started: dict[str, float] = {}  # share id → when its hive said it was up (monotonic)
+        self.closers: list[Closer] = []
+        self.broken: str = ""  # a helper whose share could not be reached while the job ran
+
+    async def run(self) -> None:
+        plan, job = self.plan, self.job
+        job.narrate("split", plan.describe())
+        job.info["node"] = plan.main.hive
+        try:
+            for share in plan.helpers:
+                answer = await self.queen.on_hive(share.hive, "POST", "/v1/shares",
+                                                  {"model": plan.model, "bytes": share.bytes})
+                view = answer["share"]
+                self.shares.append((share.hive, str(view["share_id"]), str(view["socket"])))
+                self.started[str(view["share_id"])] = time.monotonic()
+                self.queen.shares.hold(str(view["share_id"]))
+                job.narrate("split", f"{share.hive} serves {share.layers} layers of {plan.model} over RPC")
+            hive = await self.queen.hive_named(plan.main.hive, job.narrate)
+            folder = self.folder_on_main()
+            sockets = []
+            for index, (helper, _, path) in enumerate(self.shares):
+                listen = f"{folder}/{index}.sock"
+                await self.listen(plan.main.hive, listen, self.dialer(helper, path), helper)
+                sockets.append(listen)
+            gpu_layers = sum(share.layers for share in plan.helpers) + 1  # the output projection counts
+            parts = [share.layers + (1 if share.output else 0) for share in plan.helpers]
+            body = hive_body(self.request, self.queen.fleet.inventory, plan.main.hive)
+            body.update(ctx=plan.n_ctx, keep_alive=0, split={
+                "sockets": sockets, "gpu_layers": gpu_layers, "tensor_split": [p / sum(parts) for p in parts],
+                "bytes": plan.main.bytes, "helpers": [share.hive for share in plan.helpers]})
+            with self.queen.hives.relaying(hive, job):
+                await self.race(relay(job, self.queen.hive_link(hive), body))
+        finally:
+            await self.teardown()
+
+    async def race(self, running: Awaitable[object]) -> None:
+        """The job, ended early by the first helper found down."""
+        main = asyncio.ensure_future(running)
+        watch = asyncio.ensure_future(self.watch())
+        try:
+            done, _ = await asyncio.wait({main, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch in done:
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RbeeError):
+                    await main
+                watch.result()  # raises PeerDownError
+            main.result()
+        finally:
+            for task in (main, watch):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RbeeError):
+                await asyncio.gather(main, watch, return_exceptions=True)
+
+    async def watch(self) -> None:
+        while True:
+            self.check_helpers()
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def check_helpers(self) -> None:
+        """PeerDownError naming the first helper that is down, stopped, gone or cut off."""
+        for helper, share_id, _ in self.shares:
+            layers = next(share.layers for share in self.plan.helpers if share.hive == helper)
+            what = f"{helper}, which holds {layers} layers of {self.plan.model} for this job,"
+            peer = self.queen.hives.get(helper)
+            if peer is not None and peer.state == PeerState.DOWN:
+                raise PeerDownError(f"{what} is down ({peer.reason})")
+            if self.broken == helper:
+                raise PeerDownError(f"{what} cannot be reached: its share's socket does not answer")
+            report = peer.report if peer is not None else None
+            share = next((s for s in report.shares if s.share_id == share_id), None) if report else None
+            if share is not None and share.state != "up":
+                raise PeerDownError(f"{what} lost its share ({share.state})")
+            # a beat may have been made before the share started; three in a row without it are not
+            if share is None and time.monotonic() - self.started[share_id] > 3 * self.queen.config.heartbeat_interval:
+                raise PeerDownError(f"{what} lost its share (its hive no longer lists it)")
+
+    def folder_on_main(self) -> str:
+        """The run folder of the main hive, where its hive accepts a split's sockets."""
+        node = self.plan.main.hive
+        if self.queen.is_local(node):
+            return str(self.queen.config.home / "run" / "splits" / self.job.id)
+        host = self.queen.fleet.hosts.get(node)
+        if host is None or not host.home:
+            raise PeerDownError(f"{node} is not attached to this queen (`rbee fleet up`)")
+        return f"{host.home}/run/splits/{self.job.id}"
+
+    def dialer(self, node: str, path: str) -> Dial:
+        """How the queen opens a connection to a unix socket on ``node``."""
+        if self.queen.is_local(node):
+            return lambda: asyncio.open_unix_connection(path)
+
+        async def over_ssh() -> Any:
+            conn = await self.queen.fleet.hosts[node].connected()
+            return await conn.open_unix_connection(path, encoding=None)
+
+        return over_ssh
+
+    async def listen(self, node: str, path: str, dial: Dial, helper: str) -> None:
+        """A unix socket at ``path`` on ``node`` whose every connection is spliced to ``dial()``."""
+        async def handle(reader: Any, writer: Any) -> None:
+            try:
+                far = await dial()
+            except (OSError, RbeeError) as exc:
+                log.warning("split %s: cannot reach the share on %s: %s", self.job.id, helper, exc)
+                self.broken = helper
+                writer.close()
+                return
+            await splice((reader, writer), far)  # llama.cpp's client opens more than one over a load
+
+        if self.queen.is_local(node):
+            folder = private_folder(Path(path).parent)
+            server = await asyncio.start_unix_server(handle, path=path)
+            os.chmod(path, 0o600)
+
+            async def close_local() -> None:
+                server.close()
+                shutil.rmtree(folder, ignore_errors=True)
+
+            self.closers.append(close_local)
+            return
+        conn = await self.queen.fleet.hosts[node].connected()
+        folder_path = path.rsplit("/", 1)[0]
+        async with conn.start_sftp_client() as sftp:
+            await sftp.makedirs(folder_path, exist_ok=True)
+            await sftp.chmod(folder_path, 0o700)
+        listener = await conn.start_unix_server(lambda: handle, path, encoding=None)
+
+        async def close_remote() -> None:
+            listener.close()
+            with contextlib.suppress(Exception):
+                async with conn.start_sftp_client() as sftp:
+                    await sftp.remove(path)
+                    await sftp.rmdir(folder_path)
+
+        self.closers.append(close_remote)
+
+    async def teardown(self) -> None:
+        """Every share stopped (which also ends a main worker stuck on one) and every path closed."""
+        for helper, share_id, _ in self.shares:
+            try:
+                await self.queen.on_hive(helper, "DELETE", f"/v1/shares/{share_id}")
+            except RbeeError as exc:  # a hive that is gone took its share along; one that hung, later
+                log.warning("split %s: could not stop the share on %s (stopped once it reports again): %s",
+                            self.job.id, helper, exc)
+            self.queen.shares.release(share_id)
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                await close()
