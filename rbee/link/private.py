@@ -24,6 +24,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from rbee.errors import PrivateNetworkError
 
@@ -81,7 +82,7 @@ def socket_owner(local: tuple[str, int], remote: tuple[str, int], table: str) ->
     return None
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: Any, writer: Any) -> None:
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -93,19 +94,24 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-    """Copy both ways until either side ends; then both are closed. Run as a connection's
-    handler, it ends quietly when its server's loop shuts down (a cancelled handler would be
-    logged by asyncio as an error)."""
+async def splice(a: tuple[Any, Any], b: tuple[Any, Any]) -> int | None:
+    """Copy both ways until either side ends; then both are closed. Returns which side ended
+    first (0: ``a``, 1: ``b``). Run as a connection's handler, it ends quietly (None) when its
+    server's loop shuts down (a cancelled handler would be logged by asyncio as an error)."""
     for sock in (a[1].get_extra_info("socket"), b[1].get_extra_info("socket")):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RPC is request/answer: no Nagle
+    pumps = (asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1])))
     try:
-        await asyncio.gather(_pump(a[0], b[1]), _pump(b[0], a[1]))
+        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*pumps)
+        return 0 if pumps[0] in done else 1
     except asyncio.CancelledError:
+        for task in pumps:
+            task.cancel()
         for _, writer in (a, b):
             writer.close()
+        return None
 
 
 Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]

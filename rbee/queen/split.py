@@ -243,10 +243,9 @@ def model_plans(views: Sequence[HiveView], inventory: Inventory,
     """Each logical model and each GGUF model on some hive's disk, planned on the fleet as it is now."""
     wanted: dict[str, tuple[str, LogicalModel | None]] = {
         name: (logical.gguf, logical) for name, logical in inventory.models.items() if logical.gguf is not None}
-    listed = {logical.gguf for logical in inventory.models.values()}
     for models in catalogs.values():
         for model in models:
-            if model.format == "gguf" and model.ref not in listed:
+            if model.format == "gguf":
                 wanted.setdefault(model.name, (model.ref, None))
     rooms = fleet_rooms(views, inventory)
     plans = []

@@ -153,6 +153,14 @@ class SplitJob:
             if share is None and time.monotonic() - self.started[share_id] > 3 * self.queen.config.heartbeat_interval:
                 raise PeerDownError(f"{what} lost its share (its hive no longer lists it)")
 
+    def lost(self, helper: str) -> None:
+        """End the job now, naming ``helper``: its share closed a connection the main worker held
+        (it died, or its hive did and took it along). That end reached the main worker through this
+        queen, so this error is the job's first, before the worker's abort is reported."""
+        layers = next(share.layers for share in self.plan.helpers if share.hive == helper)
+        self.job.fail("peer_down", f"{helper}, which holds {layers} layers of {self.plan.model} for this job, is gone: "
+                                   "its share closed the main worker's connection")
+
     def folder_on_main(self) -> str:
         """The run folder of the main hive, where its hive accepts a split's sockets."""
         node = self.plan.main.hive
@@ -184,7 +192,10 @@ class SplitJob:
                 self.broken = helper
                 writer.close()
                 return
-            await splice((reader, writer), far)  # llama.cpp's client opens more than one over a load
+            # llama.cpp's client opens and closes several over a load; the share never closes one first
+            # unless it is gone, and then the main worker is about to abort: say who, before it does
+            if await splice((reader, writer), far) == 1:
+                self.lost(helper)
 
         if self.queen.is_local(node):
             folder = private_folder(Path(path).parent)

@@ -43,8 +43,9 @@ CAP = 'memory = "360MB"\n'  # the worker alone needs 0.39 GB at 4096 tokens; spl
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Fleet]:
     # this machine's own hive may not take part: the split is the two hosts'
-    with two_hosts(tmp_path_factory.mktemp("split"), extra='[[hive]]\nname = "localhost"\nmemory = "1MB"\n',
-                   per_host={"h1": CAP, "h2": CAP}) as state:
+    # `long`: the default model at its full trained context, which the two hosts do not hold even together
+    extra = '[[hive]]\nname = "localhost"\nmemory = "1MB"\n\n[models.long]\ngguf = "gemma3-270m"\nctx = 32768\n'
+    with two_hosts(tmp_path_factory.mktemp("split"), extra=extra, per_host={"h1": CAP, "h2": CAP}) as state:
         yield state
 
 
@@ -77,8 +78,11 @@ def test_fleet_plan_shows_the_split(fleet: Fleet) -> None:
     plan = subprocess.run([*RBEE, "fleet", "plan", "-i", str(fleet.inventory)], env={**fleet.env, "COLUMNS": "400"},
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
-    line = next((line for line in plan.stdout.splitlines() if "gemma3-270m" in line), "")
+    line = next((line for line in plan.stdout.splitlines() if "│ gemma3-270m" in line), "")
     assert "split across h1: " in line and "; h2: " in line and "and the output layer" in line, plan.stdout
+    refused = next((line for line in plan.stdout.splitlines() if "│ long" in line), "")
+    assert "cannot load long: with 32768 tokens of context it needs" in refused, plan.stdout
+    assert "the fleet together has 0.72 GB (h1 0.36 GB free; h2 0.36 GB free" in refused, plan.stdout
 
 
 @pytest.mark.timeout(300)
@@ -132,7 +136,7 @@ def test_another_user_of_the_helper_host_reaches_no_share(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("target", "sig"), [("share", signal.SIGSTOP), ("share", signal.SIGKILL),
-                                             ("hive", signal.SIGSTOP)])
+                                             ("hive", signal.SIGSTOP), ("hive", signal.SIGKILL)])
 def test_a_helper_stopped_or_killed_mid_stream_ends_the_job_naming_its_host(fleet: Fleet, target: str,
                                                                             sig: int) -> None:
     h2 = fleet.hosts[1]
@@ -149,6 +153,6 @@ def test_a_helper_stopped_or_killed_mid_stream_ends_the_job_naming_its_host(flee
     assert "h2, which holds" in stderr and ("peer_down" in stderr or "is down" in stderr or "lost its share" in
                                             stderr or "stopped answering" in stderr), stderr
     assert ended < 3 * 0.5 + 5, f"the job took {ended:.1f} s to end"
-    if target == "hive":
+    if target == "hive" and sig == signal.SIGSTOP:
         os.kill(victim, signal.SIGCONT)  # back: the queen stops the share no job holds any more
-    nothing_left(fleet, timeout=STRAY_GRACE_S + 20)
+    nothing_left(fleet, timeout=STRAY_GRACE_S + 20)  # a killed hive's share ends with its parent

@@ -141,7 +141,9 @@ def test_fleet_plan_rows_split_what_fits_nowhere_alone_and_refuse_what_fits_nowh
                           catalog_model("h", "hf:org/huge:h.gguf", 5 * GEMMA.weights)],
                 "mac": [catalog_model("other", "hf:org/mlx", 10, layers=0, fmt="mlx")]}
     rows = {row.model: row for row in model_plans(views, inventory, catalogs)}
-    assert set(rows) == {"gemma", "forced", "huge", "unpulled"}  # an MLX-only entry is not planned
+    # by the names a job may use: logical models, and each GGUF of a catalog (an MLX one is not planned)
+    assert set(rows) == {"gemma", "forced", "huge", "unpulled", "g", "h"}
+    assert rows["g"].fits and rows["g"].split is not None and rows["g"].split.n_ctx < GEMMA.trained_ctx
     gemma = rows["gemma"]
     assert gemma.fits and gemma.split is not None and {s.hive for s in gemma.split.shares} == {"bee-a", "bee-b"}
     assert gemma.placement.startswith("split across bee-a: ") and f"{CTX} tokens of context" in gemma.placement
