@@ -58,6 +58,7 @@ class HiveView:
     free_memory: int  # bytes a new worker may use (largest GPU pool or RAM)
     load: Mapping[str, ModelLoad] = field(default_factory=dict)  # per model name/ref, of its warm workers
     sizes: Mapping[str, int] = field(default_factory=dict)  # per model name/ref on disk: bytes of the file
+    system: str = ""  # the host's OS as its hive reports it ("linux", "darwin"); "" before a report
 
     def load_of(self, model: str) -> ModelLoad:
         return self.load.get(model, ModelLoad())
@@ -122,7 +123,8 @@ def hive_view(name: str, report: HiveReport | None, available: bool, in_flight: 
         if model in load:
             load[model] = load[model].with_in_flight(jobs)
     on_disk = frozenset(key for keys in keys_of.values() for key in keys)
-    return HiveView(name, available, frozenset(warm), on_disk, report.free_memory, load, sizes)
+    return HiveView(name, available, frozenset(warm), on_disk, report.free_memory, load, sizes,
+                    str(report.devices.get("os", "")))
 
 
 def hive_body(request: JobRequest, inventory: Inventory, node: str) -> dict[str, Any]:

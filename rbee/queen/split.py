@@ -220,6 +220,9 @@ def fleet_rooms(views: Sequence[HiveView], inventory: Inventory) -> list[Room]:
         entry = inventory.get(view.name)
         if not view.available:
             rooms.append(Room(view.name, 0, "not running"))
+        elif view.system and view.system != "linux":
+            rooms.append(Room(view.name, view.free_memory, f"its host runs {view.system}; a split's share and main "
+                                                            "worker are fenced with Linux's network namespaces"))
         elif entry is not None and entry.backend == "mlx":
             rooms.append(Room(view.name, view.free_memory, "its hive runs mlx-lm only, which cannot serve a share; "
                                                            'set backend = "auto" to let it join through llama.cpp'))

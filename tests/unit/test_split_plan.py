@@ -136,6 +136,7 @@ def test_fleet_plan_rows_split_what_fits_nowhere_alone_and_refuse_what_fits_nowh
     views = [HiveView("bee-a", True, frozenset(), frozenset(), each),
              HiveView("bee-b", True, frozenset(), frozenset(), each),
              HiveView("mac", True, frozenset(), frozenset(), 10**12),
+             HiveView("air", True, frozenset(), frozenset(), 10**12, system="darwin"),
              HiveView("off", False, frozenset(), frozenset(), 0)]
     catalogs = {"bee-a": [catalog_model("g", "hf:org/gemma:g.gguf", GEMMA.weights),
                           catalog_model("h", "hf:org/huge:h.gguf", 5 * GEMMA.weights)],
@@ -153,6 +154,7 @@ def test_fleet_plan_rows_split_what_fits_nowhere_alone_and_refuse_what_fits_nowh
     assert not huge.fits and "the fleet together has" in huge.placement
     assert "mac cannot take part (its hive runs mlx-lm only" in huge.placement
     assert "off cannot take part (not running)" in huge.placement
+    assert "air cannot take part (its host runs darwin;" in huge.placement
     assert not rows["unpulled"].fits and "rbee models pull hf:org/new:n.gguf" in rows["unpulled"].placement
 
 
