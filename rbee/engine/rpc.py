@@ -16,6 +16,7 @@ rbee's own bridge can reach it (``rbee.link.private``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from pathlib import Path
@@ -41,6 +42,7 @@ def attached() -> int:
     return len(_attached)
 
 
+@functools.cache
 def _ggml() -> ctypes.CDLL:
     lib = backends.registry()
     for name, args, result in (
@@ -69,7 +71,7 @@ def rpc_registry() -> int:
             build = backends.require_installed()
             module = build.lib_dir / f"{RPC_MODULE}{backends.module_suffix()}"
             if not reg and module.is_file():
-                reg = backends.registry().ggml_backend_load(os.fsencode(module))
+                reg = lib.ggml_backend_load(os.fsencode(module))
             if not reg:
                 raise EngineBuildError(f"this llama.cpp build ({build.lib_dir}) has no RPC backend, so it cannot "
                                        "take part in a model split across hosts; rebuild the engine with rbee's "

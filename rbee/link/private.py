@@ -117,23 +117,36 @@ async def splice(a: tuple[Any, Any], b: tuple[Any, Any]) -> int | None:
 Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-async def unix_to_tcp(path: Path, port: int) -> asyncio.AbstractServer:
-    """A unix socket at ``path`` (its folder 0700) whose connections go on to 127.0.0.1:``port``."""
+async def forward(reader: Any, writer: Any, dial: Dial,
+                  unreachable: Callable[[Exception], None] | None = None) -> int | None:
+    """One accepted connection carried on to ``dial()``, as :func:`splice` says; when the far end
+    cannot be dialed, the connection is closed (its client sees that) and ``unreachable`` told."""
+    try:
+        far = await dial()
+    except Exception as exc:  # OSError, and an SSH channel's own errors
+        writer.close()
+        if unreachable is not None:
+            unreachable(exc)
+        return None
+    return await splice((reader, writer), far)
+
+
+async def serve_unix(path: Path, handle: Callable[[Any, Any], Awaitable[None]]) -> asyncio.AbstractServer:
+    """A unix socket at ``path``, 0600 in a 0700 folder of this user's, served by ``handle``."""
     private_folder(path.parent)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            far = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            writer.close()
-            return
-        await splice((reader, writer), far)
-
     server = await asyncio.start_unix_server(handle, path=str(path))
     os.chmod(path, 0o600)
     return server
+
+
+async def unix_to_tcp(path: Path, port: int) -> asyncio.AbstractServer:
+    """A unix socket at ``path`` (its folder 0700) whose connections go on to 127.0.0.1:``port``."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await forward(reader, writer, lambda: asyncio.open_connection("127.0.0.1", port))
+
+    return await serve_unix(path, handle)
 
 
 async def tcp_to_unix(dial: Dial, *, table: Path = Path("/proc/net/tcp")) -> tuple[asyncio.AbstractServer, int]:
@@ -148,12 +161,7 @@ async def tcp_to_unix(dial: Dial, *, table: Path = Path("/proc/net/tcp")) -> tup
         if owner != me:
             writer.close()
             return
-        try:
-            far = await dial()
-        except OSError:  # the far end is gone: llama.cpp's client sees a closed connection
-            writer.close()
-            return
-        await splice((reader, writer), far)
+        await forward(reader, writer, dial)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, int(server.sockets[0].getsockname()[1])

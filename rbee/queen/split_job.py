@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rbee.errors import PeerDownError, RbeeError
 from rbee.link.jobs import Job
 from rbee.link.peers import PeerState
-from rbee.link.private import Dial, private_folder, splice
+from rbee.link.private import Dial, forward, serve_unix
 from rbee.link.relay import relay
 from rbee.link.schemas import HiveReport, JobRequest
 from rbee.queen.scheduler import hive_body
@@ -138,8 +137,7 @@ class SplitJob:
     def check_helpers(self) -> None:
         """PeerDownError naming the first helper that is down, stopped, gone or cut off."""
         for helper, share_id, _ in self.shares:
-            layers = next(share.layers for share in self.plan.helpers if share.hive == helper)
-            what = f"{helper}, which holds {layers} layers of {self.plan.model} for this job,"
+            what = self.holding(helper)
             peer = self.queen.hives.get(helper)
             if peer is not None and peer.state == PeerState.DOWN:
                 raise PeerDownError(f"{what} is down ({peer.reason})")
@@ -157,9 +155,12 @@ class SplitJob:
         """End the job now, naming ``helper``: its share closed a connection the main worker held
         (it died, or its hive did and took it along). That end reached the main worker through this
         queen, so this error is the job's first, before the worker's abort is reported."""
+        self.job.fail("peer_down", f"{self.holding(helper)} is gone: its share closed the main worker's connection")
+
+    def holding(self, helper: str) -> str:
+        """``helper`` as the job's errors name it: with what it holds."""
         layers = next(share.layers for share in self.plan.helpers if share.hive == helper)
-        self.job.fail("peer_down", f"{helper}, which holds {layers} layers of {self.plan.model} for this job, is gone: "
-                                   "its share closed the main worker's connection")
+        return f"{helper}, which holds {layers} layers of {self.plan.model} for this job,"
 
     def folder_on_main(self) -> str:
         """The run folder of the main hive, where its hive accepts a split's sockets."""
@@ -184,27 +185,22 @@ class SplitJob:
 
     async def listen(self, node: str, path: str, dial: Dial, helper: str) -> None:
         """A unix socket at ``path`` on ``node`` whose every connection is spliced to ``dial()``."""
+        def unreachable(exc: Exception) -> None:
+            log.warning("split %s: cannot reach the share on %s: %s", self.job.id, helper, exc)
+            self.broken = helper
+
         async def handle(reader: Any, writer: Any) -> None:
-            try:
-                far = await dial()
-            except (OSError, RbeeError) as exc:
-                log.warning("split %s: cannot reach the share on %s: %s", self.job.id, helper, exc)
-                self.broken = helper
-                writer.close()
-                return
             # llama.cpp's client opens and closes several over a load; the share never closes one first
             # unless it is gone, and then the main worker is about to abort: say who, before it does
-            if await splice((reader, writer), far) == 1:
+            if await forward(reader, writer, dial, unreachable) == 1:
                 self.lost(helper)
 
         if self.queen.is_local(node):
-            folder = private_folder(Path(path).parent)
-            server = await asyncio.start_unix_server(handle, path=path)
-            os.chmod(path, 0o600)
+            server = await serve_unix(Path(path), handle)
 
             async def close_local() -> None:
                 server.close()
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(Path(path).parent, ignore_errors=True)
 
             self.closers.append(close_local)
             return

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.engine import rpc
-from rbee.engine.rpc import SPLIT_UBATCH
 from rbee.errors import RbeeError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.loop import Sequence, Token
@@ -126,7 +125,7 @@ class LlamaStep:
         params = ll.llama_context_default_params()
         params.n_ctx = self.requested_ctx
         params.n_batch = max(PREFILL_CHUNK + self.n_slots, 512)
-        params.n_ubatch = min(params.n_batch, SPLIT_UBATCH) if rpc.attached() else params.n_batch
+        params.n_ubatch = min(params.n_batch, rpc.SPLIT_UBATCH) if rpc.attached() else params.n_batch
         params.n_seq_max = self.n_slots
         params.n_threads = params.n_threads_batch = self.threads
         params.kv_unified = True
