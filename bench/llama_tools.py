@@ -1,8 +1,9 @@
-"""llama.cpp's own tools as baselines: ``llama-batched-bench`` (the engine's own ceiling) and
-``llama-server``, built from the llama.cpp vendored in the installed llama-cpp-python's
-source (the same version), with the CPU kernels of the variant rbee's workers load here.
+"""llama.cpp's own tools as baselines: ``llama-batched-bench`` (the engine's own ceiling),
+``llama-server`` and ``ggml-rpc-server`` (a split hand-run with ``llama-server --rpc``), built from
+the llama.cpp vendored in the installed llama-cpp-python's source (the same version), with the
+CPU kernels of the variant rbee's workers load here, and ggml's RPC backend.
 
-    python -m bench.llama_tools [--variant haswell]   # prints the folder holding both
+    python -m bench.llama_tools [--variant haswell]   # prints the folder holding them
 
 Built once per llama-cpp-python version and variant into ``~/.cache/rbee/llama-tools/`` (15
 to 30 minutes on 2 cores); later calls return the cached folder at once. No ``-march=native``:
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from rbee.engine import build as engine_build
 
-TOOLS = ("llama-batched-bench", "llama-server")
+TOOLS = ("llama-batched-bench", "llama-server", "ggml-rpc-server")
 #: ggml's CPU variants (ggml/src/CMakeLists.txt, ggml_add_cpu_backend_variant) as CMake options
 VARIANTS: dict[str, tuple[str, ...]] = {
     "x64": (),
@@ -40,7 +41,8 @@ ALL_FLAGS = sorted({flag for flags in VARIANTS.values() for flag in flags} | {"A
 def cmake_flags(variant: str) -> list[str]:
     on = set(VARIANTS[variant])
     return ["-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-            "-DCMAKE_BUILD_TYPE=Release", *(f"-DGGML_{flag}={'ON' if flag in on else 'OFF'}" for flag in ALL_FLAGS)]
+            "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON",
+            *(f"-DGGML_{flag}={'ON' if flag in on else 'OFF'}" for flag in ALL_FLAGS)]
 
 
 def version() -> str:
@@ -67,7 +69,8 @@ def tools_dir(variant: str) -> Path:
 
 
 def ensure(variant: str) -> Path:
-    """The folder holding both tools, built now if missing."""
+    """The folder holding the tools, built now if missing (a folder from before ``ggml-rpc-server`` was
+    one of them is built again: its ``llama-server`` has no ``--rpc``)."""
     folder = tools_dir(variant)
     if all((folder / tool).is_file() for tool in TOOLS):
         return folder

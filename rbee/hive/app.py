@@ -12,6 +12,7 @@ from rbee.errors import RequestError, UnknownWorkerError
 from rbee.hive.service import Hive
 from rbee.link.auth import install_auth, loopback_url
 from rbee.link.jobs import Job, Producer
+from rbee.link.schemas import ShareRequest, parse_wire
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 
 
@@ -77,11 +78,8 @@ def create_app(hive: Hive) -> Quart:
 
     @app.post("/v1/shares")
     async def start_share() -> Response:
-        body = await read_json_body()
-        model, need = body.get("model"), body.get("bytes")
-        if not isinstance(model, str) or not model or not isinstance(need, int) or need <= 0:
-            raise RequestError('a share needs {"model": NAME, "bytes": N}, N > 0')
-        return jsonify({"share": (await hive.start_share(model, need)).model_dump(mode="json")})
+        asked = parse_wire(ShareRequest, await read_json_body(), "share request")
+        return jsonify({"share": (await hive.start_share(asked)).model_dump(mode="json")})
 
     @app.delete("/v1/shares/<share_id>")
     async def stop_share(share_id: str) -> Response:

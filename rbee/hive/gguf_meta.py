@@ -88,9 +88,11 @@ def _value(handle: BinaryIO, kind: int) -> Any:
 
 #: the tensors whose size and shape a split needs: the output projection, or the embeddings tied to it
 OUTPUT_TENSORS = ("output.weight", "token_embd.weight")
+#: where tensor data starts when ``general.alignment`` does not say (the GGUF spec's default)
+DEFAULT_ALIGNMENT = 32
 
 
-def tensor_bytes(kind: int, dims: list[int]) -> int:
+def tensor_bytes(kind: int, dims: list[int] | tuple[int, ...]) -> int:
     count = 1
     for dim in dims:
         count *= dim
@@ -101,9 +103,32 @@ def tensor_bytes(kind: int, dims: list[int]) -> int:
     return count // block * size
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int, dict[str, tuple[int, list[int]]]]:
-    """Scalar and string keys of the header (arrays skipped), the parameter count, and the type
-    and shape of the output tensors (``OUTPUT_TENSORS``)."""
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    kind: int
+    dims: tuple[int, ...]
+    offset: int  # from the start of the file
+
+    @property
+    def bytes(self) -> int:
+        return tensor_bytes(self.kind, self.dims)
+
+
+@dataclass(frozen=True)
+class Header:
+    """Scalar and string keys (arrays skipped), the parameter count, and every tensor's place."""
+
+    fields: dict[str, Any]
+    parameters: int
+    tensors: tuple[Tensor, ...]
+
+    @property
+    def outputs(self) -> dict[str, Tensor]:
+        return {t.name: t for t in self.tensors if t.name in OUTPUT_TENSORS}
+
+
+def read_header(path: Path) -> Header:
     try:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
@@ -119,27 +144,28 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, dict[str, tuple[int, l
                 key = _string(handle)
                 fields[key] = _value(handle, _read(handle, "<I"))
             parameters = 0
-            outputs: dict[str, tuple[int, list[int]]] = {}
+            found: list[tuple[str, int, tuple[int, ...], int]] = []
             for _ in range(n_tensors):
                 name = _string(handle)
-                dims = [_read(handle, "<Q") for _ in range(_read(handle, "<I"))]
-                kind = _read(handle, "<I")
-                handle.seek(8, 1)  # offset
-                if name in OUTPUT_TENSORS:
-                    outputs[name] = (kind, dims)
+                dims = tuple(_read(handle, "<Q") for _ in range(_read(handle, "<I")))
+                found.append((name, _read(handle, "<I"), dims, _read(handle, "<Q")))
                 count = 1
                 for dim in dims:
                     count *= dim
                 parameters += count
-    except (EOFError, ValueError, struct.error, MemoryError, OverflowError) as exc:
+            alignment = fields.get("general.alignment") or DEFAULT_ALIGNMENT
+            start = -(-handle.tell() // alignment) * alignment
+    except (EOFError, ValueError, struct.error, MemoryError, OverflowError, ZeroDivisionError) as exc:
         raise BadModelError(
             f"{path} is truncated or corrupt: its GGUF header cannot be read ({type(exc).__name__})"
         ) from exc
-    return fields, parameters, outputs
+    tensors = tuple(Tensor(name, kind, dims, start + offset) for name, kind, dims, offset in found)
+    return Header(fields, parameters, tensors)
 
 
 def read_info(path: Path) -> GgufInfo:
-    fields, parameters, outputs = read_header(path)
+    header = read_header(path)
+    fields, parameters, outputs = header.fields, header.parameters, header.outputs
     output = outputs.get("output.weight") or outputs.get("token_embd.weight")
     arch = str(fields.get("general.architecture", "unknown"))
     heads = int(fields.get(f"{arch}.attention.head_count", 1) or 1)
@@ -159,6 +185,6 @@ def read_info(path: Path) -> GgufInfo:
         kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", heads) or heads),
         head_dim=head_dim,
         has_chat_template="tokenizer.chat_template" in fields,
-        output_bytes=tensor_bytes(*output) if output else 0,
-        vocab=output[1][1] if output and len(output[1]) > 1 else 0,
+        output_bytes=output.bytes if output else 0,
+        vocab=output.dims[1] if output and len(output.dims) > 1 else 0,
     )

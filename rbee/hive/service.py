@@ -15,7 +15,16 @@ from typing import Any
 
 from rbee import __version__
 from rbee.config import DEFAULT_MODEL, DEFAULT_QUEUE, EMBED_MAX_CTX, HiveConfig
-from rbee.errors import LinkError, ModelNotFoundError, RequestError, StallError, WorkerDiedError, WorkerStalledError
+from rbee.errors import (
+    BadModelError,
+    LinkError,
+    ModelNotFoundError,
+    RequestError,
+    StallError,
+    WorkerDiedError,
+    WorkerStalledError,
+)
+from rbee.hive import rpc_cache
 from rbee.hive.devices import free_memory, probe
 from rbee.hive.engine import Choice, choose_engine, gpu_offload_supported, installed_engines
 from rbee.hive.engine import Host as EngineHost
@@ -30,7 +39,7 @@ from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
-from rbee.link.schemas import CatalogModel, HiveReport, JobRequest, ShareView, SplitMain
+from rbee.link.schemas import CatalogModel, HiveReport, JobRequest, ShareRequest, ShareView, SplitMain
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +128,34 @@ class Hive:
             shares=self.supervisor.shares.views(),
         )
 
-    async def start_share(self, model: str, need: int) -> ShareView:
-        """A share of ``need`` bytes of ``model`` for a split job's main worker elsewhere."""
-        share = await self.supervisor.shares.start(
-            model, need, lambda: free_memory(probe(), self.config.memory_budget, self.supervisor.reserved)[0])
+    async def start_share(self, asked: ShareRequest) -> ShareView:
+        """A share for a split job's main worker elsewhere; with ``layers``, its RPC cache is
+        filled first from this host's copy of the model."""
+        cache = ""
+        if asked.layers is not None:
+            cache = await self.fill_share_cache(asked.ref or asked.model, asked.layers, asked.output)
+        share = await self.supervisor.start_share(
+            asked.model, asked.bytes,
+            lambda: free_memory(probe(), self.config.memory_budget, self.supervisor.reserved)[0])
+        share.cache = cache
         return share.view()
+
+    async def fill_share_cache(self, ref: str, layers: tuple[int, int], output: bool) -> str:
+        """What the share will read from this host's own copy of ``ref`` (rbee.hive.rpc_cache), in
+        words. A host without the model, or without room for the cache, still serves the share:
+        its weights then cross the link, and the words say why."""
+        entry = await asyncio.to_thread(self.catalog.find, ref, "gguf")
+        if entry is None or entry.format != "gguf":
+            return f"{self.config.actor} has no GGUF of {ref} in its catalog: its weights cross the link"
+        try:
+            primed = await asyncio.to_thread(rpc_cache.prime, entry.path, self.supervisor.shares.cache, *layers,
+                                             output)
+        except (OSError, BadModelError) as exc:
+            log.warning("could not fill the RPC cache from %s: %s", entry.path, exc)
+            return (f"{self.config.actor} could not fill its RPC cache from {entry.path} ({exc}): its weights cross "
+                    "the link")
+        log.info("RPC cache for %s: %s in %.1f s", ref, primed.describe(), primed.seconds)
+        return primed.describe()
 
     def narrator(self, job: Job) -> Any:
         """A narrate function that may be called from a worker thread (downloads run on one)."""
@@ -259,8 +291,8 @@ class Hive:
                                      "pull it (`rbee models pull`) or run it once")
         header: dict[str, Any] = {}
         if entry.format == "gguf":
-            fields, parameters, _ = await asyncio.to_thread(read_header, entry.path)
-            header = {**fields, "general.parameter_count": parameters}
+            read = await asyncio.to_thread(read_header, entry.path)
+            header = {**read.fields, "general.parameter_count": read.parameters}
         return {"model": entry.describe(), "header": header}
 
     async def remove_model(self, name: str) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 (``python -m rbee.worker.rpc_share``), fenced in a network namespace of its own behind a unix
 socket in the hive's run folder (decision 86).
 
-A share is admitted like a worker: its bytes count against the host's free memory and its
-`memory` cap, and are held until it stops. It lives as long as the split job's main worker: the
-queen stops it (``DELETE /v1/shares/<id>``), the hive stops every share when it stops, and a share
-ends by itself when the hive is gone (``--parent-pid``).
+A share is admitted like a worker, under the same lock (``Supervisor.start_share``): its bytes
+count against the host's free memory and its `memory` cap, and are held until it stops. It lives
+as long as the split job's main worker: the queen stops it (``DELETE /v1/shares/<id>``), the hive
+stops every share when it stops, and a share ends by itself when the hive is gone
+(``--parent-pid``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Share:
     log_path: Path
     started: float = field(default_factory=time.time)
     reason: str = ""
+    #: what its RPC cache holds from this host's own copy of the model, in words
+    cache: str = ""
 
     @property
     def state(self) -> str:
@@ -55,48 +58,50 @@ class Share:
 
     def view(self) -> ShareView:
         return ShareView(share_id=self.share_id, model=self.model, bytes=self.bytes, socket=str(self.socket),
-                         pid=self.process.pid, state=self.state, since=self.started)
+                         pid=self.process.pid, state=self.state, since=self.started, cache=self.cache)
 
 
 class Shares:
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
         self.records: dict[str, Share] = {}
-        #: one admission at a time: a share's bytes are held from its check until it stops
-        self._admitting = asyncio.Lock()
 
     @property
     def reserved(self) -> int:
         return sum(share.bytes for share in self.records.values() if share.process.returncode is None)
 
+    @property
+    def cache(self) -> Path:
+        """llama.cpp's RPC cache on this host, one for every share (its files are named by content)."""
+        return self.config.home / "rpc-cache"
+
     def folder(self, share_id: str) -> Path:
         return self.config.home / "run" / "shares" / share_id
 
-    async def start(self, model: str, need: int, free: Callable[[], int]) -> Share:
-        """A running share of ``need`` bytes of ``model``, or NoCapacityError saying what is free
-        (``free()``: what a new worker could take now, asked after the hive's own checks)."""
-        async with self._admitting:
-            return await self._start(model, need, free)
-
-    async def _start(self, model: str, need: int, free: Callable[[], int]) -> Share:
-        room = free()
+    def check(self, model: str, need: int, room: int) -> None:
+        """NoCapacityError unless ``room`` (what a new worker could take now) holds the share."""
         if need > room:
             raise NoCapacityError(
                 f"{self.config.actor} cannot serve a {need / 1e9:.2f} GB share of {model}: {room / 1e9:.2f} GB is "
                 "free within its `memory`. Stop a worker there (`rbee workers stop`) or raise its `memory`")
+
+    async def start(self, model: str, need: int, counted: Callable[[], None] = lambda: None) -> Share:
+        """A running share of ``need`` bytes of ``model`` (admitted already); ``counted()`` is
+        called once its record counts the bytes."""
         share_id = secrets.token_hex(4)
         folder = self.folder(share_id)
         socket = folder / "rpc.sock"
         log_path = self.config.home / "logs" / f"share-{share_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", SHARE_MODULE, "--socket", str(socket), "--cache",
-                str(self.config.home / "rpc-cache"), "--parent-pid", str(os.getpid())]
+        argv = [sys.executable, "-m", SHARE_MODULE, "--socket", str(socket), "--cache", str(self.cache),
+                "--parent-pid", str(os.getpid())]
         with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - opening a log is instant
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log_file,
                 start_new_session=True)
         share = Share(share_id, model, need, socket, process, log_path)
         self.records[share_id] = share
+        counted()
         assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_S)

@@ -15,10 +15,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rbee.config import DEFAULT_QUEUE, WORKER_MODULE, HiveConfig, ServeOptions, WorkerConfig, to_args
 from rbee.engine.backends import VARIANT_ENV
@@ -26,7 +26,7 @@ from rbee.errors import NoCapacityError, StartupError, UnknownWorkerError
 from rbee.hive.devices import probe
 from rbee.hive.engine_proof import EngineProof
 from rbee.hive.placement import Demand, Memory, Sized
-from rbee.hive.shares import Shares
+from rbee.hive.shares import Share, Shares
 from rbee.link.auth import ENV, Callee, write_secret
 from rbee.link.client import LinkClient
 from rbee.link.engine_report import EngineReport
@@ -37,6 +37,15 @@ from rbee.link.spawn import Child, bind_loopback, spawn
 log = logging.getLogger(__name__)
 
 Narrate = Callable[..., None]
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Hold:
+    """Bytes admission granted to a worker or share that is starting: counted as taken until its
+    record counts them, or it failed to start."""
+
+    bytes: int
 
 
 def worker_threads(cores: int, live_workers: int) -> int:
@@ -109,6 +118,7 @@ class WorkerRecord(Peer[WorkerReport]):
             heartbeat_age_s=self.heartbeat_age(now), tokens_generated=report.tokens_generated if report else 0,
             load=self.load, memory=self.memory,
             idle_s=round(now - self.last_used, 1) if not self.active_jobs else 0.0, keep_alive_s=keep_alive,
+            role="split main" if self.spec.rpc else "worker", helpers=len(self.spec.rpc),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -159,6 +169,10 @@ class Supervisor:
         self._spawning: dict[WorkerSpec, asyncio.Lock] = {}
         #: shares of split models served here, held against memory as workers are
         self.shares = Shares(config)
+        #: one admission at a time, workers and shares alike: free memory is checked and what it
+        #: grants is held before the next check, whichever model either is for
+        self._admission = asyncio.Lock()
+        self._holds: set[Hold] = set()
         self._watchers: set[asyncio.Task[None]] = set()
 
     def secret_path(self, worker_id: str) -> Path:
@@ -185,7 +199,35 @@ class Supervisor:
 
     @property
     def reserved(self) -> int:
-        return sum(r.memory for r in self.peers if r.live) + self.shares.reserved
+        return (sum(r.memory for r in self.peers if r.live) + self.shares.reserved
+                + sum(hold.bytes for hold in self._holds))
+
+    async def admitted(self, check: Callable[[], Awaitable[tuple[T, int]]]) -> tuple[T, Hold]:
+        """``check`` (what it grants and its bytes, or NoCapacityError) under the hive's one
+        admission lock, its bytes held from then on; the caller discards the hold once the
+        worker's or share's record counts them."""
+        async with self._admission:
+            granted, need = await check()
+            hold = Hold(need)
+            self._holds.add(hold)
+        return granted, hold
+
+    def release(self, hold: Hold) -> None:
+        """``hold``'s bytes no longer counted here: its record counts them, or it did not start."""
+        self._holds.discard(hold)
+
+    async def start_share(self, model: str, need: int, room: Callable[[], int]) -> Share:
+        """A share of ``need`` bytes of ``model``, admitted as a worker is (``room()``: what a new
+        worker could take now)."""
+        async def check() -> tuple[None, int]:
+            self.shares.check(model, need, room())
+            return None, need
+
+        _, hold = await self.admitted(check)
+        try:
+            return await self.shares.start(model, need, counted=lambda: self.release(hold))
+        finally:
+            self.release(hold)
 
     @contextlib.asynccontextmanager
     async def lease(self, spec: WorkerSpec, narrate: Narrate, demand: Demand, reason: str = "",
@@ -220,7 +262,8 @@ class Supervisor:
             elif record is not None:
                 narrate("reuse", f"reusing warm {record.actor} for {spec.model_path.name}")
             if record is None:
-                return await self._spawn(spec, narrate, await self.admit(spec, narrate, demand), reason)
+                sized, hold = await self.admitted(lambda: self.admit(spec, narrate, demand))
+                return await self._spawn(spec, narrate, sized, hold, reason)
             record.active_jobs += 1
             return record
 
@@ -228,18 +271,32 @@ class Supervisor:
                          reason: str) -> WorkerRecord | None:
         """A second worker for ``spec``, or None: the job waits in ``busy``'s queue."""
         live = sum(1 for r in self.peers if r.spec == spec and r.live)
-        try:
-            sized: Sized | None = demand.size(self.memory())
-        except NoCapacityError:
-            sized = None
-        if sized is None or not scale_out(sized.placement.kind, live):
+
+        async def check() -> tuple[Sized | None, int]:
+            try:
+                sized = demand.size(self.memory())
+            except NoCapacityError:
+                return None, 0
+            return (sized, sized.need.total) if scale_out(sized.placement.kind, live) else (None, 0)
+
+        sized, hold = await self.admitted(check)
+        if sized is None:
+            self.release(hold)
             narrate("reuse", f"every slot of {busy.actor} is busy: the job waits in its queue")
             return None
         narrate("scale", f"every slot of {busy.actor} is busy and {sized.placement.device} has room: starting "
                          f"worker {live + 1} for {spec.model_path.name}")
-        return await self._spawn(spec, narrate, sized, reason)
+        return await self._spawn(spec, narrate, sized, hold, reason)
 
-    async def _spawn(self, spec: WorkerSpec, narrate: Narrate, sized: Sized, reason: str) -> WorkerRecord:
+    async def _spawn(self, spec: WorkerSpec, narrate: Narrate, sized: Sized, hold: Hold,
+                     reason: str) -> WorkerRecord:
+        try:
+            record = await self._start(spec, narrate, sized, reason)
+        finally:
+            self.release(hold)
+        return await self._load(record, narrate)
+
+    async def _start(self, spec: WorkerSpec, narrate: Narrate, sized: Sized, reason: str) -> WorkerRecord:
         worker_id = "w-" + secrets.token_hex(3)
         placement = sized.placement
         config = WorkerConfig(
@@ -278,6 +335,12 @@ class Supervisor:
         # returns, and a load slower than the keep-alive must not make it look idle
         record.active_jobs = 1
         self._watch(record)
+        return record
+
+    async def _load(self, record: WorkerRecord, narrate: Narrate) -> WorkerRecord:
+        """``record`` once its worker has loaded the model (or StartupError, the worker gone)."""
+        worker_id, spec, child, secret = record.worker_id, record.spec, record.child, record.secret
+        secret_path = self.secret_path(worker_id)
         started = time.monotonic()
         try:
             ready = await child.wait_ready("/ready", timeout=self.config.worker_ready_timeout, token=secret)
@@ -357,12 +420,13 @@ class Supervisor:
         less what live workers hold."""
         return Memory.from_probe(probe(), self.config.memory_budget, self.reserved)
 
-    async def admit(self, spec: WorkerSpec, narrate: Narrate, demand: Demand) -> Sized:
-        """Room for a new worker of ``spec``: when memory is short, idle workers are unloaded,
-        least recently used first, until it fits; with none left to unload, NoCapacityError."""
+    async def admit(self, spec: WorkerSpec, narrate: Narrate, demand: Demand) -> tuple[Sized, int]:
+        """Room for a new worker of ``spec`` (and its bytes): when memory is short, idle workers
+        are unloaded, least recently used first, until it fits; with none left, NoCapacityError."""
         while True:
             try:
-                return demand.size(self.memory())
+                sized = demand.size(self.memory())
+                return sized, sized.need.total
             except NoCapacityError:
                 victim = self.least_recently_used(spec)
                 if victim is None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from rbee.keeper.common import InventoryPath, QueenUrl, Settings, err, run, run_sync
 from rbee.keeper.render import JobPrinter, remote_row
-from rbee.link.schemas import FleetWorker, parse_wire
+from rbee.link.schemas import FleetShare, FleetWorker, parse_wire
 
 models_app = typer.Typer(help="Models in each hive's catalog.", no_args_is_help=True)
 workers_app = typer.Typer(help="Workers: one process per loaded model.", no_args_is_help=True)
@@ -69,17 +69,23 @@ def models_rm(
 
 @workers_app.command("list")
 def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> None:
-    """Every worker of every live hive: state, model, memory, idle time."""
+    """Every worker of every live hive (state, role, model, memory, idle time), and the shares of
+    split models the hives serve."""
     settings = run_sync(Settings.load, url, inventory_path)
     result = run(_call(settings, "GET", "/v1/workers"))
-    table = Table("hive", "worker", "state", "reason", "backend", "model", "device", "offload", "ctx", "memory",
-                  "idle", title="workers")
+    table = Table("hive", "worker", "role", "state", "reason", "backend", "model", "device", "offload", "ctx",
+                  "memory", "idle", title="workers")
     for row in result["workers"]:
         w = parse_wire(FleetWorker, row, "worker row from the queen")
         engine = w.engine
-        remote_row(table, w.node, w.worker_id, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
-                      device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
-                      memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
+        role = f"split main, {w.helpers} helper{'s' if w.helpers > 1 else ''}" if w.helpers else w.role
+        remote_row(table, w.node, w.worker_id, role, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
+                   device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
+                   memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
+    for row in result.get("shares", []):
+        s = parse_wire(FleetShare, row, "share row from the queen")
+        remote_row(table, s.node, s.share_id, "split helper", s.state, "", "llama.cpp RPC", s.model, "-", "-", "-",
+                   f"{s.bytes / 1e6:.0f} MB", "-")
     out.print(table)
 
 

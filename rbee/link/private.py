@@ -87,7 +87,7 @@ async def _pump(reader: Any, writer: Any) -> None:
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError):
+    except Exception:  # OSError, and an SSH channel's own (asyncssh.ConnectionLost): it ended
         pass
     finally:
         with contextlib.suppress(OSError, RuntimeError):

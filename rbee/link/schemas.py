@@ -273,6 +273,10 @@ class WorkerView(Wire):
     idle_s: float = 0.0
     #: how long it stays loaded once idle (seconds; -1: until stopped), for Ollama's `expires_at`
     keep_alive_s: float | None = None
+    #: "worker", or "split main" for a split job's main worker (its other layers on helpers' shares)
+    role: str = "worker"
+    #: a split main's shares: how many helpers hold the rest of its layers
+    helpers: int = 0
 
 
 class FleetWorker(WorkerView):
@@ -313,6 +317,26 @@ class ShareView(Wire):
     pid: int | None = None
     state: str = "up"  # up | stopped (SIGSTOP) | how it ended
     since: float | None = None
+    #: what its RPC cache holds from the host's own copy of the model, in words (rbee.hive.rpc_cache)
+    cache: str = ""
+
+
+class ShareRequest(Wire):
+    """What the queen asks of a helper hive (``POST /v1/shares``): a share of ``bytes`` for a
+    split of ``model``; ``layers`` (first, count) and ``output`` say what the share will hold, so
+    the hive fills its RPC cache from its own copy of ``ref`` first (rbee.hive.rpc_cache)."""
+
+    model: str = Field(min_length=1)
+    bytes: int = Field(gt=0)
+    ref: str | None = None
+    layers: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
+    output: bool = False
+
+
+class FleetShare(ShareView):
+    """A share in the queen's fleet-wide list (`GET /v1/workers`): which hive serves it."""
+
+    node: str
 
 
 class HiveReport(Wire):

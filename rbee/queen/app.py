@@ -14,7 +14,7 @@ from rbee.errors import RequestError
 from rbee.link.auth import install_auth
 from rbee.link.jobs import Job, Producer
 from rbee.link.relay import relay
-from rbee.link.schemas import FleetWorker, parse_job_request
+from rbee.link.schemas import FleetShare, FleetWorker, parse_job_request
 from rbee.link.server import add_job_routes, error_body, install_error_handlers, read_json_body
 from rbee.queen import split
 from rbee.queen.api.models import ModelIndex
@@ -164,9 +164,13 @@ def create_app(queen: Queen) -> Quart:
 
     @app.get("/v1/workers")
     async def workers() -> Response:
-        rows = [FleetWorker(**w.model_dump(), node=h.name).model_dump(mode="json") for h in queen.status()
-                if h.state in ("up", "busy") for w in h.workers]
-        return jsonify({"workers": rows})
+        hives = [h for h in queen.status() if h.state in ("up", "busy")]
+        return jsonify({
+            "workers": [FleetWorker(**w.model_dump(), node=h.name).model_dump(mode="json")
+                        for h in hives for w in h.workers],
+            "shares": [FleetShare(**s.model_dump(), node=h.name).model_dump(mode="json")
+                       for h in hives for s in h.shares],
+        })
 
     @app.post("/v1/workers/<node>/<worker_id>/stop")
     async def stop_worker(node: str, worker_id: str) -> Response:

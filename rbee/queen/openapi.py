@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rbee import __version__
-from rbee.link.schemas import FleetWorker, HiveReport, HiveView, JobRequest
+from rbee.link.schemas import FleetShare, FleetWorker, HiveReport, HiveView, JobRequest
 from rbee.queen.api.ollama import ChatIn, EmbedIn, GenerateIn
 from rbee.queen.api.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -59,9 +59,11 @@ JOB_STATUS = {"type": "object", "properties": {"job_id": {"type": "string"}, "ev
                                               "finished": {"type": "boolean"}}}
 
 
-def _list(key: str, model: str) -> dict[str, Any]:
-    items = {"$ref": f"#/components/schemas/{model}"}
-    return {"type": "object", "properties": {key: {"type": "array", "items": items}}}
+def _list(key: str, model: str, **more: str) -> dict[str, Any]:
+    """An object of arrays: ``key`` of ``model``, and each of ``more`` (key: model)."""
+    lists = {key: model, **more}
+    return {"type": "object", "properties": {name: {"type": "array", "items": {"$ref": f"#/components/schemas/{kind}"}}
+                                             for name, kind in lists.items()}}
 
 
 def _path(name: str) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def dashboard_paths(stream: dict[str, Any], job: dict[str, Any]) -> dict[str, An
 
 def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [JobRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                     HiveReport, HiveView, FleetWorker, ChatIn, GenerateIn, EmbedIn]
+                                     HiveReport, HiveView, FleetWorker, FleetShare, ChatIn, GenerateIn, EmbedIn]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -178,8 +180,8 @@ def document() -> dict[str, Any]:
         "/v1/catalog/jobs/{job_id}": dict(job),
         "/v1/catalog/{node}/{name}": {"delete": _with(_op("Remove a model from a hive", errors=("404",)),
                                                       [_path("node"), _path("name")])},
-        "/v1/workers": {"get": _op("Every worker of every live hive", errors=(),
-                                   ok_schema=_list("workers", "FleetWorker"))},
+        "/v1/workers": {"get": _op("Every worker of every live hive, and the shares of split models they serve",
+                                   errors=(), ok_schema=_list("workers", "FleetWorker", shares="FleetShare"))},
         "/v1/workers/{node}/{worker_id}/stop": {"post": _with(_op("Stop a worker", errors=("404",)),
                                                               [_path("node"), _path("worker_id")])},
         "/v1/models": {"get": _op("OpenAI: models the fleet serves", errors=())},

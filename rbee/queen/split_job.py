@@ -20,12 +20,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rbee.errors import PeerDownError, RbeeError
+from rbee.errors import PeerDownError, PeerError, RbeeError
+from rbee.link import events
+from rbee.link.client import run_job
 from rbee.link.jobs import Job
 from rbee.link.peers import PeerState
 from rbee.link.private import Dial, forward, serve_unix
 from rbee.link.relay import relay
-from rbee.link.schemas import HiveReport, JobRequest
+from rbee.link.schemas import HiveReport, JobRequest, ShareRequest, ShareView
 from rbee.queen.scheduler import hive_body
 from rbee.queen.split import Split
 
@@ -84,15 +86,21 @@ class SplitJob:
         plan, job = self.plan, self.job
         job.narrate("split", plan.describe())
         job.info["node"] = plan.main.hive
+        ref = self.gguf_ref()
         try:
+            await asyncio.gather(*(self.provision(share.hive, ref) for share in plan.helpers))
+            first = plan.main.layers
             for share in plan.helpers:
-                answer = await self.queen.on_hive(share.hive, "POST", "/v1/shares",
-                                                  {"model": plan.model, "bytes": share.bytes})
-                view = answer["share"]
-                self.shares.append((share.hive, str(view["share_id"]), str(view["socket"])))
-                self.started[str(view["share_id"])] = time.monotonic()
-                self.queen.shares.hold(str(view["share_id"]))
-                job.narrate("split", f"{share.hive} serves {share.layers} layers of {plan.model} over RPC")
+                asked = ShareRequest(model=plan.model, bytes=share.bytes, ref=ref, layers=(first, share.layers),
+                                     output=share.output)
+                first += share.layers
+                answer = await self.queen.on_hive(share.hive, "POST", "/v1/shares", asked.model_dump(mode="json"))
+                view = ShareView.model_validate(answer["share"])
+                self.shares.append((share.hive, view.share_id, view.socket))
+                self.started[view.share_id] = time.monotonic()
+                self.queen.shares.hold(view.share_id)
+                job.narrate("split", f"{share.hive} serves {share.layers} layers of {plan.model} over RPC"
+                                     + (f"; {view.cache}" if view.cache else ""))
             hive = await self.queen.hive_named(plan.main.hive, job.narrate)
             folder = self.folder_on_main()
             sockets = []
@@ -110,6 +118,32 @@ class SplitJob:
                 await self.race(relay(job, self.queen.hive_link(hive), body))
         finally:
             await self.teardown()
+
+    def gguf_ref(self) -> str:
+        """What the helpers pull: the logical model's GGUF form, else the job's own reference."""
+        logical = self.queen.fleet.inventory.models.get(self.request.model) if self.request.model else None
+        forms = logical.forms() if logical is not None else {}
+        return forms.get("gguf") or self.request.model or self.plan.model
+
+    async def provision(self, helper: str, ref: str) -> None:
+        """The helper's own copy of the model, pulled as any job's is (its progress narrated), so
+        its share's large tensors are read there rather than sent."""
+        hive = await self.queen.hive_named(helper, self.job.narrate)
+        pulling = run_job(self.queen.hive_link(hive), {"ref": ref}, "/v1/catalog/jobs")
+        with self.queen.hives.relaying(hive, self.job):
+            async with contextlib.aclosing(pulling) as pull:
+                async for event in pull:
+                    self.narrate_pull(helper, ref, event)
+
+    def narrate_pull(self, helper: str, ref: str, event: events.Event) -> None:
+        """A helper's pull event in the job's narration (its progress, under the helper's name);
+        its failure as the job's."""
+        if event.type == events.NARRATION and event["action"] in ("download", "provision", "verify"):
+            extra = {k: v for k, v in event.fields.items() if k not in ("type", "actor", "action", "message")}
+            self.job.narrate(event["action"], f"{helper}: {event['message']}", **extra)
+        elif event.type == events.ERROR:
+            raise PeerError(f"{helper} could not get {ref} for its share of the split: {event['message']}",
+                            code=event["code"], actor=f"hive:{helper}")
 
     async def race(self, running: Awaitable[object]) -> None:
         """The job, ended early by the first helper found down."""

@@ -22,6 +22,7 @@ import pytest
 
 from bench.split import run_child
 from rbee.engine.rpc import SPLIT_UBATCH
+from rbee.hive.rpc_cache import prime
 from rbee.link.private import tcp_to_unix
 from tests.sshd_hosts import ensure_user
 
@@ -71,6 +72,22 @@ def test_split_text_equals_the_unsplit_run_and_the_layers_are_on_the_share(
     cached = run_model(model, 9, [socket_path], rbee_env)  # the share's layers now come from its cache
     assert cached["text"] == alone["text"]
     assert process.poll() is None, "the share serves one client after another"
+
+
+def test_a_cache_filled_from_the_helpers_copy_is_what_the_share_reads(
+        share: tuple[Path, subprocess.Popen[str]], models_dir: Path, rbee_env: dict[str, str], tmp_path: Path) -> None:
+    """The files rbee.hive.rpc_cache writes carry the names ggml's RPC client asks for: on a miss
+    the server would save the tensor it was sent under the right name, and the cache would grow."""
+    socket_path, _ = share
+    model = default_model(models_dir)
+    cache = tmp_path / "rpc-cache"  # the share's own (the fixture's --cache)
+    primed = prime(model, cache, 10, 8, output=True)  # 9 offloaded: layers 10-17 and the output
+    assert primed.tensors == 1 and primed.written == 1 and primed.bytes > 100 * 2**20  # the tied embeddings
+    before = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    split = run_model(model, 9, [socket_path], rbee_env)
+    assert split["text"] and split["report"]["layers_offloaded"] == 9
+    assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == before
+    assert prime(model, cache, 10, 8, output=True).written == 0  # a second share hashes and writes nothing
 
 
 def test_the_share_sits_in_a_network_namespace_of_its_own(share: tuple[Path, subprocess.Popen[str]]) -> None:

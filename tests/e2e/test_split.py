@@ -1,8 +1,9 @@
 """A model split across two loopback sshd hosts with llama.cpp's RPC backend, driven through the
 `rbee` CLI: neither host's `memory` holds the default model's worker alone, so `rbee infer` splits
 it with no flags, the main worker on one host and a share on the other, reached over the queen's
-SSH connections; the text equals the unsplit engine's. A share stopped (SIGSTOP) or killed
-mid-stream ends the job with `peer_down` naming its host, and nothing is left on either host.
+SSH connections; the text equals the unsplit engine's. A share or its hive stopped (SIGSTOP) or
+killed, or the SSH connection that carries it cut, mid-stream ends the job with `peer_down`
+naming its host, and nothing is left on either host.
 
 Why 360 MB each and not the issue's "60 %": llama.cpp puts the output projection, and the logits'
 compute buffer, with the last offloaded layer; the default model ties that projection to its
@@ -17,7 +18,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -93,8 +94,23 @@ def test_infer_splits_with_no_flags_and_says_so(fleet: Fleet, models_dir: Path) 
     assert result.returncode == 0, result.stderr
     assert "split across h1: " in result.stderr and "; h2: " in result.stderr and "over RPC" in result.stderr
     assert "h2 serves" in result.stderr, result.stderr
+    # h2 got its own copy (pulled as for any job) and its share read the tied embeddings from it
+    assert "1 tensor (178 MB) read from its own copy of the model" in result.stderr, result.stderr
     assert result.stdout.strip() == expected.strip()
     nothing_left(fleet)  # keep_alive 0: the main worker and the share end with the job
+
+
+def workers_listed(fleet: Fleet, ready: Callable[[list[str]], bool], timeout: float = 30) -> list[str]:
+    """The rows of `rbee workers list` once ``ready`` holds for them (the hives' heartbeats carry it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run([*RBEE, "workers", "list", "-i", str(fleet.inventory)],
+                              env={**fleet.env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+        if ready(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 def start_long_infer(fleet: Fleet) -> subprocess.Popen[str]:
@@ -128,6 +144,10 @@ def test_another_user_of_the_helper_host_reaches_no_share(fleet: Fleet) -> None:
                               text=True, timeout=60, cwd="/tmp", env={"PATH": "/usr/bin:/bin"})
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"share": "PermissionError", "port": "ConnectionRefusedError"}
+        listed = workers_listed(fleet, lambda rows: any("split helper" in r for r in rows))
+        assert any("│ h1 " in r and "split main, 1 helper" in r and "gemma" in r for r in listed), listed
+        assert any("│ h2 " in r and "split helper" in r and " up " in r and "llama.cpp RPC" in r
+                   for r in listed), listed
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl+C: the keeper cancels the job, the queen tears the split down
         process.communicate(timeout=60)
@@ -136,16 +156,22 @@ def test_another_user_of_the_helper_host_reaches_no_share(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("target", "sig"), [("share", signal.SIGSTOP), ("share", signal.SIGKILL),
-                                             ("hive", signal.SIGSTOP), ("hive", signal.SIGKILL)])
-def test_a_helper_stopped_or_killed_mid_stream_ends_the_job_naming_its_host(fleet: Fleet, target: str,
+                                             ("tunnel", signal.SIGKILL), ("hive", signal.SIGSTOP),
+                                             ("hive", signal.SIGKILL)])  # last: h2 has no hive after it
+def test_a_helper_stopped_killed_or_cut_off_mid_stream_ends_the_job_naming_its_host(fleet: Fleet, target: str,
                                                                             sig: int) -> None:
     h2 = fleet.hosts[1]
     process = start_long_infer(fleet)
     share = shares_on(h2)
     assert share, "the share runs as h2's user"
     hive = next(p for p in h2.rbee_processes() if "rbee.hive" in p.cmdline())
-    victim = share[0].pid if target == "share" else hive.pid
-    os.kill(victim, sig)
+    # the tunnel: the queen's SSH connection to h2, which carries the share's traffic (its sshd
+    # session, as h2's user); the hive and the share live on, the queen reconnects
+    sessions = [p.pid for p in h2.processes() if p.name() == "sshd"]
+    assert sessions, "the queen's SSH session runs as the host user"
+    victims = {"share": [share[0].pid], "hive": [hive.pid], "tunnel": sessions}[target]
+    for victim in victims:
+        os.kill(victim, sig)
     started = time.monotonic()
     _, stderr = process.communicate(timeout=60)
     ended = time.monotonic() - started
@@ -154,5 +180,5 @@ def test_a_helper_stopped_or_killed_mid_stream_ends_the_job_naming_its_host(flee
                                             stderr or "stopped answering" in stderr), stderr
     assert ended < 3 * 0.5 + 5, f"the job took {ended:.1f} s to end"
     if target == "hive" and sig == signal.SIGSTOP:
-        os.kill(victim, signal.SIGCONT)  # back: the queen stops the share no job holds any more
+        os.kill(hive.pid, signal.SIGCONT)  # back: the queen stops the share no job holds any more
     nothing_left(fleet, timeout=STRAY_GRACE_S + 20)  # a killed hive's share ends with its parent

@@ -6,7 +6,7 @@ import pytest
 
 from rbee.config import HiveConfig, QueenConfig, ServeOptions, WorkerConfig, from_args, heartbeat_interval, to_args
 from rbee.errors import ConfigError, RequestError
-from rbee.link.schemas import JobRequest, parse_job_request
+from rbee.link.schemas import JobRequest, ShareRequest, parse_job_request, parse_wire
 
 
 def test_defaults_and_downstream_body() -> None:
@@ -67,3 +67,14 @@ def test_a_keep_alive_that_is_no_duration_is_refused_naming_the_forms(given: str
     with pytest.raises(RequestError) as caught:
         parse_job_request({"prompt": "x", "keep_alive": given})
     assert "keep_alive" in caught.value.message and "5m" in caught.value.message
+
+
+def test_a_share_request_names_its_layers_or_is_refused() -> None:
+    asked = parse_wire(ShareRequest, {"model": "gemma3-270m", "bytes": 5, "ref": "gemma3-270m", "layers": [9, 9],
+                                      "output": True}, "share request")
+    assert asked.layers == (9, 9) and asked.output
+    assert parse_wire(ShareRequest, {"model": "m", "bytes": 5}, "share request").layers is None  # an older queen
+    for bad in ({"model": "m", "bytes": 0}, {"model": "", "bytes": 5}, {"model": "m", "bytes": 5, "layers": [-1, 2]},
+                {"model": "m", "bytes": 5, "layers": [1]}, {"model": "m", "bytes": 5, "output": "yes please"}):
+        with pytest.raises(RequestError, match="malformed share request"):
+            parse_wire(ShareRequest, bad, "share request")
