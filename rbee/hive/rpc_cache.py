@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +112,13 @@ def _present(path: Path, size: int) -> bool:
 
 
 def _write(path: Path, data: memoryview | bytes) -> None:
-    """``data`` at ``path`` whole or not at all (a reader never sees part of it)."""
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``data`` at ``path`` whole or not at all: the server reads a file without checking its
+    hash, so no reader may see part of one, and two shares filling the cache at once (two split
+    jobs of the same model) each write a temporary file of their own."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    staged = Path(name)
     try:
-        with staged.open("wb") as out:
+        with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(staged, path)
     finally:
