@@ -73,19 +73,22 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
     split models the hives serve."""
     settings = run_sync(Settings.load, url, inventory_path)
     result = run(_call(settings, "GET", "/v1/workers"))
-    table = Table("hive", "worker", "role", "state", "reason", "backend", "model", "device", "offload", "ctx",
-                  "memory", "idle", title="workers")
+    table = Table("hive", "worker", "state", "reason", "backend", "model", "device", "offload", "ctx", "memory",
+                  "idle", title="workers")
     for row in result["workers"]:
         w = parse_wire(FleetWorker, row, "worker row from the queen")
         engine = w.engine
-        role = f"split main, {w.helpers} helper{'s' if w.helpers > 1 else ''}" if w.helpers else w.role
-        remote_row(table, w.node, w.worker_id, role, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
+        # a split's part says its role in the worker's cell: a column more squeezes every row on 80 columns
+        name = w.worker_id
+        if w.helpers:
+            name += f" (split main, {w.helpers} helper{'s' if w.helpers > 1 else ''})"
+        remote_row(table, w.node, name, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
                    device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
                    memory_text(w.memory, engine), f"{w.idle_s:.0f} s")
     for row in result.get("shares", []):
         s = parse_wire(FleetShare, row, "share row from the queen")
-        remote_row(table, s.node, s.share_id, "split helper", s.state, "", "llama.cpp RPC", s.model, "-", "-", "-",
-                   f"{s.bytes / 1e6:.0f} MB", "-")
+        remote_row(table, s.node, f"share {s.share_id} (split helper)", s.state, "", "llama.cpp RPC", s.model, "-",
+                   "-", "-", f"{s.bytes / 1e6:.0f} MB", "-")
     out.print(table)
 
 
