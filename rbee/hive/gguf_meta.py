@@ -9,6 +9,7 @@ this reader walks the header itself and skips arrays without decoding them.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,14 +94,11 @@ DEFAULT_ALIGNMENT = 32
 
 
 def tensor_bytes(kind: int, dims: list[int] | tuple[int, ...]) -> int:
-    count = 1
-    for dim in dims:
-        count *= dim
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
     except (ValueError, KeyError):
         return 0
-    return count // block * size
+    return math.prod(dims) // block * size
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,11 @@ class Header:
     """Scalar and string keys (arrays skipped), the parameter count, and every tensor's place."""
 
     fields: dict[str, Any]
-    parameters: int
     tensors: tuple[Tensor, ...]
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(t.dims) for t in self.tensors)
 
     @property
     def outputs(self) -> dict[str, Tensor]:
@@ -143,16 +144,11 @@ def read_header(path: Path) -> Header:
             for _ in range(n_kv):
                 key = _string(handle)
                 fields[key] = _value(handle, _read(handle, "<I"))
-            parameters = 0
             found: list[tuple[str, int, tuple[int, ...], int]] = []
             for _ in range(n_tensors):
                 name = _string(handle)
                 dims = tuple(_read(handle, "<Q") for _ in range(_read(handle, "<I")))
                 found.append((name, _read(handle, "<I"), dims, _read(handle, "<Q")))
-                count = 1
-                for dim in dims:
-                    count *= dim
-                parameters += count
             alignment = fields.get("general.alignment") or DEFAULT_ALIGNMENT
             start = -(-handle.tell() // alignment) * alignment
     except (EOFError, ValueError, struct.error, MemoryError, OverflowError, ZeroDivisionError) as exc:
@@ -160,12 +156,12 @@ def read_header(path: Path) -> Header:
             f"{path} is truncated or corrupt: its GGUF header cannot be read ({type(exc).__name__})"
         ) from exc
     tensors = tuple(Tensor(name, kind, dims, start + offset) for name, kind, dims, offset in found)
-    return Header(fields, parameters, tensors)
+    return Header(fields, tensors)
 
 
 def read_info(path: Path) -> GgufInfo:
     header = read_header(path)
-    fields, parameters, outputs = header.fields, header.parameters, header.outputs
+    fields, outputs = header.fields, header.outputs
     output = outputs.get("output.weight") or outputs.get("token_embd.weight")
     arch = str(fields.get("general.architecture", "unknown"))
     heads = int(fields.get(f"{arch}.attention.head_count", 1) or 1)
@@ -179,7 +175,7 @@ def read_info(path: Path) -> GgufInfo:
     return GgufInfo(
         architecture=arch,
         context_length=int(fields.get(f"{arch}.context_length", 0) or 0),
-        parameters=parameters,
+        parameters=header.parameters,
         quantization=quant,
         layers=int(fields.get(f"{arch}.block_count", 0) or 0),
         kv_heads=int(fields.get(f"{arch}.attention.head_count_kv", heads) or heads),

@@ -118,7 +118,7 @@ class WorkerRecord(Peer[WorkerReport]):
             heartbeat_age_s=self.heartbeat_age(now), tokens_generated=report.tokens_generated if report else 0,
             load=self.load, memory=self.memory,
             idle_s=round(now - self.last_used, 1) if not self.active_jobs else 0.0, keep_alive_s=keep_alive,
-            role="split main" if self.spec.rpc else "worker", helpers=len(self.spec.rpc),
+            helpers=len(self.spec.rpc),
         )
 
     def describe(self) -> dict[str, Any]:

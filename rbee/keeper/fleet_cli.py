@@ -124,7 +124,7 @@ def fleet_status(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
             hive.version or "-", describe_devices(hive.devices), hive.engine or "-",
             "; ".join([
                 *(f"{w.worker_id} {w.state} {Path(w.model_path).name} on {w.backend}"
-                  + (f", split main with {w.helpers} helper{'s' if w.helpers > 1 else ''}" if w.helpers else "")
+                  + (f", {w.split_role}" if w.split_role else "")
                   + (f", {w.engine.get('device', '?')} {offload_text(w.engine)}" if w.engine else "")
                   + (f" ({w.engine_reason})" if w.engine_reason else "")
                   for w in hive.workers),

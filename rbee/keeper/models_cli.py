@@ -79,9 +79,7 @@ def workers_list(url: QueenUrl = None, inventory_path: InventoryPath = None) -> 
         w = parse_wire(FleetWorker, row, "worker row from the queen")
         engine = w.engine
         # a split's part says its role in the worker's cell: a column more squeezes every row on 80 columns
-        name = w.worker_id
-        if w.helpers:
-            name += f" (split main, {w.helpers} helper{'s' if w.helpers > 1 else ''})"
+        name = f"{w.worker_id} ({w.split_role})" if w.split_role else w.worker_id
         remote_row(table, w.node, name, w.state, w.reason, w.backend, w.model_path.rsplit("/", 1)[-1],
                    device_text(engine, w.placement), offload_text(engine), str(w.n_ctx or "-"),
                    memory_text(w.memory, engine), f"{w.idle_s:.0f} s")

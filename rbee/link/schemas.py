@@ -273,10 +273,13 @@ class WorkerView(Wire):
     idle_s: float = 0.0
     #: how long it stays loaded once idle (seconds; -1: until stopped), for Ollama's `expires_at`
     keep_alive_s: float | None = None
-    #: "worker", or "split main" for a split job's main worker (its other layers on helpers' shares)
-    role: str = "worker"
-    #: a split main's shares: how many helpers hold the rest of its layers
+    #: a split job's main worker: how many helpers' shares hold the rest of its layers (0: not split)
     helpers: int = 0
+
+    @property
+    def split_role(self) -> str:
+        """Its part in a split, in words ("split main, 2 helpers"), or "" for a worker alone."""
+        return f"split main, {self.helpers} helper{'s' if self.helpers > 1 else ''}" if self.helpers else ""
 
 
 class FleetWorker(WorkerView):
