@@ -179,7 +179,7 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
     if cores > 1:
         say(f"hot path: llama-batched-bench with {cores - 1} thread(s) instead of {cores}")
         section["batched_bench_one_core_less"] = await asyncio.to_thread(
-            batched_bench, binary, model, [1, top], tokens, ngl, cores - 1, ctx)
+            batched_bench, binary, model, sorted({1, top}), tokens, ngl, cores - 1, ctx)
     runs: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="rbee-hot-path-") as home:
         async with systems.Rbee(Path(home)) as rbee, \

@@ -12,7 +12,7 @@ from rbee.errors import RequestError, UnknownWorkerError
 from rbee.hive.service import Hive
 from rbee.link.auth import install_auth, loopback_url
 from rbee.link.jobs import Job, Producer
-from rbee.link.schemas import ShareRequest, parse_wire
+from rbee.link.schemas import PullRequest, ShareRequest, parse_wire
 from rbee.link.server import add_job_routes, install_error_handlers, read_json_body, request_producer
 
 
@@ -38,9 +38,10 @@ def create_app(hive: Hive) -> Quart:
         ref = body.get("ref")
         if not isinstance(ref, str) or not ref:
             raise RequestError('pull needs {"ref": "hf:org/repo[:file.gguf]" | "gemma3-270m"}')
+        asked = parse_wire(PullRequest, body, "pull request")
 
         async def produce(job: Job) -> None:
-            await hive.pull(job, ref)
+            await hive.pull(job, asked.ref, asked.share)
 
         return produce
 

@@ -37,11 +37,13 @@ ATTEMPTS = 4
 
 
 class Progress:
-    """Turns byte counts into narration: size, percent, speed, ETA, at most 4 times a second."""
+    """Turns byte counts into narration: size, percent, speed, ETA, at most 4 times a second (and
+    always the count that completes ``total``)."""
 
-    def __init__(self, narrate: Narrate, label: str, interval: float = 0.25) -> None:
+    def __init__(self, narrate: Narrate, label: str, interval: float = 0.25, action: str = "download") -> None:
         self.narrate = narrate
         self.label = label
+        self.action = action
         self.interval = interval
         self.started = time.monotonic()
         self.last = 0.0
@@ -51,7 +53,7 @@ class Progress:
         now = time.monotonic()
         if self.start_bytes is None:
             self.start_bytes = done
-        if not final and now - self.last < self.interval:
+        if not final and done != total and now - self.last < self.interval:
             return
         self.last = now
         elapsed = max(now - self.started, 1e-6)
@@ -60,7 +62,7 @@ class Progress:
         percent = 100.0 * done / total if total else 0.0
         message = f"{self.label}: {done / 1e6:.1f}/{(total or 0) / 1e6:.1f} MB ({percent:.0f}%, {speed / 1e6:.1f} MB/s"
         message += f", ETA {eta:.0f} s)" if eta is not None else ")"
-        self.narrate("download", message, bytes=done, total=total, speed=round(speed), eta=eta)
+        self.narrate(self.action, message, bytes=done, total=total, speed=round(speed), eta=eta)
 
 
 def progress_tqdm(report: Progress) -> type:

@@ -13,6 +13,11 @@ The hashes come from ``fnv-c`` (C, through cffi): ggml's own ``fnv_hash`` is sta
 A tensor's hash is kept in ``index.json`` by file, size and mtime, so a second share of the same
 model hashes nothing. A wrong guess of which layers the share holds costs only a miss: the file
 name is the content's hash, so a wrong file can never be served.
+
+The cache is pruned whenever it is filled and when a model leaves the catalog: a file stays only
+while a model file on this host, as it is now (same size and mtime), holds its tensor. The rest
+goes: tensors of a model that was removed or replaced, and those llama.cpp's server saved on a
+miss (bytes that crossed the link; they would cross again next time).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import mmap
 import os
 import re
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,10 @@ from rbee.hive.gguf_meta import Tensor, read_header
 HASH_THRESHOLD = 10 * 1024 * 1024
 INDEX = "index.json"
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+_NAME = re.compile(r"^[0-9a-f]{16}$")  # ggml names a cache file by the 64-bit hash, in hex
+#: one filler or pruner of a cache folder at a time (two split jobs may fill one host's cache): the
+#: index is rewritten whole, and a pruner must not take a file a filler wrote but has not indexed yet
+_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -73,35 +84,100 @@ def share_tensors(tensors: tuple[Tensor, ...], first: int, count: int, output: b
     return chosen
 
 
-def prime(model: Path, cache: Path, first: int, count: int, output: bool) -> Primed:
+def prime(model: Path, cache: Path, first: int, count: int, output: bool,
+          progress: Callable[[int, int], None] | None = None) -> Primed:
     """Fill ``cache`` with the share's large tensors from ``model`` (OSError, e.g. a full disk,
-    leaves no partial file behind)."""
+    leaves no partial file behind); ``progress(done, total)`` in bytes, at the start and after each
+    tensor."""
     started = time.monotonic()
     wanted = share_tensors(read_header(model).tensors, first, count, output)
     if not wanted:
         return Primed()
     cache.mkdir(parents=True, exist_ok=True)
+    source = _source(model)
+    total = sum(t.bytes for t in wanted)
+    written = done = 0
+    if progress is not None:
+        progress(0, total)
+    with _LOCK:
+        index = _pruned(cache, _read_index(cache))
+        try:
+            with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                for tensor in wanted:
+                    key = f"{source}|{tensor.name}"
+                    with memoryview(mapped)[tensor.offset:tensor.offset + tensor.bytes] as data:
+                        name = index.get(key) or f"{fnv1a_64(data):016x}"
+                        index[key] = name
+                        if not _present(cache / name, tensor.bytes):
+                            _write(cache / name, data)
+                            written += 1
+                    done += tensor.bytes
+                    if progress is not None:
+                        progress(done, total)
+        finally:
+            with contextlib.suppress(OSError):  # only a shortcut for next time
+                _write(cache / INDEX, json.dumps(index).encode())
+    return Primed(len(wanted), total, written, time.monotonic() - started)
+
+
+def prune(cache: Path) -> tuple[int, int]:
+    """Remove the cache files no model on this host holds as it is now; returns (files, bytes)."""
+    if not cache.is_dir():
+        return 0, 0
+    with _LOCK:
+        before = _files(cache)
+        index = _pruned(cache, _read_index(cache))
+        with contextlib.suppress(OSError):
+            _write(cache / INDEX, json.dumps(index).encode())
+    gone = {name: size for name, size in before.items() if not (cache / name).exists()}
+    return len(gone), sum(gone.values())
+
+
+def _source(model: Path) -> str:
+    """A model file as the index keys it: path, size and mtime (a replaced file is another source)."""
     stat = model.stat()
-    source = f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = cache / INDEX
+    return f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _read_index(cache: Path) -> dict[str, str]:
     try:
-        index: dict[str, str] = json.loads(index_path.read_text())
+        index = json.loads((cache / INDEX).read_text())
     except (OSError, ValueError):
-        index = {}
-    written = 0
-    with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        for tensor in wanted:
-            key = f"{source}|{tensor.name}"
-            with memoryview(mapped)[tensor.offset:tensor.offset + tensor.bytes] as data:
-                name = index.get(key) or f"{fnv1a_64(data):016x}"
-                index[key] = name
-                if _present(cache / name, tensor.bytes):
-                    continue
-                _write(cache / name, data)
-            written += 1
-    with contextlib.suppress(OSError):  # only a shortcut for next time
-        _write(index_path, json.dumps(index).encode())
-    return Primed(len(wanted), sum(t.bytes for t in wanted), written, time.monotonic() - started)
+        return {}
+    return {str(k): str(v) for k, v in index.items()} if isinstance(index, dict) else {}
+
+
+def _files(cache: Path) -> dict[str, int]:
+    """The cache's tensor files (by ggml's naming) and their sizes."""
+    found = {}
+    for entry in os.scandir(cache):
+        if _NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                found[entry.name] = entry.stat(follow_symlinks=False).st_size
+    return found
+
+
+def _pruned(cache: Path, index: dict[str, str]) -> dict[str, str]:
+    """``index`` without the entries of model files that are gone or changed, and the cache
+    without the files no entry left names (called under the lock)."""
+    live: dict[str, bool] = {}
+
+    def current(source: str) -> bool:
+        if source not in live:
+            path = source.rsplit("|", 2)[0]
+            try:
+                live[source] = _source(Path(path)) == source
+            except OSError:
+                live[source] = False
+        return live[source]
+
+    kept = {key: name for key, name in index.items() if current(key.rsplit("|", 1)[0])}
+    wanted = set(kept.values())
+    for name in _files(cache):
+        if name not in wanted:
+            with contextlib.suppress(OSError):
+                (cache / name).unlink()
+    return kept
 
 
 def _present(path: Path, size: int) -> bool:

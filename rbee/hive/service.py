@@ -31,6 +31,7 @@ from rbee.hive.engine import Host as EngineHost
 from rbee.hive.gguf_meta import read_header
 from rbee.hive.models import ModelCatalog, ModelEntry
 from rbee.hive.placement import Demand
+from rbee.hive.provision import Progress
 from rbee.hive.supervisor import Supervisor, WorkerRecord, WorkerSpec
 from rbee.link import events
 from rbee.link.auth import Callee, accepted, load_token
@@ -39,7 +40,7 @@ from rbee.link.jobs import Job, JobRegistry
 from rbee.link.metrics import Metrics
 from rbee.link.peers import PeerState
 from rbee.link.relay import relay
-from rbee.link.schemas import CatalogModel, HiveReport, JobRequest, ShareRequest, ShareView, SplitMain
+from rbee.link.schemas import CatalogModel, HiveReport, JobRequest, SharePart, ShareRequest, ShareView, SplitMain
 
 log = logging.getLogger(__name__)
 
@@ -129,27 +130,35 @@ class Hive:
         )
 
     async def start_share(self, asked: ShareRequest) -> ShareView:
-        """A share for a split job's main worker elsewhere; with ``layers``, its RPC cache is
-        filled first from this host's copy of the model."""
+        """A share for a split job's main worker elsewhere; with ``layers``, its RPC cache holds
+        that part of this host's copy of the model first (the split's pull filled it: this only
+        checks, unless the file changed since)."""
         cache = ""
         if asked.layers is not None:
-            cache = await self.fill_share_cache(asked.ref or asked.model, asked.layers, asked.output)
+            cache = await self.fill_share_cache(asked.ref or asked.model, SharePart(layers=asked.layers,
+                                                                                   output=asked.output))
         share = await self.supervisor.start_share(
             asked.model, asked.bytes,
             lambda: free_memory(probe(), self.config.memory_budget, self.supervisor.reserved)[0])
         share.cache = cache
         return share.view()
 
-    async def fill_share_cache(self, ref: str, layers: tuple[int, int], output: bool) -> str:
+    async def fill_share_cache(self, ref: str, part: SharePart, job: Job | None = None) -> str:
         """What the share will read from this host's own copy of ``ref`` (rbee.hive.rpc_cache), in
-        words. A host without the model, or without room for the cache, still serves the share:
-        its weights then cross the link, and the words say why."""
+        words; with ``job``, the fill's progress is narrated there. A host without the model, or
+        without room for the cache, still serves the share: its weights then cross the link, and
+        the words say why."""
         entry = await asyncio.to_thread(self.catalog.find, ref, "gguf")
         if entry is None or entry.format != "gguf":
             return f"{self.config.actor} has no GGUF of {ref} in its catalog: its weights cross the link"
+        first, count = part.layers
+        # a line every 2 s, not a bar: the keeper draws bars for downloads only
+        progress = None if job is None else Progress(
+            self.narrator(job), f"filling the RPC cache for layers {first}–{first + count - 1}"
+            + (" and the output" if part.output else "") + f" from {entry.name}", interval=2.0, action="cache")
         try:
-            primed = await asyncio.to_thread(rpc_cache.prime, entry.path, self.supervisor.shares.cache, *layers,
-                                             output)
+            primed = await asyncio.to_thread(rpc_cache.prime, entry.path, self.supervisor.shares.cache, first, count,
+                                             part.output, progress)
         except (OSError, BadModelError) as exc:
             log.warning("could not fill the RPC cache from %s: %s", entry.path, exc)
             return (f"{self.config.actor} could not fill its RPC cache from {entry.path} ({exc}): its weights cross "
@@ -274,10 +283,13 @@ class Hive:
             f"{worker.actor} on {self.config.actor} died during the job ({worker.reason})", actor=worker.actor
         )
 
-    async def pull(self, job: Job, ref: str) -> None:
+    async def pull(self, job: Job, ref: str, share: SharePart | None = None) -> None:
+        """``ref`` into the catalog; with ``share``, then that part of it into the RPC cache."""
         started = time.monotonic()
         entry = await self.provision(job, ref)
         job.narrate("report", f"{entry.name} is in the catalog", model=entry.describe())
+        if share is not None:  # what the share will read there is said when it starts (start_share)
+            await self.fill_share_cache(ref, share, job)
         job.emit(events.end(0, time.monotonic() - started, "done"))
 
     async def show(self, model: str | None, forms: dict[str, str] | None) -> dict[str, Any]:
@@ -301,7 +313,11 @@ class Hive:
             for record in list(self.supervisor.workers.values()):
                 if record.model_path == entry.path and record.live:
                     await self.supervisor.stop(record.worker_id, f"its model {name} was removed")
-        return self.catalog.remove(name).describe()
+        removed = self.catalog.remove(name).describe()
+        files, size = await asyncio.to_thread(rpc_cache.prune, self.supervisor.shares.cache)
+        if files:
+            log.info("RPC cache: %d file(s) (%.0f MB) of removed models pruned", files, size / 1e6)
+        return removed
 
     async def close(self) -> None:
         await self.registry.close()

@@ -324,15 +324,36 @@ class ShareView(Wire):
     cache: str = ""
 
 
+#: a run of a model's layers: (first, count)
+Layers = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+
+
+class SharePart(Wire):
+    """What a share of a split holds: ``layers`` and, with ``output``, the output projection."""
+
+    layers: Layers
+    output: bool = False
+
+
+class PullRequest(Wire):
+    """A pull (``POST /v1/catalog/jobs``). With ``share``, the hive then fills its RPC cache with
+    that part of the model from the copy it pulled (rbee.hive.rpc_cache), as part of the job, with
+    progress: a split's helper is provisioned this way before its share starts."""
+
+    ref: str = Field(min_length=1)
+    share: SharePart | None = None
+
+
 class ShareRequest(Wire):
     """What the queen asks of a helper hive (``POST /v1/shares``): a share of ``bytes`` for a
     split of ``model``; ``layers`` (first, count) and ``output`` say what the share will hold, so
-    the hive fills its RPC cache from its own copy of ``ref`` first (rbee.hive.rpc_cache)."""
+    the hive makes sure its RPC cache holds that part of its own copy of ``ref`` (filled by the
+    pull before; rbee.hive.rpc_cache)."""
 
     model: str = Field(min_length=1)
     bytes: int = Field(gt=0)
     ref: str | None = None
-    layers: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = None
+    layers: Layers | None = None
     output: bool = False
 
 

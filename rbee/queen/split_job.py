@@ -27,7 +27,7 @@ from rbee.link.jobs import Job
 from rbee.link.peers import PeerState
 from rbee.link.private import Dial, forward, serve_unix
 from rbee.link.relay import relay
-from rbee.link.schemas import HiveReport, JobRequest, ShareRequest, ShareView
+from rbee.link.schemas import HiveReport, JobRequest, PullRequest, SharePart, ShareRequest, ShareView
 from rbee.queen.scheduler import hive_body
 from rbee.queen.split import Split
 
@@ -87,13 +87,16 @@ class SplitJob:
         job.narrate("split", plan.describe())
         job.info["node"] = plan.main.hive
         ref = self.gguf_ref()
+        holds, first = [], plan.main.layers  # what each helper's share holds
+        for share in plan.helpers:
+            holds.append(SharePart(layers=(first, share.layers), output=share.output))
+            first += share.layers
         try:
-            await asyncio.gather(*(self.provision(share.hive, ref) for share in plan.helpers))
-            first = plan.main.layers
-            for share in plan.helpers:
-                asked = ShareRequest(model=plan.model, bytes=share.bytes, ref=ref, layers=(first, share.layers),
-                                     output=share.output)
-                first += share.layers
+            await asyncio.gather(*(self.provision(share.hive, ref, part)
+                                   for share, part in zip(plan.helpers, holds, strict=True)))
+            for share, part in zip(plan.helpers, holds, strict=True):
+                asked = ShareRequest(model=plan.model, bytes=share.bytes, ref=ref, layers=part.layers,
+                                     output=part.output)
                 answer = await self.queen.on_hive(share.hive, "POST", "/v1/shares", asked.model_dump(mode="json"))
                 view = ShareView.model_validate(answer["share"])
                 self.shares.append((share.hive, view.share_id, view.socket))
@@ -125,11 +128,13 @@ class SplitJob:
         forms = logical.forms() if logical is not None else {}
         return forms.get("gguf") or self.request.model or self.plan.model
 
-    async def provision(self, helper: str, ref: str) -> None:
-        """The helper's own copy of the model, pulled as any job's is (its progress narrated), so
-        its share's large tensors are read there rather than sent."""
+    async def provision(self, helper: str, ref: str, part: SharePart) -> None:
+        """The helper's own copy of the model, pulled as any job's is, and ``part`` of it written
+        into its RPC cache (both narrated with progress), so its share's large tensors are read
+        there rather than sent."""
         hive = await self.queen.hive_named(helper, self.job.narrate)
-        pulling = run_job(self.queen.hive_link(hive), {"ref": ref}, "/v1/catalog/jobs")
+        asked = PullRequest(ref=ref, share=part)
+        pulling = run_job(self.queen.hive_link(hive), asked.model_dump(mode="json"), "/v1/catalog/jobs")
         with self.queen.hives.relaying(hive, self.job):
             async with contextlib.aclosing(pulling) as pull:
                 async for event in pull:
@@ -138,7 +143,7 @@ class SplitJob:
     def narrate_pull(self, helper: str, ref: str, event: events.Event) -> None:
         """A helper's pull event in the job's narration (its progress, under the helper's name);
         its failure as the job's."""
-        if event.type == events.NARRATION and event["action"] in ("download", "provision", "verify"):
+        if event.type == events.NARRATION and event["action"] in ("download", "provision", "verify", "cache"):
             extra = {k: v for k, v in event.fields.items() if k not in ("type", "actor", "action", "message")}
             self.job.narrate(event["action"], f"{helper}: {event['message']}", **extra)
         elif event.type == events.ERROR:

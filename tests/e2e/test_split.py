@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -96,6 +97,9 @@ def test_infer_splits_with_no_flags_and_says_so(fleet: Fleet, models_dir: Path) 
     assert "h2 serves" in result.stderr, result.stderr
     # h2 got its own copy (pulled as for any job) and its share read the tied embeddings from it
     assert "1 tensor (178 MB) read from its own copy of the model" in result.stderr, result.stderr
+    # written there by h2's pull, with its progress, before the share started
+    assert re.search(r"h2: filling the RPC cache for layers \d+–\d+ and the output from gemma3-270m: "
+                     r"178\.\d/178\.\d MB \(100%", result.stderr), result.stderr
     assert result.stdout.strip() == expected.strip()
     nothing_left(fleet)  # keep_alive 0: the main worker and the share end with the job
 

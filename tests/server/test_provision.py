@@ -330,3 +330,37 @@ def test_a_whole_repo_ref_is_never_answered_by_another_repos_planted_file(hub: A
     assert planted.name == "tiny-gguf"
     entry = catalog.resolve("hf:acme/tiny-GGUF", Recorder())
     assert entry.ref == "hf:acme/tiny-GGUF:tiny-Q4_K_M.gguf" and entry.path != planted.path
+
+
+async def test_a_helpers_pull_fills_its_rpc_cache_with_progress_and_a_removal_prunes_it(hub: Any,
+                                                                                        tmp_path: Path) -> None:
+    """A split's helper is provisioned by one pull job: the model, then its share's part of it in
+    llama.cpp's RPC cache, both narrated; removing the model from the catalog frees that cache."""
+    from rbee.config import HiveConfig
+    from rbee.hive.service import Hive
+    from rbee.hive.supervisor import Supervisor
+    from rbee.link.jobs import Job
+    from rbee.link.schemas import SharePart
+    from tests.tiny_gguf import write_tiny_model
+
+    server, repo = hub
+    repo.files["wide-Q4_K_M.gguf"] = write_tiny_model(tmp_path / "wide.gguf", hidden=1280).read_bytes()
+    config = HiveConfig(name="bee-b", home=tmp_path / "home", models_dir=tmp_path / "models")
+    hive = Hive(config, Supervisor(config, "http://127.0.0.1:9"),
+                ModelCatalog(config.models_dir, HubDownloader(endpoint=server.url)))
+    cache = hive.supervisor.shares.cache
+    job = Job("job-test", config.actor)
+    await hive.pull(job, "hf:acme/tiny-GGUF:wide-Q4_K_M.gguf", SharePart(layers=(1, 1), output=False))
+    said = [(e["action"], e["message"]) for e in job.history if e.type == "narration"]
+    filling = [message for action, message in said if action == "cache"]
+    assert filling and filling[-1].startswith("filling the RPC cache for layers 1–1 from wide-q4_k_m: 39.3/39.3 MB")
+    assert job.history[-1].type == "end"
+    files = sorted(p.name for p in cache.iterdir() if p.name != "index.json")
+    assert len(files) == 3  # blk.1's three feed-forward matrices, each over llama.cpp's 10 MiB
+    # the share itself then only checks: nothing is hashed or written again
+    words = await hive.fill_share_cache("wide-q4_k_m", SharePart(layers=(1, 1)))
+    assert words == "3 tensors (39 MB) read from its own copy of the model, smaller ones over the link"
+    await hive.remove_model("wide-q4_k_m")
+    assert sorted(p.name for p in cache.iterdir() if p.name != "index.json") == []
+    assert await hive.fill_share_cache("wide-q4_k_m", SharePart(layers=(1, 1))) == (
+        "hive:bee-b has no GGUF of wide-q4_k_m in its catalog: its weights cross the link")
