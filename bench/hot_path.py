@@ -9,6 +9,10 @@
   harness: N streams at once, greedy, the same prompt length; in each round batched-bench,
   then each level for both systems taking turns, so a drift of the machine moves all three
   (medians over the rounds);
+- rbee's engine in this process (its batch loop and llama.cpp step, no HTTP, no other process),
+  taking its turn too: what the chain of processes costs on top of it; and the CPU the chain's
+  processes (queen, hive, this client) spend per token while rbee streams, which on a host with
+  as many cores as the engine has threads comes out of the engine's own time;
 - rbee again with one of the N streams asking ``logprobs = 5``;
 - batched-bench with one thread fewer than the cores: what the engine loses if the batch loop
   gets a core of its own.
@@ -33,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ PROMPT = ("Write a long story about a bee who lives in a garden at the edge of a
           "morning finds that every flower has")
 PROMPT_TOKENS = 32
 LOGPROBS = 5
+ENGINE = "rbee's engine in process, no HTTP"
 _numbers = itertools.count()
 
 
@@ -85,6 +90,64 @@ async def level(one: Stream, n: int, tokens: int, logprobs: bool = False) -> dic
     wall = time.perf_counter() - started
     return {"streams": n, "tokens": sum(d[0] for d in done), "aggregate_tok_s": sum(d[0] for d in done) / wall,
             "decode_tok_s": sum(d[2] for d in done), **systems.ttft_percentiles([d[1] for d in done])}
+
+
+@contextlib.contextmanager
+def engine_stream(model: Path, parallel: int, ctx: int, threads: int, gpu_layers: int | None) -> Iterator[Stream]:
+    """rbee's engine in this process: the worker's backend (batch loop and llama.cpp step) fed
+    straight from asyncio, timed as the harness times the systems."""
+    import threading
+
+    from rbee.link.schemas import JobRequest
+    from rbee.worker.backends.base import Piece
+    from rbee.worker.backends.llama_cpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(n_ctx=ctx, threads=threads, slots=parallel,
+                              gpu_layers=0 if gpu_layers is None else gpu_layers)
+    backend.load(model)
+
+    async def one(tokens: int, fields: dict[str, Any]) -> tuple[int, float, float]:
+        clock = Clock()
+        sink: asyncio.Queue[object] = asyncio.Queue()
+        request = JobRequest(prompt=prompt(), max_tokens=tokens, temperature=0, **fields)
+        backend.submit(request, sink, asyncio.get_running_loop(), threading.Event())
+        while True:
+            item = await sink.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Piece):
+                if item.finish_reason:
+                    return clock.result()
+                clock.token()
+
+    try:
+        yield one
+    finally:
+        backend.close()
+
+
+class ChainCpu:
+    """CPU seconds of the chain's processes (rbee's queen, hive and this client), to be read per
+    token across a run: the work that shares the host's cores with the engine's threads."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        self.processes = {"client": me}
+        for child in me.children(recursive=True):
+            line = " ".join(child.cmdline())
+            for role in ("queen", "hive"):
+                if f"rbee.{role}" in line:
+                    self.processes[role] = child
+        self.start = self.now()
+
+    def now(self) -> dict[str, float]:
+        return {role: sum(p.cpu_times()[:2]) for role, p in self.processes.items()}
+
+    def per_token_us(self, tokens: int) -> dict[str, float]:
+        end = self.now()
+        return {role: (end[role] - self.start[role]) / max(tokens, 1) * 1e6 for role in end}
 
 
 def rbee_stream(rbee: systems.Rbee, model: str, parallel: int, ctx: int, gpu_layers: int | None) -> Stream:
@@ -184,8 +247,10 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
     with tempfile.TemporaryDirectory(prefix="rbee-hot-path-") as home:
         async with systems.Rbee(Path(home)) as rbee, \
                 llama_server(tools / "llama-server", model, top, ctx, ngl, cores) as http:
+            engine = contextlib.ExitStack()
             contenders = {"rbee": rbee_stream(rbee, f"file:{model}", top, ctx, gpu_layers),
-                          "llama-server": server_stream(http)}
+                          "llama-server": server_stream(http),
+                          ENGINE: engine.enter_context(engine_stream(model, top, ctx, cores, gpu_layers))}
             for one in contenders.values():
                 await level(one, top, 8)  # load; open as many connections on every hop as the most streams need
             for turn in range(rounds):  # batched-bench too in every round: a drift of the machine moves all three
@@ -194,12 +259,17 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
                 for n in levels:
                     for system, one in contenders.items():
                         say(f"hot path: round {turn + 1}, {system}, {n} stream(s)")
-                        section["rows"].append({"system": system, "round": turn, **await level(one, n, tokens)})
+                        chain = ChainCpu()
+                        row = {"system": system, "round": turn, **await level(one, n, tokens)}
+                        if system == "rbee":
+                            row["chain_cpu_us_per_token"] = chain.per_token_us(row["tokens"])
+                        section["rows"].append(row)
                 say(f"hot path: round {turn + 1}, rbee, {mixed} streams, one asking logprobs={LOGPROBS}")
                 section["rows"].append({"system": "rbee, one stream with logprobs", "round": turn,
                                         **await level(contenders["rbee"], mixed, tokens, logprobs=True)})
             section["workers"] = [{key: worker.get(key) for key in ("backend", "engine", "load", "n_ctx", "gpu_layers")}
                                   for worker in await rbee.workers()]
+            engine.close()
     section["batched_bench_rounds"] = runs
     section["batched_bench"] = {batch: {key: statistics.median(run[batch][key] for run in runs)
                                         for key in runs[0][batch]} for batch in runs[0]}
@@ -239,8 +309,10 @@ def targets(section: dict[str, Any]) -> list[tuple[str, str, bool]]:
                          f"{value:.2f} (decode phase {mine['decode_tok_s'] / theirs['decode_tok_s']:.2f})",
                          value >= bound))
     lone = one["decode_tok_s"] / bb["1"]["s_tg"]
+    engine = median_row(section, ENGINE, 1)
+    beside = f"; the engine in process, no HTTP: {engine['decode_tok_s'] / bb['1']['s_tg']:.2f}" if engine else ""
     rows.append(("rbee 1 stream ÷ batched-bench S_TG(1) ≥ 0.9 (decode phase; S_TG leaves the prompt out)",
-                 f"{lone:.2f} (wall clock {one['aggregate_tok_s'] / bb['1']['s_tg']:.2f})", lone >= 0.9))
+                 f"{lone:.2f} (wall clock {one['aggregate_tok_s'] / bb['1']['s_tg']:.2f}){beside}", lone >= 0.9))
     ttft = many["ttft_p95_ms"] / one["ttft_p95_ms"]
     server_one, server_many = median_row(section, "llama-server", 1), median_row(section, "llama-server", n)
     bound = 2 if gpu else 3
@@ -275,8 +347,9 @@ def render(section: dict[str, Any]) -> list[str]:
         f"{section['gpu_layers'] if section['gpu_layers'] is not None else 'rbee default'}. batched-bench and "
         f"llama-server are built from the llama.cpp vendored in the installed llama-cpp-python "
         f"(`{section['tools']}`). rbee and llama-server (`-np {max(levels)} --kv-unified`) are driven by the "
-        f"same client harness; {section['rounds']} rounds of batched-bench, then each level for both systems "
-        "taking turns; medians over the rounds. Decode phase: the sum "
+        f"same client harness, as is rbee's engine in the harness's own process (its batch loop fed from asyncio: "
+        f"no HTTP, no other process); {section['rounds']} rounds of batched-bench, then each level for every "
+        "system taking turns; medians over the rounds. Decode phase: the sum "
         "of each stream's own rate after its first token. Made by `bench/hot_path.py`.",
         "",
         "| system | streams | aggregate tok/s | decode phase tok/s | × 1 stream | TTFT p50 ms | TTFT p95 ms |",
@@ -285,7 +358,7 @@ def render(section: dict[str, Any]) -> list[str]:
     for n in levels:
         lines.append(f"| llama-batched-bench S_TG | {n} | {bb[str(n)]['s_tg']:.1f} | {bb[str(n)]['s_tg']:.1f} | "
                      f"{bb[str(n)]['s_tg'] / bb['1']['s_tg']:.2f} | T_PP {bb[str(n)]['t_pp_s'] * 1000:.0f} | |")
-    for system in ("llama-server", "rbee", "rbee, one stream with logprobs"):
+    for system in ("llama-server", "rbee", "rbee, one stream with logprobs", ENGINE):
         one = median_row(section, system, 1) or median_row(section, "rbee", 1)
         for n in levels:
             row = median_row(section, system, n)
@@ -300,6 +373,15 @@ def render(section: dict[str, Any]) -> list[str]:
                       f"{section['threads']} makes S_TG(1) {less['1']['s_tg']:.1f} (÷ {bb['1']['s_tg']:.1f} = "
                       f"{less['1']['s_tg'] / bb['1']['s_tg']:.2f}) and S_TG({top}) {less[top]['s_tg']:.1f} "
                       f"(÷ {bb[top]['s_tg']:.1f} = {less[top]['s_tg'] / bb[top]['s_tg']:.2f})."]
+    chain = [r["chain_cpu_us_per_token"] for r in section["rows"]
+             if r["system"] == "rbee" and r["streams"] == 1 and "chain_cpu_us_per_token" in r]
+    if chain:
+        cpu = {role: statistics.median(c[role] for c in chain) for role in chain[0]}
+        step_ms = 1000 / bb["1"]["s_tg"]
+        lines += ["", "CPU of the chain per token while rbee streams 1: " + ", ".join(
+            f"{role} {us:.0f} µs" for role, us in cpu.items()) + f"; {sum(cpu.values()) / 1000:.2f} ms in all, "
+            f"against batched-bench's {step_ms:.1f} ms per token at B=1 on {section['threads']} threads and as many "
+            "cores: time the engine's threads wait for a core."]
     for worker in section.get("workers") or []:
         timers = (worker.get("load") or {}).get("step_ms") or {}
         if timers:

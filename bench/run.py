@@ -123,7 +123,7 @@ async def collect(args: argparse.Namespace, model: Path, workdir: Path) -> tuple
 def measure_hot_path(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     return asyncio.run(hot_path.measure(model, hot_path.default_tools(), [1, 4] if args.quick else [1, 8],
-                                        args.max_tokens, rounds=1 if args.quick else 3, say=say))
+                                        args.max_tokens, rounds=1 if args.quick else 5, say=say))
 
 
 def measure_split(model: Path, args: argparse.Namespace) -> dict[str, Any]:
