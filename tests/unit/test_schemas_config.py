@@ -6,7 +6,7 @@ import pytest
 
 from rbee.config import HiveConfig, QueenConfig, ServeOptions, WorkerConfig, from_args, heartbeat_interval, to_args
 from rbee.errors import ConfigError, RequestError
-from rbee.link.schemas import JobRequest, ShareRequest, parse_job_request, parse_wire
+from rbee.link.schemas import JobRequest, PullRequest, ShareRequest, parse_job_request, parse_wire
 
 
 def test_defaults_and_downstream_body() -> None:
@@ -78,3 +78,12 @@ def test_a_share_request_names_its_layers_or_is_refused() -> None:
                 {"model": "m", "bytes": 5, "layers": [1]}, {"model": "m", "bytes": 5, "output": "yes please"}):
         with pytest.raises(RequestError, match="malformed share request"):
             parse_wire(ShareRequest, bad, "share request")
+
+
+def test_a_pull_may_carry_the_part_of_a_share_to_cache() -> None:
+    pulled = parse_wire(PullRequest, {"ref": "gemma3-270m", "share": {"layers": [16, 2], "output": True}}, "pull")
+    assert pulled.share is not None and pulled.share.layers == (16, 2) and pulled.share.output
+    assert parse_wire(PullRequest, {"ref": "gemma3-270m"}, "pull").share is None  # `rbee models pull`
+    for bad in ({"ref": ""}, {"ref": "m", "share": {"layers": [-1, 2]}}, {"ref": "m", "share": {"output": True}}):
+        with pytest.raises(RequestError, match="malformed pull"):
+            parse_wire(PullRequest, bad, "pull")
