@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +92,9 @@ async def level(one: Stream, n: int, tokens: int, logprobs: bool = False) -> dic
             "decode_tok_s": sum(d[2] for d in done), **systems.ttft_percentiles([d[1] for d in done])}
 
 
-@contextlib.contextmanager
-def engine_stream(model: Path, parallel: int, ctx: int, threads: int, gpu_layers: int | None) -> Iterator[Stream]:
+@contextlib.asynccontextmanager
+async def engine_stream(model: Path, parallel: int, ctx: int, threads: int,
+                        gpu_layers: int | None) -> AsyncIterator[Stream]:
     """rbee's engine in this process: the worker's backend (batch loop and llama.cpp step) fed
     straight from asyncio, timed as the harness times the systems."""
     import threading
@@ -104,7 +105,7 @@ def engine_stream(model: Path, parallel: int, ctx: int, threads: int, gpu_layers
 
     backend = LlamaCppBackend(n_ctx=ctx, threads=threads, slots=parallel,
                               gpu_layers=0 if gpu_layers is None else gpu_layers)
-    backend.load(model)
+    await asyncio.to_thread(backend.load, model)
 
     async def one(tokens: int, fields: dict[str, Any]) -> tuple[int, float, float]:
         clock = Clock()
@@ -246,11 +247,10 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
     runs: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="rbee-hot-path-") as home:
         async with systems.Rbee(Path(home)) as rbee, \
-                llama_server(tools / "llama-server", model, top, ctx, ngl, cores) as http:
-            engine = contextlib.ExitStack()
+                llama_server(tools / "llama-server", model, top, ctx, ngl, cores) as http, \
+                engine_stream(model, top, ctx, cores, gpu_layers) as in_process:
             contenders = {"rbee": rbee_stream(rbee, f"file:{model}", top, ctx, gpu_layers),
-                          "llama-server": server_stream(http),
-                          ENGINE: engine.enter_context(engine_stream(model, top, ctx, cores, gpu_layers))}
+                          "llama-server": server_stream(http), ENGINE: in_process}
             for one in contenders.values():
                 await level(one, top, 8)  # load; open as many connections on every hop as the most streams need
             for turn in range(rounds):  # batched-bench too in every round: a drift of the machine moves all three
@@ -269,7 +269,6 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
                                         **await level(contenders["rbee"], mixed, tokens, logprobs=True)})
             section["workers"] = [{key: worker.get(key) for key in ("backend", "engine", "load", "n_ctx", "gpu_layers")}
                                   for worker in await rbee.workers()]
-            engine.close()
     section["batched_bench_rounds"] = runs
     section["batched_bench"] = {batch: {key: statistics.median(run[batch][key] for run in runs)
                                         for key in runs[0][batch]} for batch in runs[0]}

@@ -100,7 +100,7 @@ def prime(model: Path, cache: Path, first: int, count: int, output: bool,
     if progress is not None:
         progress(0, total)
     with _LOCK:
-        index = _pruned(cache, _read_index(cache))
+        index, _ = _pruned(cache, _read_index(cache))
         try:
             with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 for tensor in wanted:
@@ -125,11 +125,9 @@ def prune(cache: Path) -> tuple[int, int]:
     if not cache.is_dir():
         return 0, 0
     with _LOCK:
-        before = _files(cache)
-        index = _pruned(cache, _read_index(cache))
+        index, gone = _pruned(cache, _read_index(cache))
         with contextlib.suppress(OSError):
             _write(cache / INDEX, json.dumps(index).encode())
-    gone = {name: size for name, size in before.items() if not (cache / name).exists()}
     return len(gone), sum(gone.values())
 
 
@@ -157,9 +155,9 @@ def _files(cache: Path) -> dict[str, int]:
     return found
 
 
-def _pruned(cache: Path, index: dict[str, str]) -> dict[str, str]:
+def _pruned(cache: Path, index: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
     """``index`` without the entries of model files that are gone or changed, and the cache
-    without the files no entry left names (called under the lock)."""
+    without the files no entry left names, with their sizes (called under the lock)."""
     live: dict[str, bool] = {}
 
     def current(source: str) -> bool:
@@ -173,11 +171,13 @@ def _pruned(cache: Path, index: dict[str, str]) -> dict[str, str]:
 
     kept = {key: name for key, name in index.items() if current(key.rsplit("|", 1)[0])}
     wanted = set(kept.values())
-    for name in _files(cache):
+    gone = {}
+    for name, size in _files(cache).items():
         if name not in wanted:
             with contextlib.suppress(OSError):
                 (cache / name).unlink()
-    return kept
+                gone[name] = size
+    return kept, gone
 
 
 def _present(path: Path, size: int) -> bool:
