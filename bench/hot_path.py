@@ -222,9 +222,26 @@ def batched_bench(binary: Path, model: Path, levels: list[int], tokens: int, gpu
     return found
 
 
+def tools_variant(tools: Path) -> str:
+    """The CPU variant a tools folder of bench.llama_tools was built for ("" for another folder,
+    e.g. a CUDA build's /tmp/llama-bin)."""
+    from rbee.engine.cpu import VARIANTS
+
+    suffix = tools.name.rsplit("-", 1)[-1]
+    return suffix if suffix in {v.name for v in VARIANTS["x86_64"]} else ""
+
+
+def kernels(section: dict[str, Any]) -> tuple[str, str]:
+    """(the tools' CPU variant, rbee's workers'): a CPU comparison is like for like when they agree."""
+    workers = {(w.get("engine") or {}).get("cpu_variant") or "" for w in section.get("workers") or []}
+    return tools_variant(Path(section["tools"])), ", ".join(sorted(workers))
+
+
 def default_tools() -> Path:
     """llama.cpp's tools built for the CPU variant rbee's workers load here (bench.llama_tools)."""
-    return llama_tools.ensure(os.environ.get("RBEE_CPU_VARIANT", "haswell"))
+    from rbee.engine.backends import variant_here
+
+    return llama_tools.ensure(variant_here())
 
 
 async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128, rounds: int = 3,
@@ -290,6 +307,10 @@ def targets(section: dict[str, Any]) -> list[tuple[str, str, bool]]:
     one, many = median_row(section, "rbee", 1), median_row(section, "rbee", n)
     mixed = median_row(section, "rbee, one stream with logprobs", n)
     rows: list[tuple[str, str, bool]] = []
+    tools, workers = kernels(section)
+    if tools:
+        rows.append(("the baselines run the CPU kernels rbee's workers load", f"tools {tools}, rbee {workers}",
+                     tools == workers))
     bb_ratio = bb[str(n)]["s_tg"] / bb["1"]["s_tg"]
     ratio = many["aggregate_tok_s"] / one["aggregate_tok_s"]
     measured = (f"{ratio:.2f} (decode phase {many['decode_tok_s'] / one['decode_tok_s']:.2f}); batched-bench's "
@@ -340,15 +361,19 @@ def binding(rows: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
 def render(section: dict[str, Any]) -> list[str]:
     bb = section["batched_bench"]
     levels = section["levels"]
+    tools, workers = kernels(section)
+    same = (f", with the `{tools}` CPU kernels rbee's workers load here" if tools and tools == workers else
+            f", with the `{tools}` CPU kernels while rbee's workers load `{workers}`: NOT like for like" if tools
+            else "")
     lines = [
         f"{section['date']}; `{Path(section['model']).name}`, greedy, {section['tokens']} tokens, a "
         f"{PROMPT_TOKENS}-token prompt, {section['threads']} threads, gpu_layers "
         f"{section['gpu_layers'] if section['gpu_layers'] is not None else 'rbee default'}. batched-bench and "
         f"llama-server are built from the llama.cpp vendored in the installed llama-cpp-python "
-        f"(`{section['tools']}`). rbee and llama-server (`-np {max(levels)} --kv-unified`) are driven by the "
-        f"same client harness, as is rbee's engine in the harness's own process (its batch loop fed from asyncio: "
-        f"no HTTP, no other process); {section['rounds']} rounds of batched-bench, then each level for every "
-        "system taking turns; medians over the rounds. Decode phase: the sum "
+        f"(`{section['tools']}`){same}. rbee and llama-server (`-np {max(levels)} --kv-unified`) are driven by "
+        f"the same client harness, as is rbee's engine in the harness's own process (its batch loop fed from "
+        f"asyncio: no HTTP, no other process); {section['rounds']} rounds, each of batched-bench, then each level "
+        "for every system taking turns; medians over the rounds. Decode phase: the sum "
         "of each stream's own rate after its first token. Made by `bench/hot_path.py`.",
         "",
         "| system | streams | aggregate tok/s | decode phase tok/s | × 1 stream | TTFT p50 ms | TTFT p95 ms |",

@@ -3,7 +3,8 @@
 the llama.cpp vendored in the installed llama-cpp-python's source (the same version), with the
 CPU kernels of the variant rbee's workers load here, and ggml's RPC backend.
 
-    python -m bench.llama_tools [--variant haswell]   # prints the folder holding them
+    python -m bench.llama_tools [--variant zen4]   # prints the folder holding them (default: the
+                                                   # variant rbee's workers load here)
 
 Built once per llama-cpp-python version and variant into ``~/.cache/rbee/llama-tools/`` (15
 to 30 minutes on 2 cores); later calls return the cached folder at once. No ``-march=native``:
@@ -21,28 +22,24 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from rbee.engine import backends, cpu
 from rbee.engine import build as engine_build
 
 TOOLS = ("llama-batched-bench", "llama-server", "ggml-rpc-server")
-#: ggml's CPU variants (ggml/src/CMakeLists.txt, ggml_add_cpu_backend_variant) as CMake options
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "x64": (),
-    "sse42": ("SSE42",),
-    "sandybridge": ("SSE42", "AVX"),
-    "haswell": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2"),
-    "skylakex": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512"),
-    "icelake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI"),
-    "zen4": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
-             "AVX512_BF16"),
-}
-ALL_FLAGS = sorted({flag for flags in VARIANTS.values() for flag in flags} | {"AVX_VNNI", "AMX_TILE", "AMX_INT8"})
-
-
 def cmake_flags(variant: str) -> list[str]:
-    on = set(VARIANTS[variant])
+    """The variant's own instruction sets on, every other off, as ggml's CMakeLists builds the
+    module a portable engine loads (``rbee.engine.cpu.VARIANTS`` mirrors that list)."""
+    if not variant:
+        raise SystemExit("the installed engine is a single build, not one of ggml's CPU variants: name the variant "
+                         "to build llama.cpp's tools for (--variant, or RBEE_CPU_VARIANT)")
+    variants = {v.name: v.needs for v in cpu.VARIANTS["x86_64"]}
+    if variant not in variants:
+        raise SystemExit(f"llama.cpp has no x86 CPU variant {variant!r} to build the tools for; it has: "
+                         f"{', '.join(variants)}")
+    on = set(variants[variant])
     return ["-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
             "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON",
-            *(f"-DGGML_{flag}={'ON' if flag in on else 'OFF'}" for flag in ALL_FLAGS)]
+            *(f"-DGGML_{flag}={'ON' if flag in on else 'OFF'}" for flag in cpu.X86_FLAGS)]
 
 
 def version() -> str:
@@ -95,9 +92,9 @@ def ensure(variant: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.llama_tools", description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", default=os.environ.get("RBEE_CPU_VARIANT", "haswell"), choices=sorted(VARIANTS))
+    parser.add_argument("--variant", help="a CPU variant of ggml's (default: the one rbee's workers load here)")
     args = parser.parse_args(argv)
-    print(ensure(args.variant))
+    print(ensure(args.variant or backends.variant_here()))
     return 0
 
 

@@ -153,6 +153,13 @@ def load(variant: str | None = None) -> Loaded:
         return _loaded
 
 
+def variant_here() -> str:
+    """The CPU variant a worker of this host loads (what :func:`load` would pick, without loading
+    it): "" for a single build. Baselines built for comparison use it too (bench.llama_tools)."""
+    build = require_installed()
+    return choose_variant(build, _asked()) if build.portable else ""
+
+
 def _asked() -> str:
     forced = os.environ.get(VARIANT_ENV, "")
     if forced:
