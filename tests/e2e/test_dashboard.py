@@ -118,7 +118,11 @@ async def test_playground_streams_and_jobs_view_cancels(rbee_env: dict[str, str]
                 running = await until(driver, lambda d: d.execute_script(
                     "return [...document.querySelectorAll('tr.job')].filter("
                     "r => Number(r.querySelector('.tokens').textContent) > 5).map(r => r.dataset.job)[0]"), 60)
-                await until(driver, click(f'tr.job[data-job="{running}"] button.cancel'))
+                row = f'tr.job[data-job="{running}"]'
+                cancel = driver.find_element(By.CSS_SELECTOR, f"{row} button.cancel")
+                counted = int(driver.find_element(By.CSS_SELECTOR, f"{row} .tokens").text)
+                await until(driver, lambda d: int(d.find_element(By.CSS_SELECTOR, f"{row} .tokens").text) > counted)
+                cancel.click()  # the same button: a view is updated in place, never swapped under the pointer
                 _, stderr = await asyncio.wait_for(process.communicate(), 30)
             finally:
                 if process.returncode is None:

@@ -40,7 +40,37 @@
   stream.onerror = () => { state.textContent = "reconnecting…"; state.dataset.state = "down"; };
   for (const view of document.querySelectorAll("[data-view]")) {
     stream.addEventListener(view.dataset.view, (event) => {
-      view.innerHTML = JSON.parse(event.data).html;
+      const incoming = document.createElement("template");
+      incoming.innerHTML = JSON.parse(event.data).html;
+      morph(view, incoming.content);
+    });
+  }
+
+  // A view's new markup is applied in place: a node whose kind and tag are unchanged is kept,
+  // its attributes and text brought up to date, so a job's Cancel button is not swapped for a
+  // copy while the pointer presses it (its token count changes several times a second).
+  function morph(into, from) {
+    const old = [...into.childNodes];
+    const next = [...from.childNodes];
+    if (old.length !== next.length) {
+      into.replaceChildren(...next);
+      return;
+    }
+    old.forEach((node, i) => {
+      const fresh = next[i];
+      if (node.nodeType !== fresh.nodeType || node.nodeName !== fresh.nodeName) {
+        node.replaceWith(fresh);
+      } else if (node.nodeType === Node.ELEMENT_NODE) {
+        for (const { name } of [...node.attributes]) {
+          if (!fresh.hasAttribute(name)) node.removeAttribute(name);
+        }
+        for (const { name, value } of [...fresh.attributes]) {
+          if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+        }
+        morph(node, fresh);
+      } else if (node.nodeValue !== fresh.nodeValue) {
+        node.nodeValue = fresh.nodeValue;
+      }
     });
   }
   // the log: each (re)connected stream first sends recent lines; keep only the ones not shown
