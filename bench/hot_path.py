@@ -222,19 +222,10 @@ def batched_bench(binary: Path, model: Path, levels: list[int], tokens: int, gpu
     return found
 
 
-def tools_variant(tools: Path) -> str:
-    """The CPU variant a tools folder of bench.llama_tools was built for ("" for another folder,
-    e.g. a CUDA build's /tmp/llama-bin)."""
-    from rbee.engine.cpu import VARIANTS
-
-    suffix = tools.name.rsplit("-", 1)[-1]
-    return suffix if suffix in {v.name for v in VARIANTS["x86_64"]} else ""
-
-
 def kernels(section: dict[str, Any]) -> tuple[str, str]:
     """(the tools' CPU variant, rbee's workers'): a CPU comparison is like for like when they agree."""
     workers = {(w.get("engine") or {}).get("cpu_variant") or "" for w in section.get("workers") or []}
-    return tools_variant(Path(section["tools"])), ", ".join(sorted(workers))
+    return llama_tools.tools_variant(Path(section["tools"])), ", ".join(sorted(workers))
 
 
 def default_tools() -> Path:

@@ -65,6 +65,13 @@ def tools_dir(variant: str) -> Path:
     return engine_build.cache_dir().parent / "llama-tools" / f"{version()}-{variant}"
 
 
+def tools_variant(folder: Path) -> str:
+    """The CPU variant a folder of :func:`tools_dir` was built for ("" for another folder, e.g. a
+    CUDA build's /tmp/llama-bin)."""
+    suffix = folder.name.rsplit("-", 1)[-1]
+    return suffix if suffix in {v.name for v in cpu.VARIANTS["x86_64"]} else ""
+
+
 def ensure(variant: str) -> Path:
     """The folder holding the tools, built now if missing (a folder from before ``ggml-rpc-server`` was
     one of them is built again: its ``llama-server`` has no ``--rpc``)."""

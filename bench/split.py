@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench import hot_path, systems
+from bench import llama_tools, systems
 from rbee.engine.rpc import SPLIT_UBATCH
 
 PROMPT = "The three primary colours are"
@@ -201,7 +201,7 @@ def measure(model: Path, layers_total: int, max_tokens: int, rounds: int, say: C
             "split / llama-server --rpc (its own timings)": split_tps / server_own,
             "llama-server --rpc same text": all(r["text"].strip() == split[0]["text"].strip() for r in server),
             "CPU kernels, rbee and llama-server --rpc": (f"{split[0]['report'].get('cpu_variant') or '?'}, "
-                                                         f"{hot_path.tools_variant(tools) if tools else '?'}"),
+                                                         f"{llama_tools.tools_variant(tools) if tools else '?'}"),
         }
     return {
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -68,4 +68,4 @@ def test_a_run_against_other_kernels_says_so_and_fails_its_target() -> None:
     assert ("the baselines run the CPU kernels rbee's workers load", "tools zen4, rbee zen4", True) in \
         hot_path.targets(same)
     assert "with the `zen4` CPU kernels rbee's workers load here" in hot_path.render(same)[0]
-    assert hot_path.tools_variant(Path("/tmp/llama-bin")) == ""  # a CUDA build's folder: no CPU row
+    assert llama_tools.tools_variant(Path("/tmp/llama-bin")) == ""  # a CUDA build's folder: no CPU row
