@@ -82,30 +82,52 @@ def socket_owner(local: tuple[str, int], remote: tuple[str, int], table: str) ->
     return None
 
 
-async def _pump(reader: Any, writer: Any) -> None:
+async def _pump(reader: Any, writer: Any, source: int, ended: Callable[[int], None]) -> None:
+    """Copy ``reader`` (side ``source``) into ``writer`` (the other side) until either ends;
+    ``ended`` is told which one did (a read that ends blames the reader, a failed write the
+    writer) before ``writer`` is closed, that is before the reader's peer can see the end."""
+    side: int | None = source
     try:
         while data := await reader.read(CHUNK):
+            side = 1 - source
             writer.write(data)
             await writer.drain()
+            side = source
+    except asyncio.CancelledError:
+        side = None  # the splice was stopped: neither side ended
+        raise
     except Exception:  # OSError, and an SSH channel's own (asyncssh.ConnectionLost): it ended
         pass
     finally:
+        if side is not None:
+            ended(side)
         with contextlib.suppress(OSError, RuntimeError):
             writer.close()
 
 
-async def splice(a: tuple[Any, Any], b: tuple[Any, Any]) -> int | None:
+async def splice(a: tuple[Any, Any], b: tuple[Any, Any],
+                 first_ended: Callable[[int], None] | None = None) -> int | None:
     """Copy both ways until either side ends; then both are closed. Returns which side ended
-    first (0: ``a``, 1: ``b``). Run as a connection's handler, it ends quietly (None) when its
-    server's loop shuts down (a cancelled handler would be logged by asyncio as an error)."""
+    first (0: ``a``, 1: ``b``), and tells ``first_ended`` at once, before the other side is
+    closed: whoever watches ``b`` hears that it went before ``a``'s peer can react to the close.
+    Run as a connection's handler, it ends quietly (None) when its server's loop shuts down (a
+    cancelled handler would be logged by asyncio as an error)."""
     for sock in (a[1].get_extra_info("socket"), b[1].get_extra_info("socket")):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RPC is request/answer: no Nagle
-    pumps = (asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1])))
+    first: list[int] = []
+
+    def ended(side: int) -> None:
+        if not first:
+            first.append(side)
+            if first_ended is not None:
+                first_ended(side)
+
+    pumps = (asyncio.ensure_future(_pump(a[0], b[1], 0, ended)),
+             asyncio.ensure_future(_pump(b[0], a[1], 1, ended)))
     try:
-        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.gather(*pumps)
-        return 0 if pumps[0] in done else 1
+        return first[0]
     except asyncio.CancelledError:
         for task in pumps:
             task.cancel()
@@ -117,18 +139,24 @@ async def splice(a: tuple[Any, Any], b: tuple[Any, Any]) -> int | None:
 Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-async def forward(reader: Any, writer: Any, dial: Dial,
-                  unreachable: Callable[[Exception], None] | None = None) -> int | None:
-    """One accepted connection carried on to ``dial()``, as :func:`splice` says; when the far end
-    cannot be dialed, the connection is closed (its client sees that) and ``unreachable`` told."""
+async def forward(reader: Any, writer: Any, dial: Dial, unreachable: Callable[[Exception], None] | None = None,
+                  far_ended: Callable[[], None] | None = None) -> int | None:
+    """One accepted connection carried on to ``dial()``, as :func:`splice` says; ``far_ended`` is
+    told the moment the far end ends first. When the far end cannot be dialed, ``unreachable`` is
+    told, then the connection is closed (its client sees that)."""
     try:
         far = await dial()
     except Exception as exc:  # OSError, and an SSH channel's own errors
-        writer.close()
         if unreachable is not None:
             unreachable(exc)
+        writer.close()
         return None
-    return await splice((reader, writer), far)
+
+    def ended(side: int) -> None:
+        if side == 1 and far_ended is not None:
+            far_ended()
+
+    return await splice((reader, writer), far, ended)
 
 
 async def serve_unix(path: Path, handle: Callable[[Any, Any], Awaitable[None]]) -> asyncio.AbstractServer:

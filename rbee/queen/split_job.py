@@ -80,7 +80,6 @@ class SplitJob:
         self.shares: list[tuple[str, str, str]] = []  # (helper hive, share id, its socket there)
         self.started: dict[str, float] = {}  # share id → when its hive said it was up (monotonic)
         self.closers: list[Closer] = []
-        self.broken: str = ""  # a helper whose share could not be reached while the job ran
 
     async def run(self) -> None:
         plan, job = self.plan, self.job
@@ -180,8 +179,6 @@ class SplitJob:
             peer = self.queen.hives.get(helper)
             if peer is not None and peer.state == PeerState.DOWN:
                 raise PeerDownError(f"{what} is down ({peer.reason})")
-            if self.broken == helper:
-                raise PeerDownError(f"{what} cannot be reached: its share's socket does not answer")
             report = peer.report if peer is not None else None
             share = next((s for s in report.shares if s.share_id == share_id), None) if report else None
             if share is not None and share.state != "up":
@@ -190,11 +187,12 @@ class SplitJob:
             if share is None and time.monotonic() - self.started[share_id] > 3 * self.queen.config.heartbeat_interval:
                 raise PeerDownError(f"{what} lost its share (its hive no longer lists it)")
 
-    def lost(self, helper: str) -> None:
-        """End the job now, naming ``helper``: its share closed a connection the main worker held
-        (it died, or its hive did and took it along). That end reached the main worker through this
-        queen, so this error is the job's first, before the worker's abort is reported."""
-        self.job.fail("peer_down", f"{self.holding(helper)} is gone: its share closed the main worker's connection")
+    def lost(self, helper: str, why: str) -> None:
+        """End the job now, naming ``helper``: a connection the main worker held to its share ended
+        at the share's end (it died, its hive did and took it along, or the path to it broke), or
+        could not be opened. The queen hears that before it closes the worker's end, so this error
+        is the job's first, before the worker's abort is reported."""
+        self.job.fail("peer_down", f"{self.holding(helper)} {why}")
 
     def holding(self, helper: str) -> str:
         """``helper`` as the job's errors name it: with what it holds."""
@@ -226,13 +224,13 @@ class SplitJob:
         """A unix socket at ``path`` on ``node`` whose every connection is spliced to ``dial()``."""
         def unreachable(exc: Exception) -> None:
             log.warning("split %s: cannot reach the share on %s: %s", self.job.id, helper, exc)
-            self.broken = helper
+            self.lost(helper, "cannot be reached: its share's socket does not answer")
 
         async def handle(reader: Any, writer: Any) -> None:
             # llama.cpp's client opens and closes several over a load; the share never closes one first
-            # unless it is gone, and then the main worker is about to abort: say who, before it does
-            if await forward(reader, writer, dial, unreachable) == 1:
-                self.lost(helper)
+            # unless it is gone (or the path to it is), and then the main worker is about to abort
+            await forward(reader, writer, dial, unreachable,
+                          lambda: self.lost(helper, "is gone: its share closed the main worker's connection"))
 
         if self.queen.is_local(node):
             server = await serve_unix(Path(path), handle)
