@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,9 +49,8 @@ class FakeStep:
         seq.state = 0
         return 3 if "cached" in str(seq.request.prompt) else 0
 
-    def step(self, running: list[Sequence], hand_off: Callable[[], None]) -> list[tuple[Sequence, Token]]:
+    def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         self.threads.add(threading.current_thread().name)
-        hand_off()
         if self.delay:
             started = time.perf_counter()
             time.sleep(self.delay)  # the fake's "forward pass"

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import pytest
 
 from rbee.errors import ModelLoadError, QueueFullError, RbeeError, RequestError
 from rbee.link.schemas import JobRequest
 from rbee.worker.backends.base import Piece
-from rbee.worker.backends.loop import BatchLoop, Sequence, Started, Token
+from rbee.worker.backends.loop import BatchLoop, Sequence, Started
 from tests.fake_step import FakeStep
-
-T = TypeVar("T")
 
 
 def sequence(prompt: str = "x", max_tokens: int = 5, **fields: object) -> Sequence:
@@ -162,25 +159,19 @@ async def test_a_step_that_cannot_open_fails_the_load() -> None:
         await asyncio.to_thread(BatchLoop, FakeStep(fail_open=True), 1, 1)
 
 
-def record_hand_offs(monkeypatch: pytest.MonkeyPatch, note: Callable[[list[object]], T]) -> list[T]:
-    """``note(items)`` of every hand-off the engine thread makes to the running event loop."""
-    event_loop = asyncio.get_running_loop()
-    noted: list[T] = []
-    original = event_loop.call_soon_threadsafe
-
-    def recorded(callback: object, *args: object) -> object:
-        if threading.current_thread().name == "fake-engine":
-            noted.append(note(args[0]))  # type: ignore[arg-type]
-        return original(callback, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(event_loop, "call_soon_threadsafe", recorded)
-    return noted
-
-
 async def test_one_hand_off_per_step_carries_every_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
     step = FakeStep(delay=0.002)
     loop = await asyncio.to_thread(BatchLoop, step, 4, 4)
-    calls = record_hand_offs(monkeypatch, len)
+    event_loop = asyncio.get_running_loop()
+    calls: list[int] = []
+    original = event_loop.call_soon_threadsafe
+
+    def counted(callback: object, *args: object) -> object:
+        if threading.current_thread().name == "fake-engine":
+            calls.append(len(args[0]))  # type: ignore[arg-type]
+        return original(callback, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(event_loop, "call_soon_threadsafe", counted)
     try:
         seqs = [sequence(max_tokens=20) for _ in range(4)]
         for seq in seqs:
@@ -192,36 +183,6 @@ async def test_one_hand_off_per_step_carries_every_sequence(monkeypatch: pytest.
     pieces = 4 * (1 + 20 + 1)  # Started, 20 words, the end: each
     assert sum(calls) == pieces
     assert len(calls) <= step.steps + 2 < pieces / 3  # one wake-up per step, not one per token
-
-
-class MarksItsSteps(FakeStep):
-    """A fake step that says when the loop's thread is inside it."""
-
-    inside = False
-
-    def step(self, running: list[Sequence], hand_off: Callable[[], None]) -> list[tuple[Sequence, Token]]:
-        self.inside = True
-        try:
-            return super().step(running, hand_off)
-        finally:
-            self.inside = False
-
-
-async def test_pieces_go_to_the_event_loop_as_the_next_forward_pass_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Handed off at the end of a turn, a step's pieces would wake the event loop while the engine
-    thread still runs Python (admission, the next batch): it would block on the GIL and wake twice
-    per token. They go from inside the next step, right before its forward pass; only what the
-    last step made goes at the end of its turn."""
-    step = MarksItsSteps(delay=0.002)
-    loop = await asyncio.to_thread(BatchLoop, step, 2, 2)
-    inside = record_hand_offs(monkeypatch, lambda items: step.inside)
-    try:
-        seq = sequence(max_tokens=6)
-        loop.submit(seq)
-        assert text(await drain(seq)) == "w0 w1 w2 w3 w4 w5 "
-    finally:
-        await asyncio.to_thread(loop.close)
-    assert inside == [True] * 6 + [False]  # Started with the first forward pass, w0…w4 with the next; w5 and the end
 
 
 async def test_step_timers_say_where_a_step_goes(engine: tuple[BatchLoop, FakeStep]) -> None:

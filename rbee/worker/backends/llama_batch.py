@@ -17,7 +17,6 @@ import codecs
 import ctypes
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +204,7 @@ class LlamaStep:
         add(ll.llama_sampler_init_dist(DEFAULT_SEED if request.seed is None else request.seed))
         return chain, False
 
-    def step(self, running: list[Sequence], hand_off: Callable[[], None]) -> list[tuple[Sequence, Token]]:
+    def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         batch, n = self.batch, 0
         for seq in running:
             st = state(seq)
@@ -231,7 +230,6 @@ class LlamaStep:
                 st.done_prompt += take
                 budget -= take
         batch.n_tokens = n
-        hand_off()  # llama_decode lets go of the GIL at once (see Step.step)
         started = time.perf_counter()
         code = self.ll.llama_decode(self.ctx, batch)
         self.decode_s += time.perf_counter() - started

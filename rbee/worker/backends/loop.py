@@ -10,8 +10,7 @@ written once, here, and tested with a fake step (tests/unit/test_batch_loop.py):
 - stop sequences, ``max_tokens`` and the end-of-generation token, and the end piece;
 - a failing step ending the sequences it ran, never the loop;
 - the hand-off to the event loop: once per step, carrying every sequence's new pieces,
-  instead of one wake-up of the event loop per token, made as the engine starts its next
-  forward pass (see :meth:`Step.step`).
+  instead of one wake-up of the event loop per token.
 """
 
 from __future__ import annotations
@@ -87,15 +86,8 @@ class Step(Protocol):
         """Start ``seq`` if there is room: returns the prompt tokens found in the cache, or None
         when it must wait for room. Raises RbeeError for a request the engine cannot run."""
 
-    def step(self, running: list[Sequence], hand_off: Callable[[], None]) -> list[tuple[Sequence, Token]]:
-        """One decode for every running sequence; what each that sampled made.
-
-        Call ``hand_off`` right before the forward pass, where the engine lets go of the GIL
-        for its long wait: the event loop, woken by the hand-off, then finds the GIL free.
-        Handed off at the end of the turn, while this thread still ran Python (admission, the
-        next batch), the event loop's thread woke only to block on the GIL (strace: a futex
-        wait after every wake-up) and was woken once more when it was let go: on a host whose
-        cores all run the engine's threads, each wake-up takes one of them from the forward pass."""
+    def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
+        """One decode for every running sequence; what each that sampled made."""
 
     def release(self, seq: Sequence, keep: bool) -> None:
         """``seq`` ended: free its slot; ``keep``: its cache may serve a later prompt."""
@@ -197,8 +189,7 @@ class BatchLoop:
                 self._drop_cancelled()
                 self._admit()
                 stepped = self._step() if self.active else 0.0
-                if not self.active:  # no next step will hand off before its forward pass (Step.step)
-                    self._hand_off()
+                self._hand_off()
                 with self._lock:
                     self.loop_s += time.perf_counter() - turn - stepped
         finally:
@@ -255,7 +246,7 @@ class BatchLoop:
         """One step of the engine and what it made; returns the seconds the engine took."""
         started = time.perf_counter()
         try:
-            made = self.step.step(list(self.active), self._hand_off)
+            made = self.step.step(list(self.active))
         except Exception as exc:  # a failed decode ends every running sequence, never the loop
             for seq in list(self.active):
                 self._end(seq, error=RbeeError(f"{self.step.name} failed: {exc}"), keep=False)
@@ -297,8 +288,7 @@ class BatchLoop:
         self._out.append((seq, item))
 
     def _hand_off(self) -> None:
-        """What the last turn made, to the event loop(s) in one call each: from inside the next
-        step, or at the end of a turn that leaves nothing running."""
+        """What this step made, to the event loop(s) in one call each."""
         if not self._out:
             return
         out, self._out = self._out, []

@@ -10,7 +10,6 @@ honoured here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,8 @@ class MlxStep:
         self._by_uid[uid] = seq
         return 0  # mlx-lm keeps no prefix cache between requests
 
-    def step(self, running: list[Sequence], hand_off: Callable[[], None]) -> list[tuple[Sequence, Token]]:
+    def step(self, running: list[Sequence]) -> list[tuple[Sequence, Token]]:
         made = []
-        hand_off()  # before the forward pass (see Step.step)
         started = time.perf_counter()
         responses = self.generator.next_generated()
         self.decode_s += time.perf_counter() - started
