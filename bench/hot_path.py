@@ -285,8 +285,8 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
                                                     **await level(one, n, tokens, logprobs=True)})
             if rounds > 1:
                 section["one_stream_pairs"] = await one_stream_pairs(
-                    contenders["rbee"], contenders[ENGINE], lambda: batched_bench(binary, model, [1], tokens, ngl,
-                                                                                  cores, ctx), tokens, PAIRS, say)
+                    contenders["rbee"], contenders[ENGINE],
+                    lambda: batched_bench(binary, model, [1], tokens, ngl, cores, ctx)["1"]["s_tg"], tokens, PAIRS, say)
             section["workers"] = [{key: worker.get(key) for key in ("backend", "engine", "load", "n_ctx", "gpu_layers")}
                                   for worker in await rbee.workers()]
     section["batched_bench_rounds"] = runs
@@ -295,25 +295,27 @@ async def measure(model: Path, tools: Path, levels: list[int], tokens: int = 128
     return section
 
 
-async def one_stream_pairs(rbee: Stream, engine: Stream, bench_one: Callable[[], dict[str, dict[str, float]]],
+async def one_stream_pairs(rbee: Stream, engine: Stream, bench_one: Callable[[], float],
                            tokens: int, pairs: int, say: Callable[[str], None]) -> list[dict[str, float]]:
     """batched-bench's S_TG(1) and rbee's one stream (and the engine in process) run back to back,
     ``pairs`` times, batched-bench first and last in turn. This shared VM's speed drifts more than
     the 1-stream target's margin (batched-bench alone moved 1.19× within one run), and a round of
     every level puts a minute between batched-bench and rbee's one stream: each pair sees one speed."""
 
-    def s_tg() -> Awaitable[dict[str, dict[str, float]]]:
-        return asyncio.to_thread(bench_one)
-
     found = []
     for turn in range(pairs):
         say(f"hot path: one stream, pair {turn + 1} of {pairs}")
-        before = (await s_tg())["1"]["s_tg"] if turn % 2 == 0 else None
+        before = await asyncio.to_thread(bench_one) if turn % 2 == 0 else None
         mine = (await level(rbee, 1, tokens))["decode_tok_s"]
         inside = (await level(engine, 1, tokens))["decode_tok_s"]
-        baseline = before if before is not None else (await s_tg())["1"]["s_tg"]
-        found.append({"s_tg": baseline, "rbee": mine, "engine": inside})
+        s_tg = before if before is not None else await asyncio.to_thread(bench_one)
+        found.append({"s_tg": s_tg, "rbee": mine, "engine": inside})
     return found
+
+
+def spread(ratios: list[float]) -> str:
+    """How far a verdict's back-to-back pairs lie apart."""
+    return f"range {min(ratios):.2f}–{max(ratios):.2f}"
 
 
 def logprobs_pairs(section: dict[str, Any], streams: int) -> list[float]:
@@ -371,7 +373,7 @@ def targets(section: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ratios = [p["rbee"] / p["s_tg"] for p in pairs]
         lone = statistics.median(ratios)
         inside = statistics.median(p["engine"] / p["s_tg"] for p in pairs)
-        measured = (f"{lone:.3f} over {len(pairs)} back-to-back pairs (range {min(ratios):.2f}–{max(ratios):.2f}; "
+        measured = (f"{lone:.3f} over {len(pairs)} back-to-back pairs ({spread(ratios)}; "
                     f"the engine in process, no HTTP: {inside:.3f}); the rounds' medians: {measured}")
     rows.append(("rbee 1 stream ÷ batched-bench S_TG(1) ≥ 0.9 (decode phase; S_TG leaves the prompt out)",
                  measured, lone >= 0.9))
@@ -392,8 +394,8 @@ def targets(section: dict[str, Any]) -> list[tuple[str, str, bool]]:
         paired = logprobs_pairs(section, n)
         if paired:  # each round's pair ran back to back: the verdict; the ratio of the medians beside
             value = statistics.median(paired)
-            measured = (f"{value:.3f}, the median over {len(paired)} rounds of back-to-back pairs (range "
-                        f"{min(paired):.2f}–{max(paired):.2f}); of the medians: {measured}")
+            measured = (f"{value:.3f}, the median over {len(paired)} rounds of back-to-back pairs "
+                        f"({spread(paired)}); of the medians: {measured}")
         rows.append((f"aggregate with one of {n} streams asking logprobs={LOGPROBS} ÷ without ≥ 0.9", measured,
                      value >= 0.9))
     return rows
